@@ -1,0 +1,92 @@
+// The codec interface: score, pack and unpack a request's KV cache in the SpectrumKV wire format.
+//
+// One interface, several backends (CPU reference, CUDA). For the same input, plan and options,
+// every backend writes byte-identical payloads, and each unpacks the others' payloads to the
+// same bits. Planning (plan.h) and the prelude (wire_format.h) are shared host code.
+//
+// Thread-safety: a Codec may be called from several threads at once as long as the calls write
+// disjoint memory (different requests, or disjoint layer ranges of one payload).
+#ifndef SPECTRUMKV_KERNELS_API_CODEC_H_
+#define SPECTRUMKV_KERNELS_API_CODEC_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/api/layout.h"
+#include "kernels/api/plan.h"
+#include "kernels/api/scoring.h"
+#include "kernels/api/wire_format.h"
+
+namespace spectrumkv {
+
+enum class VerifyMode : uint8_t {
+  kVerify = 0,          // check each layer's CRC32C before writing any of its bytes
+  kAlreadyVerified = 1, // the caller verified these layers (VerifyLayerSection)
+};
+
+class Codec {
+ public:
+  virtual ~Codec() = default;
+
+  // Short backend name for logs and metrics ("cpu-avx2", "cpu-scalar", "cuda").
+  virtual std::string_view name() const = 0;
+
+  // Where KvBuffers and payloads handed to this backend must live.
+  virtual MemoryKind memory_kind() const = 0;
+
+  // Writes one importance score per token of `kv` into `scores` (size kv.num_tokens).
+  // kExternal and kPositional do not read the KV. INVALID_ARGUMENT for bad options or buffers.
+  virtual absl::Status Score(const KvBuffer& kv, const ScoreOptions& options,
+                             std::span<float> scores) = 0;
+
+  // Writes the sections of layers [first_layer, last_layer) of the payload that `plan` describes
+  // into `payload` (the whole message buffer, plan.layout.total_bytes long), each sealed with its
+  // CRC32C. The prelude is written separately (WritePrelude). `src` must match the plan's shape,
+  // dtype and token count. INVALID_ARGUMENT if a quantized row holds Inf or NaN.
+  virtual absl::Status PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                                  uint32_t last_layer, std::span<uint8_t> payload) = 0;
+
+  // Unpacks layers [first_layer, last_layer) of a payload whose prelude has been parsed into
+  // `dst`, which must match the payload's shape, dtype and token count (layout and block size may
+  // differ from the sender's). Dropped tokens are not written. DATA_LOSS if a section fails its
+  // checksum; in that case nothing of that layer has been written.
+  virtual absl::Status UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                                    const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
+                                    VerifyMode verify) = 0;
+};
+
+// Checks that `kv` is valid and matches the payload description (shape, dtype, tokens).
+absl::Status CheckBufferMatches(const KvBuffer& kv, const PayloadDesc& desc, const char* role);
+
+// Packs a whole payload, prelude plus every layer, into `payload`, which must be exactly
+// plan.layout.total_bytes long (a reused staging buffer, say).
+absl::Status PackPayloadInto(Codec& codec, const KvBuffer& src, const TierPlan& plan,
+                             std::span<uint8_t> payload);
+
+// As PackPayloadInto, into a new vector.
+absl::StatusOr<std::vector<uint8_t>> PackPayload(Codec& codec, const KvBuffer& src,
+                                                 const TierPlan& plan);
+
+// What the receiver learns from a payload.
+struct UnpackResult {
+  PayloadDesc desc;
+  TierCounts counts;  // summed over tier maps
+  // Positions the decode frontend must mask out: one list per tier map (one map unless the
+  // payload has per-layer tiers), ascending. Kept tokens keep their original positions.
+  std::vector<std::vector<uint32_t>> dropped;
+  uint64_t payload_bytes = 0;
+};
+
+// Parses, verifies every checksum, then unpacks the whole payload into `dst`. On any error
+// nothing has been written. `max_payload_bytes` bounds what the parser accepts.
+absl::StatusOr<UnpackResult> UnpackPayload(Codec& codec, std::span<const uint8_t> payload,
+                                           const KvBuffer& dst, uint64_t max_payload_bytes);
+
+}  // namespace spectrumkv
+
+#endif  // SPECTRUMKV_KERNELS_API_CODEC_H_

@@ -1,0 +1,408 @@
+#include "kernels/cpu/cpu_codec.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "common/status.h"
+#include "kernels/cpu/quant_math.h"
+
+namespace spectrumkv {
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "the CPU codec writes 16-bit values in host order, which must be little-endian");
+
+// Resolves row pointers of one (layer, K|V) placement of a validated buffer.
+class Rows {
+ public:
+  Rows(const KvBuffer& kv, uint32_t layer, bool value)
+      : layout_(*kv.layout),
+        placement_(kv.layout->Placement(layer, value)),
+        table_(kv.block_table),
+        base_(static_cast<uint8_t*>(kv.regions[placement_.region].base)) {}
+
+  uint16_t* Row(uint32_t token, uint32_t head) const {
+    return reinterpret_cast<uint16_t*>(base_ + RowOffset(layout_, placement_, table_, token, head));
+  }
+
+ private:
+  const KvLayout& layout_;
+  const TensorPlacement& placement_;
+  std::span<const uint32_t> table_;
+  uint8_t* base_;
+};
+
+const char* KindName(bool value) { return value ? "V" : "K"; }
+
+void ZeroGap(uint8_t* out, uint64_t from, uint64_t to) {
+  if (to > from) std::memset(out + from, 0, to - from);
+}
+
+// Per-channel key factors of one layer, as floats, [H][D] each.
+struct KeyFactors {
+  std::vector<float> offset, factor, inv_factor;
+};
+
+absl::Status CheckLayerRange(uint32_t first, uint32_t last, uint32_t layers) {
+  if (first > last || last > layers) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("layer range [%u, %u) is outside [0, %u)", first, last, layers));
+  }
+  return absl::OkStatus();
+}
+
+// The tier lists for each tier map the layer range touches (one map, or one per layer).
+std::vector<TierLists> ListsFor(const PayloadDesc& desc, std::span<const uint8_t> tiers,
+                                uint32_t first, uint32_t last) {
+  std::vector<TierLists> lists(desc.num_maps());
+  std::vector<bool> built(desc.num_maps(), false);
+  for (uint32_t l = first; l < last; ++l) {
+    const uint32_t m = desc.MapForLayer(l);
+    if (built[m]) continue;
+    lists[m] = BuildTierLists(tiers.subspan(uint64_t{m} * desc.num_tokens, desc.num_tokens));
+    built[m] = true;
+  }
+  return lists;
+}
+
+}  // namespace
+
+CpuCodec::CpuCodec(const RowKernels& kernels)
+    : k_(kernels), name_(std::string("cpu-") + kernels.name) {}
+
+bool CpuCodec::SelfTest(const RowKernels& kernels) {
+  const RowKernels& ref = ScalarRowKernels();
+  uint64_t state = 0x5EC7A1u;
+  auto next = [&state] {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<uint32_t>(state >> 33);
+  };
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (uint32_t dim : {8u, 24u, 64u, 128u, 136u, 256u}) {
+      for (int trial = 0; trial < 6; ++trial) {
+        std::vector<uint16_t> row(dim), out_a(dim), out_b(dim);
+        for (uint32_t i = 0; i < dim; ++i) {
+          const float magnitude = trial == 0 ? 0.0f : (trial == 1 ? 1e-6f : 4.0f);
+          const float x = (static_cast<float>(next() % 20001) / 10000.0f - 1.0f) * magnitude;
+          row[i] = FromFloatRne(dtype, x);
+        }
+        std::vector<int8_t> c8a(dim), c8b(dim);
+        std::vector<uint8_t> c4a(dim / 2), c4b(dim / 2);
+        uint16_t sa = 0, sb = 0;
+        if (!kernels.quantize_int8(dtype, row.data(), dim, c8a.data(), &sa) ||
+            !ref.quantize_int8(dtype, row.data(), dim, c8b.data(), &sb) || sa != sb ||
+            c8a != c8b) {
+          return false;
+        }
+        kernels.dequantize_int8(dtype, c8a.data(), sa, dim, out_a.data());
+        ref.dequantize_int8(dtype, c8b.data(), sb, dim, out_b.data());
+        if (out_a != out_b) return false;
+        if (!kernels.quantize_int4(dtype, row.data(), dim, c4a.data(), &sa) ||
+            !ref.quantize_int4(dtype, row.data(), dim, c4b.data(), &sb) || sa != sb ||
+            c4a != c4b) {
+          return false;
+        }
+        kernels.dequantize_int4(dtype, c4a.data(), sa, dim, out_a.data());
+        ref.dequantize_int4(dtype, c4b.data(), sb, dim, out_b.data());
+        if (out_a != out_b) return false;
+        std::vector<float> offset(dim), factor(dim), inv(dim);
+        for (uint32_t i = 0; i < dim; ++i) {
+          offset[i] = static_cast<float>(next() % 7) - 3.0f;
+          factor[i] = 0.5f + static_cast<float>(next() % 4);
+          inv[i] = 1.0f / factor[i];
+        }
+        if (!kernels.quantize_int4_kcn(dtype, row.data(), dim, offset.data(), inv.data(),
+                                       c4a.data(), &sa) ||
+            !ref.quantize_int4_kcn(dtype, row.data(), dim, offset.data(), inv.data(), c4b.data(),
+                                   &sb) ||
+            sa != sb || c4a != c4b) {
+          return false;
+        }
+        kernels.dequantize_int4_kcn(dtype, c4a.data(), sa, offset.data(), factor.data(), dim,
+                                    out_a.data());
+        ref.dequantize_int4_kcn(dtype, c4b.data(), sb, offset.data(), factor.data(), dim,
+                                out_b.data());
+        if (out_a != out_b) return false;
+      }
+    }
+  }
+  return true;
+}
+
+std::unique_ptr<CpuCodec> CpuCodec::CreateBest() {
+  const RowKernels* avx2 = Avx2RowKernels();
+  if (avx2 != nullptr && SelfTest(*avx2)) return std::make_unique<CpuCodec>(*avx2);
+  return std::make_unique<CpuCodec>(ScalarRowKernels());
+}
+
+absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
+                             std::span<float> scores) {
+  if (kv.layout == nullptr) return absl::InvalidArgumentError("layout: missing");
+  const ModelShape& shape = kv.layout->shape;
+  if (scores.size() != kv.num_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%u score slots for %u tokens", scores.size(), kv.num_tokens));
+  }
+  SPECTRUMKV_RETURN_IF_ERROR(ValidateScoreOptions(options, shape, kv.num_tokens));
+  const uint32_t n = kv.num_tokens;
+  switch (options.mode) {
+    case ScoringMode::kExternal:
+      std::copy(options.external_scores.begin(), options.external_scores.end(), scores.begin());
+      return absl::OkStatus();
+    case ScoringMode::kPositional:
+      PositionalScores(scores);
+      return absl::OkStatus();
+    case ScoringMode::kKeyNorm:
+    case ScoringMode::kAttention:
+      break;
+  }
+  SPECTRUMKV_RETURN_IF_ERROR(ValidateKvBuffer(kv));
+  const DType dtype = kv.layout->dtype;
+  const uint32_t heads = shape.num_kv_heads, dim = shape.head_dim;
+  std::fill(scores.begin(), scores.end(), 0.0f);
+
+  if (options.mode == ScoringMode::kKeyNorm) {
+    for (uint32_t l = 0; l < shape.num_layers; ++l) {
+      for (bool value : {false, true}) {
+        const Rows rows(kv, l, value);
+        for (uint32_t t = 0; t < n; ++t) {
+          float sum = 0.0f;
+          for (uint32_t h = 0; h < heads; ++h) {
+            sum += std::sqrt(k_.sum_squares(dtype, rows.Row(t, h), dim));
+          }
+          scores[t] += sum;
+        }
+      }
+    }
+    const float norm = 1.0f / static_cast<float>(shape.num_layers * heads);
+    for (float& s : scores) s *= norm;
+    return absl::OkStatus();
+  }
+
+  // Attention mass from the window queries, GQA groups handled by mapping each query head to
+  // its KV head; logits scaled by 1/sqrt(d) and masked causally.
+  const uint32_t w = options.window, hq = options.num_q_heads, group = hq / heads;
+  const uint32_t nq = group * w;
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(dim));
+  std::vector<float> queries(uint64_t{nq} * dim);
+  std::vector<float> logits(uint64_t{n} * nq);
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    const Rows keys(kv, l, false);
+    for (uint32_t h = 0; h < heads; ++h) {
+      // queries[g*w + i] = window query i of q head h*group + g, pre-scaled.
+      for (uint32_t g = 0; g < group; ++g) {
+        for (uint32_t i = 0; i < w; ++i) {
+          const float* src = options.window_queries.data() +
+                             ((uint64_t{l} * w + i) * hq + (h * group + g)) * dim;
+          float* dst = queries.data() + (uint64_t{g} * w + i) * dim;
+          for (uint32_t c = 0; c < dim; ++c) dst[c] = src[c] * inv_sqrt_d;
+        }
+      }
+      for (uint32_t t = 0; t < n; ++t) {
+        k_.dot_many(dtype, keys.Row(t, h), dim, queries.data(), nq, logits.data() + uint64_t{t} * nq);
+      }
+      for (uint32_t q = 0; q < nq; ++q) {
+        const uint32_t last = n - w + q % w;  // causal: keys 0..last
+        float max = -std::numeric_limits<float>::infinity();
+        for (uint32_t t = 0; t <= last; ++t) max = std::max(max, logits[uint64_t{t} * nq + q]);
+        double sum = 0.0;
+        for (uint32_t t = 0; t <= last; ++t) {
+          float& x = logits[uint64_t{t} * nq + q];
+          x = std::exp(x - max);
+          sum += x;
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (uint32_t t = 0; t <= last; ++t) scores[t] += logits[uint64_t{t} * nq + q] * inv;
+      }
+    }
+  }
+  PoolAndDecay(scores, options.pool_kernel, options.recency_decay);
+  return absl::OkStatus();
+}
+
+absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                                  uint32_t last_layer, std::span<uint8_t> payload) {
+  const PayloadDesc& desc = plan.desc;
+  const WireLayout& wl = plan.layout;
+  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(src, desc, "source"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
+  if (payload.size() != wl.total_bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "payload buffer of %u bytes for a %u-byte payload", payload.size(), wl.total_bytes));
+  }
+  const DType dtype = desc.dtype;
+  const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
+  const uint64_t hd = uint64_t{heads} * dim;
+  const std::vector<TierLists> all_lists = ListsFor(desc, plan.tiers, first_layer, last_layer);
+  uint8_t* out = payload.data();
+  KeyFactors f;
+
+  for (uint32_t l = first_layer; l < last_layer; ++l) {
+    const LayerSection& sec = wl.layers[l];
+    const TierLists& lists = all_lists[desc.MapForLayer(l)];
+    const std::vector<uint32_t>& int4_tokens = lists[Tier::kInt4];
+
+    if (desc.key_channel_norm()) {
+      // Factors over this layer's INT4 tokens: offset = channel midpoint, factor = sqrt of the
+      // half-range (both rounded to the dtype; the encoder uses the rounded values).
+      const Rows keys(src, l, false);
+      f.offset.assign(hd, 0.0f);
+      f.factor.assign(hd, 1.0f);
+      f.inv_factor.assign(hd, 1.0f);
+      auto* offsets = reinterpret_cast<uint16_t*>(out + sec.key_offsets);
+      auto* factors = reinterpret_cast<uint16_t*>(out + sec.key_factors);
+      std::vector<float> lo(dim), hi(dim);
+      for (uint32_t h = 0; h < heads; ++h) {
+        std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
+        std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
+        for (uint32_t t : int4_tokens) {
+          if (!k_.min_max(dtype, keys.Row(t, h), dim, lo.data(), hi.data())) {
+            return absl::InvalidArgumentError(absl::StrFormat(
+                "layer %u K token %u head %u holds Inf or NaN and cannot be quantized", l, t, h));
+          }
+        }
+        for (uint32_t c = 0; c < dim; ++c) {
+          const uint64_t i = uint64_t{h} * dim + c;
+          uint16_t m_bits = 0, f_bits = FromFloatRne(dtype, 1.0f);
+          if (!int4_tokens.empty()) {
+            m_bits = FromFloatRne(dtype, 0.5f * lo[c] + 0.5f * hi[c]);
+            const float m = ToFloat(dtype, m_bits);
+            const float half = std::max(hi[c] - m, m - lo[c]);
+            const uint16_t candidate = FromFloatRne(dtype, std::sqrt(half));
+            const float fv = ToFloat(dtype, candidate);
+            if (fv > 0.0f && std::isfinite(fv)) f_bits = candidate;
+          }
+          offsets[i] = m_bits;
+          factors[i] = f_bits;
+          f.offset[i] = ToFloat(dtype, m_bits);
+          f.factor[i] = ToFloat(dtype, f_bits);
+          f.inv_factor[i] = 1.0f / f.factor[i];
+        }
+      }
+      ZeroGap(out, sec.key_offsets + hd * 2, sec.key_factors);
+      ZeroGap(out, sec.key_factors + hd * 2, sec.key.fp16_rows);
+    }
+
+    for (bool value : {false, true}) {
+      const PartLayout& part = value ? sec.value : sec.key;
+      const Rows rows(src, l, value);
+      // FP16 rows, bit-exact.
+      uint8_t* dst = out + part.fp16_rows;
+      for (uint32_t t : lists[Tier::kFp16]) {
+        for (uint32_t h = 0; h < heads; ++h, dst += uint64_t{dim} * 2) {
+          std::memcpy(dst, rows.Row(t, h), uint64_t{dim} * 2);
+        }
+      }
+      ZeroGap(out, dst - out, part.int8_rows);
+      // INT8 rows and scales.
+      auto* codes8 = reinterpret_cast<int8_t*>(out + part.int8_rows);
+      auto* scales8 = reinterpret_cast<uint16_t*>(out + part.int8_scales);
+      for (uint32_t t : lists[Tier::kInt8]) {
+        for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
+          if (!k_.quantize_int8(dtype, rows.Row(t, h), dim, codes8, scales8)) {
+            return absl::InvalidArgumentError(
+                absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be "
+                                "quantized", l, KindName(value), t, h));
+          }
+        }
+      }
+      ZeroGap(out, reinterpret_cast<uint8_t*>(codes8) - out, part.int8_scales);
+      ZeroGap(out, reinterpret_cast<uint8_t*>(scales8) - out, part.int4_rows);
+      // INT4 rows and scales; keys through the channel factors when enabled.
+      uint8_t* codes4 = out + part.int4_rows;
+      auto* scales4 = reinterpret_cast<uint16_t*>(out + part.int4_scales);
+      const bool kcn = desc.key_channel_norm() && !value;
+      for (uint32_t t : int4_tokens) {
+        for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
+          const uint16_t* row = rows.Row(t, h);
+          const bool ok = kcn ? k_.quantize_int4_kcn(dtype, row, dim, &f.offset[uint64_t{h} * dim],
+                                                     &f.inv_factor[uint64_t{h} * dim], codes4,
+                                                     scales4)
+                              : k_.quantize_int4(dtype, row, dim, codes4, scales4);
+          if (!ok) {
+            return absl::InvalidArgumentError(
+                absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be "
+                                "quantized", l, KindName(value), t, h));
+          }
+        }
+      }
+      ZeroGap(out, codes4 - out, part.int4_scales);
+      ZeroGap(out, reinterpret_cast<uint8_t*>(scales4) - out, part.end);
+    }
+    SealLayerSection(wl, l, payload);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                                    const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
+                                    VerifyMode verify) {
+  const WireLayout& wl = prelude.layout;
+  const PayloadDesc& desc = wl.desc;
+  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(dst, desc, "destination"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
+  if (payload.size() != wl.total_bytes) {
+    return absl::DataLossError(absl::StrFormat("payload of %u bytes, the header says %u",
+                                               payload.size(), wl.total_bytes));
+  }
+  const DType dtype = desc.dtype;
+  const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
+  const uint64_t hd = uint64_t{heads} * dim;
+  const std::vector<TierLists> all_lists = ListsFor(desc, prelude.tiers, first_layer, last_layer);
+  const uint8_t* in = payload.data();
+  KeyFactors f;
+
+  for (uint32_t l = first_layer; l < last_layer; ++l) {
+    if (verify == VerifyMode::kVerify) SPECTRUMKV_RETURN_IF_ERROR(VerifyLayerSection(wl, l, payload));
+    const LayerSection& sec = wl.layers[l];
+    const TierLists& lists = all_lists[desc.MapForLayer(l)];
+    if (desc.key_channel_norm()) {
+      const auto* offsets = reinterpret_cast<const uint16_t*>(in + sec.key_offsets);
+      const auto* factors = reinterpret_cast<const uint16_t*>(in + sec.key_factors);
+      f.offset.resize(hd);
+      f.factor.resize(hd);
+      for (uint64_t i = 0; i < hd; ++i) {
+        f.offset[i] = ToFloat(dtype, offsets[i]);
+        f.factor[i] = ToFloat(dtype, factors[i]);
+      }
+    }
+    for (bool value : {false, true}) {
+      const PartLayout& part = value ? sec.value : sec.key;
+      const Rows rows(dst, l, value);
+      const uint8_t* src = in + part.fp16_rows;
+      for (uint32_t t : lists[Tier::kFp16]) {
+        for (uint32_t h = 0; h < heads; ++h, src += uint64_t{dim} * 2) {
+          std::memcpy(rows.Row(t, h), src, uint64_t{dim} * 2);
+        }
+      }
+      const auto* codes8 = reinterpret_cast<const int8_t*>(in + part.int8_rows);
+      const auto* scales8 = reinterpret_cast<const uint16_t*>(in + part.int8_scales);
+      for (uint32_t t : lists[Tier::kInt8]) {
+        for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
+          k_.dequantize_int8(dtype, codes8, *scales8, dim, rows.Row(t, h));
+        }
+      }
+      const uint8_t* codes4 = in + part.int4_rows;
+      const auto* scales4 = reinterpret_cast<const uint16_t*>(in + part.int4_scales);
+      const bool kcn = desc.key_channel_norm() && !value;
+      for (uint32_t t : lists[Tier::kInt4]) {
+        for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
+          if (kcn) {
+            k_.dequantize_int4_kcn(dtype, codes4, *scales4, &f.offset[uint64_t{h} * dim],
+                                   &f.factor[uint64_t{h} * dim], dim, rows.Row(t, h));
+          } else {
+            k_.dequantize_int4(dtype, codes4, *scales4, dim, rows.Row(t, h));
+          }
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace spectrumkv

@@ -1,0 +1,52 @@
+// Per-row kernels of the CPU codec. A row is the head_dim contiguous 16-bit elements of one
+// (layer, K|V, token, head); head_dim is a multiple of 8. Two implementations exist (portable
+// scalar and AVX2/F16C); both produce identical codes, scales and reconstructions (quant_math.h).
+// The floating-point sums used for scoring (sum_squares, dot_many) may differ in the last bits.
+#ifndef SPECTRUMKV_KERNELS_CPU_ROW_KERNELS_H_
+#define SPECTRUMKV_KERNELS_CPU_ROW_KERNELS_H_
+
+#include <cstdint>
+
+#include "common/half.h"
+
+namespace spectrumkv {
+
+struct RowKernels {
+  const char* name;
+  // Symmetric absmax quantization of one row. Return false (writing nothing useful) if the row
+  // holds Inf or NaN.
+  bool (*quantize_int8)(DType dtype, const uint16_t* src, uint32_t dim, int8_t* codes,
+                        uint16_t* scale);
+  bool (*quantize_int4)(DType dtype, const uint16_t* src, uint32_t dim, uint8_t* nibbles,
+                        uint16_t* scale);
+  // INT4 of (x - offset[c]) * inv_factor[c].
+  bool (*quantize_int4_kcn)(DType dtype, const uint16_t* src, uint32_t dim, const float* offset,
+                            const float* inv_factor, uint8_t* nibbles, uint16_t* scale);
+  void (*dequantize_int8)(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim,
+                          uint16_t* dst);
+  void (*dequantize_int4)(DType dtype, const uint8_t* nibbles, uint16_t scale, uint32_t dim,
+                          uint16_t* dst);
+  void (*dequantize_int4_kcn)(DType dtype, const uint8_t* nibbles, uint16_t scale,
+                              const float* offset, const float* factor, uint32_t dim,
+                              uint16_t* dst);
+  // Σ x² over the row.
+  float (*sum_squares)(DType dtype, const uint16_t* src, uint32_t dim);
+  // Per channel: lo[c] = min(lo[c], x[c]), hi[c] = max(hi[c], x[c]). False on Inf/NaN.
+  bool (*min_max)(DType dtype, const uint16_t* src, uint32_t dim, float* lo, float* hi);
+  // out[i] = dot(queries[i*dim, (i+1)*dim), row) for i < num_queries.
+  void (*dot_many)(DType dtype, const uint16_t* row, uint32_t dim, const float* queries,
+                   uint32_t num_queries, float* out);
+};
+
+// Largest head_dim the kernels accept (kMaxHeadDim in kernels/api/types.h).
+inline constexpr uint32_t kMaxNormalizedDim = 1024;
+
+// The portable implementation; always available.
+const RowKernels& ScalarRowKernels();
+
+// The AVX2/F16C/FMA implementation, or nullptr if this CPU lacks those instructions.
+const RowKernels* Avx2RowKernels();
+
+}  // namespace spectrumkv
+
+#endif  // SPECTRUMKV_KERNELS_CPU_ROW_KERNELS_H_
