@@ -60,6 +60,8 @@ function(spectrumkv_cc_test)
   add_executable(${ARG_NAME} ${ARG_SRCS})
   target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
   spectrumkv_apply_flags(${ARG_NAME})
+  target_compile_definitions(${ARG_NAME} PRIVATE
+    SPECTRUMKV_TESTDATA_DIR="${PROJECT_SOURCE_DIR}/tests/testdata")
   set_target_properties(${ARG_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/tests)
   add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME})
   if(NOT ARG_TIMEOUT)

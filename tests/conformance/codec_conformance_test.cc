@@ -1,0 +1,260 @@
+// The codec conformance suite: every backend must write the reference (scalar CPU) payload
+// bytes for the same plan, unpack any backend's payload into any layout within the documented
+// error bound, agree on scores within a tolerance, and refuse what the contract says to refuse.
+#include <random>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "client/kvgen/host_pool.h"
+#include "gtest/gtest.h"
+#include "kernels/api/codec.h"
+#include "kernels/cpu/cpu_codec.h"
+#include "tests/conformance/backend_harness.h"
+#include "tests/testing/kv_testing.h"
+
+namespace spectrumkv::testing {
+namespace {
+
+using kvgen::PoolLayoutKind;
+
+constexpr PoolLayoutKind kAllLayouts[] = {PoolLayoutKind::kVllmNhd, PoolLayoutKind::kVllmHnd,
+                                          PoolLayoutKind::kSglang, PoolLayoutKind::kTrtllm};
+
+class CodecConformanceTest : public ::testing::TestWithParam<std::pair<std::string, HarnessFactory>> {
+ protected:
+  void SetUp() override {
+    harness_ = GetParam().second();
+    const std::string why = harness_->Unavailable();
+    if (!why.empty()) GTEST_SKIP() << GetParam().first << " unavailable: " << why;
+    seed_ = FreshSeed();
+    rng_.seed(seed_);
+  }
+
+  // Packs host KV `src` with the backend under test (through its memory), returns host bytes.
+  absl::StatusOr<std::vector<uint8_t>> Pack(const KvBuffer& src, const TierPlan& plan) {
+    const KvBuffer dev = harness_->Upload(src);
+    std::span<uint8_t> payload = harness_->AllocPayload(plan.layout.total_bytes);
+    std::vector<uint8_t> prelude(plan.layout.prelude_bytes);
+    WritePrelude(plan.layout, plan.tiers, prelude);
+    harness_->PayloadFromHost(prelude, payload.first(prelude.size()));
+    absl::Status s = harness_->codec().PackLayers(dev, plan, 0, plan.desc.shape.num_layers, payload);
+    if (!s.ok()) return s;
+    return harness_->PayloadToHost(payload);
+  }
+
+  // Unpacks host payload bytes into host KV `dst` with the backend under test.
+  absl::Status Unpack(const std::vector<uint8_t>& bytes, const KvBuffer& dst,
+                      uint32_t first = 0, uint32_t last = ~0u) {
+    auto prelude = ParsePrelude(bytes, bytes.size());
+    if (!prelude.ok()) return prelude.status();
+    const KvBuffer dev = harness_->Upload(dst);
+    std::span<uint8_t> payload = harness_->AllocPayload(bytes.size());
+    harness_->PayloadFromHost(bytes, payload);
+    last = std::min(last, prelude->layout.desc.shape.num_layers);
+    absl::Status s = harness_->codec().UnpackLayers(*prelude, payload, dev, first, last,
+                                                    VerifyMode::kVerify);
+    harness_->Download(dev, dst);
+    return s;
+  }
+
+  std::string Ctx() const { return absl::StrFormat("%s seed %u", GetParam().first, seed_); }
+
+  std::unique_ptr<BackendHarness> harness_;
+  CpuCodec reference_{ScalarRowKernels()};
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
+};
+
+struct Case {
+  DType dtype;
+  Quantizer quantizer;
+  bool per_layer;
+  ModelShape shape;
+  uint32_t tokens;
+};
+
+constexpr Case kCases[] = {
+    {DType::kFloat16, Quantizer::kAbsmax, false, {3, 2, 64}, 37},
+    {DType::kBFloat16, Quantizer::kAbsmax, false, {2, 4, 128}, 50},
+    {DType::kFloat16, Quantizer::kKeyChannelNorm, false, {2, 2, 128}, 41},
+    {DType::kBFloat16, Quantizer::kKeyChannelNorm, true, {3, 1, 256}, 23},
+    {DType::kFloat16, Quantizer::kAbsmax, true, {2, 3, 72}, 64},
+    {DType::kFloat16, Quantizer::kAbsmax, false, {1, 1, 8}, 1},
+};
+
+TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
+  for (const Case& c : kCases) {
+    TestPool src = MakePool(PoolLayoutKind::kVllmNhd, c.shape, c.dtype, 16, c.tokens, rng_());
+    FillRandom(src.View(), rng_);
+    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
+    const TierPlan plan = *PlanFromTiers(c.shape, c.dtype, c.tokens,
+                                         RandomTiers(maps, c.tokens, rng_), Policy::k3Tier,
+                                         c.quantizer);
+    auto got = Pack(src.View(), plan);
+    ASSERT_TRUE(got.ok()) << Ctx() << ": " << got.status();
+    auto expect = PackPayload(reference_, src.View(), plan);
+    ASSERT_TRUE(expect.ok()) << expect.status();
+    ASSERT_EQ(got->size(), expect->size()) << Ctx();
+    for (size_t i = 0; i < got->size(); ++i) {
+      ASSERT_EQ((*got)[i], (*expect)[i]) << Ctx() << ": first difference at byte " << i;
+    }
+  }
+}
+
+TEST_P(CodecConformanceTest, RoundTripsAcrossEveryLayoutPair) {
+  const ModelShape shape{2, 2, 64};
+  const uint32_t n = 45;
+  const uint32_t block_sizes[] = {16, 1, 8, 32};
+  for (int si = 0; si < 4; ++si) {
+    for (int di = 0; di < 4; ++di) {
+      TestPool src = MakePool(kAllLayouts[si], shape, DType::kFloat16, block_sizes[si], n, rng_());
+      TestPool dst =
+          MakePool(kAllLayouts[di], shape, DType::kFloat16, block_sizes[(di + 1) % 4], n, rng_());
+      FillRandom(src.View(), rng_);
+      const TierPlan plan = *PlanFromTiers(shape, DType::kFloat16, n, RandomTiers(1, n, rng_),
+                                           Policy::k3Tier, Quantizer::kAbsmax);
+      auto payload = Pack(src.View(), plan);
+      ASSERT_TRUE(payload.ok()) << Ctx() << ": " << payload.status();
+      ASSERT_TRUE(Unpack(*payload, dst.View()).ok()) << Ctx();
+      EXPECT_EQ(CheckRoundTrip(src.View(), dst.View(), plan, *payload), "")
+          << Ctx() << " layouts " << si << "->" << di;
+    }
+  }
+}
+
+TEST_P(CodecConformanceTest, UnpacksTheReferencePayloadLikeTheReference) {
+  for (const Case& c : kCases) {
+    TestPool src = MakePool(PoolLayoutKind::kTrtllm, c.shape, c.dtype, 8, c.tokens, rng_());
+    FillRandom(src.View(), rng_);
+    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
+    const TierPlan plan = *PlanFromTiers(c.shape, c.dtype, c.tokens,
+                                         RandomTiers(maps, c.tokens, rng_), Policy::k3Tier,
+                                         c.quantizer);
+    const std::vector<uint8_t> payload = *PackPayload(reference_, src.View(), plan);
+    TestPool ours = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
+    TestPool theirs = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
+    ASSERT_TRUE(Unpack(payload, ours.View()).ok()) << Ctx();
+    ASSERT_TRUE(UnpackPayload(reference_, payload, theirs.View(), payload.size()).ok());
+    for (size_t r = 0; r < ours.pool->regions().size(); ++r) {
+      const MemoryRegion& a = ours.pool->regions()[r];
+      const MemoryRegion& b = theirs.pool->regions()[r];
+      ASSERT_EQ(std::memcmp(a.base, b.base, a.size_bytes), 0) << Ctx() << " region " << r;
+    }
+    EXPECT_EQ(CheckRoundTrip(src.View(), ours.View(), plan, payload), "") << Ctx();
+  }
+}
+
+TEST_P(CodecConformanceTest, PlannedPayloadsRoundTrip) {
+  const ModelShape shape{4, 2, 128};
+  const uint32_t n = 300;
+  TestPool src = MakePool(PoolLayoutKind::kVllmHnd, shape, DType::kBFloat16, 16, n, rng_());
+  FillRandom(src.View(), rng_);
+  std::vector<float> scores(n);
+  ASSERT_TRUE(harness_->codec().Score(harness_->Upload(src.View()), ScoreOptions{}, scores).ok());
+  for (Policy policy : {Policy::k3Tier, Policy::k2Tier, Policy::kSinkProtect,
+                        Policy::kUniformInt4, Policy::kPdTrim, Policy::kRandomTier}) {
+    for (double budget : {0.2, 0.3, 0.55}) {
+      PlanOptions o;
+      o.policy = policy;
+      o.budget = budget;
+      o.quantizer = budget < 0.3 ? Quantizer::kKeyChannelNorm : Quantizer::kAbsmax;
+      const TierPlan plan = *PlanTiers(shape, DType::kBFloat16, n, scores, o);
+      auto payload = Pack(src.View(), plan);
+      ASSERT_TRUE(payload.ok()) << Ctx();
+      TestPool dst = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kBFloat16, 32, n, rng_());
+      ASSERT_TRUE(Unpack(*payload, dst.View()).ok()) << Ctx();
+      EXPECT_EQ(CheckRoundTrip(src.View(), dst.View(), plan, *payload), "")
+          << Ctx() << " " << PolicyName(policy) << " b=" << budget;
+    }
+  }
+}
+
+TEST_P(CodecConformanceTest, ScoresAgreeWithTheReference) {
+  // Sums may be ordered differently by each backend: scores agree to a relative 1e-4, and near
+  // ties may therefore rank differently (the planner breaks exact ties by position).
+  const ModelShape shape{3, 2, 64};
+  const uint32_t n = 120;
+  TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, n, rng_());
+  FillRandom(src.View(), rng_);
+  std::vector<float> queries(3 * 8 * 4 * 64);
+  std::normal_distribution<float> g;
+  for (float& q : queries) q = g(rng_);
+  for (ScoringMode mode : {ScoringMode::kKeyNorm, ScoringMode::kAttention}) {
+    ScoreOptions o;
+    o.mode = mode;
+    if (mode == ScoringMode::kAttention) {
+      o.window_queries = queries;
+      o.window = 8;
+      o.num_q_heads = 4;
+    }
+    std::vector<float> got(n), expect(n);
+    ASSERT_TRUE(harness_->codec().Score(harness_->Upload(src.View()), o, got).ok()) << Ctx();
+    ASSERT_TRUE(reference_.Score(src.View(), o, expect).ok());
+    for (uint32_t t = 0; t < n; ++t) {
+      EXPECT_NEAR(got[t], expect[t], 1e-4 * std::fabs(expect[t]) + 1e-6)
+          << Ctx() << " " << ScoringModeName(mode) << " token " << t;
+    }
+  }
+}
+
+TEST_P(CodecConformanceTest, RefusesNonFiniteQuantizedRowsOnly) {
+  const ModelShape shape{2, 2, 64};
+  TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, 8, rng_());
+  FillRandom(src.View(), rng_);
+  HostRowPtr(src.View(), 1, true, 5, 1)[7] = 0x7C00;  // +inf in V of token 5
+  std::vector<uint8_t> tiers = {0, 1, 2, 1, 2, 0, 1, 2};  // token 5 FP16: fine
+  TierPlan plan = *PlanFromTiers(shape, DType::kFloat16, 8, tiers, Policy::k3Tier,
+                                 Quantizer::kAbsmax);
+  EXPECT_TRUE(Pack(src.View(), plan).ok()) << Ctx();
+  tiers[5] = 1;  // INT8: refused
+  plan = *PlanFromTiers(shape, DType::kFloat16, 8, tiers, Policy::k3Tier, Quantizer::kAbsmax);
+  EXPECT_EQ(Pack(src.View(), plan).status().code(), absl::StatusCode::kInvalidArgument) << Ctx();
+}
+
+TEST_P(CodecConformanceTest, CorruptLayerIsNeverWritten) {
+  const ModelShape shape{3, 2, 64};
+  const uint32_t n = 20;
+  TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, n, rng_());
+  FillRandom(src.View(), rng_);
+  const TierPlan plan = *PlanFromTiers(shape, DType::kFloat16, n, RandomTiers(1, n, rng_),
+                                       Policy::k3Tier, Quantizer::kAbsmax);
+  std::vector<uint8_t> payload = *PackPayload(reference_, src.View(), plan);
+  payload[plan.layout.layers[1].begin + 5] ^= 0x20;
+  TestPool dst = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, n, rng_());
+  EXPECT_EQ(Unpack(payload, dst.View(), 1, 2).code(), absl::StatusCode::kDataLoss) << Ctx();
+  for (const MemoryRegion& r : dst.pool->regions()) {
+    const auto* p = static_cast<const uint8_t*>(r.base);
+    EXPECT_TRUE(std::all_of(p, p + r.size_bytes, [](uint8_t b) { return b == 0; })) << Ctx();
+  }
+}
+
+TEST_P(CodecConformanceTest, LayerRangesComposeToTheWholePayload) {
+  const ModelShape shape{5, 2, 64};
+  const uint32_t n = 33;
+  TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, n, rng_());
+  FillRandom(src.View(), rng_);
+  const TierPlan plan = *PlanFromTiers(shape, DType::kFloat16, n, RandomTiers(1, n, rng_),
+                                       Policy::k3Tier, Quantizer::kKeyChannelNorm);
+  const std::vector<uint8_t> whole = *PackPayload(reference_, src.View(), plan);
+  const KvBuffer dev = harness_->Upload(src.View());
+  std::span<uint8_t> payload = harness_->AllocPayload(plan.layout.total_bytes);
+  std::vector<uint8_t> prelude(plan.layout.prelude_bytes);
+  WritePrelude(plan.layout, plan.tiers, prelude);
+  harness_->PayloadFromHost(prelude, payload.first(prelude.size()));
+  for (auto [a, b] : {std::pair{3u, 5u}, std::pair{0u, 1u}, std::pair{1u, 3u}}) {
+    ASSERT_TRUE(harness_->codec().PackLayers(dev, plan, a, b, payload).ok()) << Ctx();
+  }
+  EXPECT_EQ(harness_->PayloadToHost(payload), whole) << Ctx();
+  TestPool dst = MakePool(PoolLayoutKind::kVllmHnd, shape, DType::kFloat16, 4, n, rng_());
+  for (auto [a, b] : {std::pair{2u, 5u}, std::pair{0u, 2u}}) {
+    ASSERT_TRUE(Unpack(whole, dst.View(), a, b).ok()) << Ctx();
+  }
+  EXPECT_EQ(CheckRoundTrip(src.View(), dst.View(), plan, whole), "") << Ctx();
+  EXPECT_FALSE(harness_->codec().PackLayers(dev, plan, 4, 6, payload).ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, CodecConformanceTest, ::testing::ValuesIn(AllHarnesses()),
+                         [](const auto& param_info) { return param_info.param.first; });
+
+}  // namespace
+}  // namespace spectrumkv::testing

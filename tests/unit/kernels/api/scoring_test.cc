@@ -1,0 +1,140 @@
+#include "kernels/api/scoring.h"
+
+#include <cmath>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/cpu_codec.h"
+#include "client/kvgen/synthetic.h"
+#include "tests/testing/kv_testing.h"
+
+namespace spectrumkv {
+namespace {
+
+TEST(ScoringTest, PositionalHeuristicShape) {
+  std::vector<float> s(1000);
+  PositionalScores(s);
+  for (int i = 0; i < 4; ++i) EXPECT_FLOAT_EQ(s[i], 1.0f);
+  EXPECT_GT(s[4], s[100]);        // decays from the front
+  EXPECT_GT(s[999], s[500]);      // recent 20% boosted
+  EXPECT_GE(s[800], s[799]);
+  EXPECT_FLOAT_EQ(*std::min_element(s.begin(), s.end()), 0.0f);
+}
+
+TEST(ScoringTest, PoolAndDecay) {
+  std::vector<float> s = {0, 0, 5, 0, 0, 0, 0, 1};
+  PoolAndDecay(s, 3, 0.0);
+  EXPECT_EQ(s, (std::vector<float>{0, 5, 5, 5, 0, 0, 1, 1}));
+  std::vector<float> d = {1, 1, 1};
+  PoolAndDecay(d, 1, std::log(2.0));
+  EXPECT_FLOAT_EQ(d[0], 0.25f);
+  EXPECT_FLOAT_EQ(d[2], 1.0f);
+}
+
+TEST(ScoringTest, OptionsAreValidated) {
+  const ModelShape shape{2, 2, 64};
+  ScoreOptions o;
+  o.mode = ScoringMode::kExternal;
+  std::vector<float> ext(9);
+  o.external_scores = ext;
+  EXPECT_FALSE(ValidateScoreOptions(o, shape, 10).ok());
+  o.mode = ScoringMode::kAttention;
+  std::vector<float> q(2 * 4 * 6 * 64);
+  o.window_queries = q;
+  o.window = 4;
+  o.num_q_heads = 6;
+  EXPECT_TRUE(ValidateScoreOptions(o, shape, 10).ok());
+  o.num_q_heads = 5;
+  EXPECT_FALSE(ValidateScoreOptions(o, shape, 10).ok());
+  o.num_q_heads = 6;
+  o.window = 11;
+  EXPECT_FALSE(ValidateScoreOptions(o, shape, 10).ok());
+  o.window = 4;
+  o.pool_kernel = 4;
+  EXPECT_FALSE(ValidateScoreOptions(o, shape, 10).ok());
+  o.pool_kernel = 5;
+  q[3] = NAN;
+  EXPECT_FALSE(ValidateScoreOptions(o, shape, 10).ok());
+}
+
+class CpuScoringTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    pool_ = testing::MakePool(kvgen::PoolLayoutKind::kVllmNhd, shape_, DType::kFloat16, 8, 50, 1);
+    std::mt19937_64 rng(testing::FreshSeed());
+    testing::FillRandom(pool_.View(), rng);
+  }
+  const ModelShape shape_{2, 2, 64};
+  testing::TestPool pool_;
+};
+
+TEST_F(CpuScoringTest, KeyNormIsTheMeanOfRowNorms) {
+  const KvBuffer kv = pool_.View();
+  for (auto* kernels : {&ScalarRowKernels(), Avx2RowKernels()}) {
+    if (kernels == nullptr) continue;
+    CpuCodec codec(*kernels);
+    std::vector<float> scores(50);
+    ASSERT_TRUE(codec.Score(kv, ScoreOptions{}, scores).ok());
+    for (uint32_t t = 0; t < 50; ++t) {
+      double expect = 0;
+      for (uint32_t l = 0; l < 2; ++l) {
+        for (bool v : {false, true}) {
+          for (uint32_t h = 0; h < 2; ++h) {
+            double ss = 0;
+            const uint16_t* row = HostRowPtr(kv, l, v, t, h);
+            for (int c = 0; c < 64; ++c) ss += double(HalfToFloat(row[c])) * HalfToFloat(row[c]);
+            expect += std::sqrt(ss);
+          }
+        }
+      }
+      expect /= 4;
+      EXPECT_NEAR(scores[t], expect, 1e-4 * expect + 1e-6) << t;
+    }
+  }
+}
+
+TEST_F(CpuScoringTest, AttentionFindsTheKeyTheQueriesLookFor) {
+  const KvBuffer kv = pool_.View();
+  kvgen::SyntheticOptions syn;
+  syn.sink_scale = 1.0f;
+  syn.token_spread = 0.0f;
+  syn.outlier_channels = 0;
+  kvgen::FillSynthetic(kv, syn);
+  for (uint32_t l = 0; l < 2; ++l) {  // token 17's keys: a ±1 pattern
+    for (uint32_t h = 0; h < 2; ++h) {
+      uint16_t* key = HostRowPtr(kv, l, false, 17, h);
+      for (int c = 0; c < 64; ++c) key[c] = FloatToHalfRne((c * 7 + h) % 3 ? 1.0f : -1.0f);
+    }
+  }
+  // Every window query of every head points at token 17's key: its score must dominate.
+  const uint32_t w = 4, hq = 4;
+  std::vector<float> q(2 * w * hq * 64);
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t i = 0; i < w; ++i) {
+      for (uint32_t h = 0; h < hq; ++h) {
+        const uint16_t* key = HostRowPtr(kv, l, false, 17, h / 2);
+        for (int c = 0; c < 64; ++c) {
+          q[((l * w + i) * hq + h) * 64 + c] = 4.0f * HalfToFloat(key[c]);
+        }
+      }
+    }
+  }
+  ScoreOptions o;
+  o.mode = ScoringMode::kAttention;
+  o.window_queries = q;
+  o.window = w;
+  o.num_q_heads = hq;
+  o.pool_kernel = 1;
+  CpuCodec codec(*(Avx2RowKernels() ? Avx2RowKernels() : &ScalarRowKernels()));
+  std::vector<float> scores(50);
+  ASSERT_TRUE(codec.Score(kv, o, scores).ok());
+  const auto best = std::max_element(scores.begin(), scores.end()) - scores.begin();
+  EXPECT_EQ(best, 17);
+  // Total mass = layers * q heads * window queries (each softmax sums to 1).
+  double total = 0;
+  for (float s : scores) total += s;
+  EXPECT_NEAR(total, 2.0 * hq * w, 1e-3);
+}
+
+}  // namespace
+}  // namespace spectrumkv
