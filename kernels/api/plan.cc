@@ -268,7 +268,13 @@ absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_
     const uint64_t overhead = WireOverheadBound(desc);
     const uint64_t fp16_total = uint64_t{num_tokens} * shape.Fp16BytesPerToken();
     const uint64_t total_raw = ScaleFloor(budget_ppb, fp16_total);
-    const uint64_t total = total_raw > overhead ? total_raw - overhead : 0;
+    if (total_raw < overhead) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "wire budget %g (%u bytes) is below the payload's fixed overhead of up to %u bytes "
+          "(header, tier maps, trailers)",
+          options.budget, total_raw, overhead));
+    }
+    const uint64_t total = total_raw - overhead;
     const uint64_t share = (overhead + maps - 1) / maps;
     for (uint32_t m = 0; m < maps; ++m) {
       const uint64_t raw = ScaleFloor(map_ppb[m], fp16_total / maps);
