@@ -46,7 +46,7 @@ inline uint16_t FloatToHalfRne(float f) {
                                    : uint16_t{0x7C00});
   }
   if (u >= 0x477FF000u) return sign | 0x7C00u;  // rounds to >= 65520: infinity
-  if (u < 0x38800000u) {                         // below the smallest normal half (2^-14)
+  if (u < 0x38800000u) {                        // below the smallest normal half (2^-14)
     // Exact scaling by 2^24 puts the subnormal unit at 1; rint gives round-half-even.
     const float scaled = BitsFloat(u) * 16777216.0f;
     return sign | static_cast<uint16_t>(std::nearbyint(scaled));

@@ -15,16 +15,15 @@
 #define SPECTRUMKV_STATUS_CONCAT_(a, b) SPECTRUMKV_STATUS_CONCAT_INNER_(a, b)
 
 // Evaluates `expr` (an absl::Status) and returns it from the current function if not OK.
-#define SPECTRUMKV_RETURN_IF_ERROR(expr)                   \
-  do {                                                     \
-    ::absl::Status spectrumkv_status_ = (expr);            \
+#define SPECTRUMKV_RETURN_IF_ERROR(expr)                     \
+  do {                                                       \
+    ::absl::Status spectrumkv_status_ = (expr);              \
     if (!spectrumkv_status_.ok()) return spectrumkv_status_; \
   } while (0)
 
 // `lhs` = value of `rexpr` (an absl::StatusOr<T>), or returns its status from the function.
-#define SPECTRUMKV_ASSIGN_OR_RETURN(lhs, rexpr)                                             \
-  SPECTRUMKV_ASSIGN_OR_RETURN_IMPL_(SPECTRUMKV_STATUS_CONCAT_(spectrumkv_or_, __LINE__), lhs, \
-                                    rexpr)
+#define SPECTRUMKV_ASSIGN_OR_RETURN(lhs, rexpr) \
+  SPECTRUMKV_ASSIGN_OR_RETURN_IMPL_(SPECTRUMKV_STATUS_CONCAT_(spectrumkv_or_, __LINE__), lhs, rexpr)
 #define SPECTRUMKV_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, rexpr) \
   auto tmp = (rexpr);                                      \
   if (!tmp.ok()) return std::move(tmp).status();           \
@@ -39,13 +38,13 @@ namespace spectrumkv {
 }  // namespace spectrumkv
 
 // Crash on the impossible: for invariants that no input can violate.
-#define SPECTRUMKV_CHECK(cond)                                                 \
-  do {                                                                         \
-    if (!(cond)) ::spectrumkv::CheckFailed(__FILE__, __LINE__, #cond, "");     \
+#define SPECTRUMKV_CHECK(cond)                                             \
+  do {                                                                     \
+    if (!(cond)) ::spectrumkv::CheckFailed(__FILE__, __LINE__, #cond, ""); \
   } while (0)
-#define SPECTRUMKV_CHECK_MSG(cond, msg)                                        \
-  do {                                                                         \
-    if (!(cond)) ::spectrumkv::CheckFailed(__FILE__, __LINE__, #cond, (msg));  \
+#define SPECTRUMKV_CHECK_MSG(cond, msg)                                       \
+  do {                                                                        \
+    if (!(cond)) ::spectrumkv::CheckFailed(__FILE__, __LINE__, #cond, (msg)); \
   } while (0)
 
 #endif  // SPECTRUMKV_COMMON_STATUS_H_

@@ -162,8 +162,7 @@ void PrintText(const CodecCommandOptions& o, const CodecReport& r) {
     if (k.rows == 0) continue;
     std::printf("             %-5s %9llu   %9.3e   %9.3e   %9.3e   %9.3e\n",
                 std::string(TierName(static_cast<Tier>(t))).c_str(),
-                static_cast<unsigned long long>(k.rows), k.rel_l2, k.max_abs, v.rel_l2,
-                v.max_abs);
+                static_cast<unsigned long long>(k.rows), k.rel_l2, k.max_abs, v.rel_l2, v.max_abs);
   }
   if (r.dropped_positions > 0) {
     std::printf("             dropped positions reported to the decode side: %llu\n",
@@ -219,16 +218,15 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
   } else {
     const std::optional<ModelShape> shape = kvgen::LookupModelShape(o.model);
     if (!shape) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "unknown model '%s' (known: %s)", o.model,
-          absl::StrJoin(kvgen::ModelShapeNames(), ", ")));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("unknown model '%s' (known: %s)", o.model,
+                          absl::StrJoin(kvgen::ModelShapeNames(), ", ")));
     }
     if (o.dtype != "fp16" && o.dtype != "bf16") {
       return absl::InvalidArgumentError("--dtype must be fp16 or bf16");
     }
     if (o.tokens == 0 || o.tokens > kMaxTokens) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("--tokens must be in [1, %u]", kMaxTokens));
+      return absl::InvalidArgumentError(absl::StrFormat("--tokens must be in [1, %u]", kMaxTokens));
     }
     report.model = o.model;
     report.shape = *shape;
@@ -237,9 +235,9 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
   }
   const uint32_t n = report.tokens;
 
-  auto make_pool = [&](kvgen::PoolLayoutKind kind, uint32_t block_size, uint64_t seed,
-                       std::vector<uint32_t>* table)
-      -> absl::StatusOr<std::unique_ptr<kvgen::HostPool>> {
+  auto make_pool =
+      [&](kvgen::PoolLayoutKind kind, uint32_t block_size, uint64_t seed,
+          std::vector<uint32_t>* table) -> absl::StatusOr<std::unique_ptr<kvgen::HostPool>> {
     kvgen::PoolSpec spec;
     spec.kind = kind;
     spec.shape = report.shape;
@@ -283,8 +281,8 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
     if (score_options.num_q_heads % report.shape.num_kv_heads != 0) {
       return absl::InvalidArgumentError("--q-heads must be a multiple of the KV heads");
     }
-    queries = kvgen::SyntheticWindowQueries(src, score_options.window, score_options.num_q_heads,
-                                            o.seed);
+    queries =
+        kvgen::SyntheticWindowQueries(src, score_options.window, score_options.num_q_heads, o.seed);
     score_options.window_queries = queries;
   } else if (scoring == ScoringMode::kExternal) {
     // No frontend here: stand-in scores, seeded, so the external path is exercised end to end.
@@ -320,8 +318,8 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
     const auto t0 = Clock::now();
     SPECTRUMKV_RETURN_IF_ERROR(codec.Score(src, score_options, scores));
     const auto t1 = Clock::now();
-    SPECTRUMKV_ASSIGN_OR_RETURN(plan, PlanTiers(report.shape, report.dtype, n, scores,
-                                                plan_options));
+    SPECTRUMKV_ASSIGN_OR_RETURN(plan,
+                                PlanTiers(report.shape, report.dtype, n, scores, plan_options));
     const auto t2 = Clock::now();
     // A staging buffer reused across repetitions, as the daemon reuses its staging pool: the
     // first touch of fresh pages is not the codec's cost.
@@ -366,8 +364,8 @@ void AddCodecCommand(CLI::App& app, int* exit_code) {
       "Pack and unpack a KV cache through the real codec (synthetic KV of a named model shape, "
       "or a .npy file) and report budgets, bytes saved, tier counts, reconstruction error per "
       "tier and throughput.");
-  cmd->add_option("--model", o->model, "Synthetic KV shape: " +
-                                           absl::StrJoin(kvgen::ModelShapeNames(), ", "))
+  cmd->add_option("--model", o->model,
+                  "Synthetic KV shape: " + absl::StrJoin(kvgen::ModelShapeNames(), ", "))
       ->capture_default_str();
   cmd->add_option("--kv-file", o->kv_file,
                   ".npy KV [layers, 2, tokens, kv_heads, head_dim] (fp16 '<f2'; bf16 bit "
@@ -431,8 +429,8 @@ void AddCodecCommand(CLI::App& app, int* exit_code) {
     absl::StatusOr<CodecReport> report = RunCodecRoundTrip(*o);
     if (!report.ok()) {
       std::fprintf(stderr, "spectrumkv codec: %s\n", report.status().ToString().c_str());
-      *exit_code = report.status().code() == absl::StatusCode::kInvalidArgument ? kExitUsage
-                                                                                 : kExitFailure;
+      *exit_code =
+          report.status().code() == absl::StatusCode::kInvalidArgument ? kExitUsage : kExitFailure;
       return;
     }
     if (o->json) {

@@ -12,7 +12,6 @@ namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
 
-
 uint64_t DenseIndex(const DenseKv& d, uint32_t l, uint32_t kind, uint32_t t, uint32_t h) {
   return ((((uint64_t{l} * 2 + kind) * d.num_tokens + t) * d.shape.num_kv_heads) + h) *
          d.shape.head_dim;
@@ -83,9 +82,9 @@ absl::StatusOr<DenseKv> ReadNpy(const std::string& path, bool bf16_bits) {
   if (dims[0] == 0 || dims[0] > kMaxLayers || dims[2] == 0 || dims[2] > kMaxTokens ||
       dims[3] == 0 || dims[3] > kMaxKvHeads || dims[4] == 0 || dims[4] > kMaxHeadDim ||
       dims[4] % 8 != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        ".npy shape [%u, 2, %u, %u, %u] is outside the codec's limits", dims[0], dims[2], dims[3],
-        dims[4]));
+    return absl::InvalidArgumentError(
+        absl::StrFormat(".npy shape [%u, 2, %u, %u, %u] is outside the codec's limits", dims[0],
+                        dims[2], dims[3], dims[4]));
   }
   kv.shape = ModelShape{static_cast<uint32_t>(dims[0]), static_cast<uint32_t>(dims[3]),
                         static_cast<uint32_t>(dims[4])};
@@ -99,10 +98,10 @@ absl::StatusOr<DenseKv> ReadNpy(const std::string& path, bool bf16_bits) {
 }
 
 absl::Status WriteNpy(const std::string& path, const DenseKv& kv) {
-  std::string header = absl::StrFormat(
-      "{'descr': '%s', 'fortran_order': False, 'shape': (%u, 2, %u, %u, %u), }",
-      kv.dtype == DType::kFloat16 ? "<f2" : "<u2", kv.shape.num_layers, kv.num_tokens,
-      kv.shape.num_kv_heads, kv.shape.head_dim);
+  std::string header =
+      absl::StrFormat("{'descr': '%s', 'fortran_order': False, 'shape': (%u, 2, %u, %u, %u), }",
+                      kv.dtype == DType::kFloat16 ? "<f2" : "<u2", kv.shape.num_layers,
+                      kv.num_tokens, kv.shape.num_kv_heads, kv.shape.head_dim);
   const size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');
   header.push_back('\n');
@@ -127,8 +126,8 @@ void CopyDenseToBuffer(const DenseKv& dense, const KvBuffer& kv) {
     for (uint32_t kind = 0; kind < 2; ++kind) {
       for (uint32_t t = 0; t < dense.num_tokens; ++t) {
         for (uint32_t h = 0; h < s.num_kv_heads; ++h) {
-          std::memcpy(HostRowPtr(kv, l, kind == 1, t, h), &dense.data[DenseIndex(dense, l, kind, t, h)],
-                      uint64_t{s.head_dim} * 2);
+          std::memcpy(HostRowPtr(kv, l, kind == 1, t, h),
+                      &dense.data[DenseIndex(dense, l, kind, t, h)], uint64_t{s.head_dim} * 2);
         }
       }
     }
@@ -145,8 +144,8 @@ void CopyBufferToDense(const KvBuffer& kv, DenseKv* dense) {
     for (uint32_t kind = 0; kind < 2; ++kind) {
       for (uint32_t t = 0; t < kv.num_tokens; ++t) {
         for (uint32_t h = 0; h < s.num_kv_heads; ++h) {
-          std::memcpy(&dense->data[DenseIndex(*dense, l, kind, t, h)], HostRowPtr(kv, l, kind == 1, t, h),
-                      uint64_t{s.head_dim} * 2);
+          std::memcpy(&dense->data[DenseIndex(*dense, l, kind, t, h)],
+                      HostRowPtr(kv, l, kind == 1, t, h), uint64_t{s.head_dim} * 2);
         }
       }
     }

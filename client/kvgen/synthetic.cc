@@ -39,7 +39,6 @@ const std::array<float, 65536>& GaussianTable() {
   return table;
 }
 
-
 }  // namespace
 
 void FillSynthetic(const KvBuffer& kv, const SyntheticOptions& o) {
@@ -49,7 +48,8 @@ void FillSynthetic(const KvBuffer& kv, const SyntheticOptions& o) {
   Rng rng(o.seed);
   std::vector<float> token_mag(kv.num_tokens);
   for (uint32_t t = 0; t < kv.num_tokens; ++t) {
-    token_mag[t] = std::exp(o.token_spread * rng.Gaussian()) * (t < o.sink_tokens ? o.sink_scale : 1.0f);
+    token_mag[t] =
+        std::exp(o.token_spread * rng.Gaussian()) * (t < o.sink_tokens ? o.sink_scale : 1.0f);
   }
   std::vector<float> scale(s.head_dim), offset(s.head_dim);
   for (uint32_t l = 0; l < s.num_layers; ++l) {
@@ -81,8 +81,8 @@ void FillSynthetic(const KvBuffer& kv, const SyntheticOptions& o) {
   }
 }
 
-std::vector<float> SyntheticWindowQueries(const KvBuffer& kv, uint32_t window,
-                                          uint32_t num_q_heads, uint64_t seed) {
+std::vector<float> SyntheticWindowQueries(const KvBuffer& kv, uint32_t window, uint32_t num_q_heads,
+                                          uint64_t seed) {
   const ModelShape& s = kv.layout->shape;
   const DType dtype = kv.layout->dtype;
   const uint32_t group = num_q_heads / s.num_kv_heads;

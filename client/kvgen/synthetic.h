@@ -14,7 +14,7 @@ namespace spectrumkv::kvgen {
 
 struct SyntheticOptions {
   uint64_t seed = 1;
-  uint32_t sink_tokens = 4;       // first tokens get sink_scale times the magnitude
+  uint32_t sink_tokens = 4;  // first tokens get sink_scale times the magnitude
   float sink_scale = 6.0f;
   float token_spread = 0.5f;      // sigma of the log-normal per-token magnitude
   uint32_t outlier_channels = 2;  // key channels per (layer, head) with offset and scale
@@ -28,8 +28,8 @@ void FillSynthetic(const KvBuffer& kv, const SyntheticOptions& options);
 // Window queries for attention scoring of `kv`: [layers][window][num_q_heads][head_dim] floats,
 // each a noisy copy of the key of its own position (so attention has structure) plus a
 // component towards the sinks.
-std::vector<float> SyntheticWindowQueries(const KvBuffer& kv, uint32_t window,
-                                          uint32_t num_q_heads, uint64_t seed);
+std::vector<float> SyntheticWindowQueries(const KvBuffer& kv, uint32_t window, uint32_t num_q_heads,
+                                          uint64_t seed);
 
 }  // namespace spectrumkv::kvgen
 

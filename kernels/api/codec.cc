@@ -20,8 +20,8 @@ absl::Status CheckBufferMatches(const KvBuffer& kv, const PayloadDesc& desc, con
                                                       DTypeName(desc.dtype)));
   }
   if (kv.num_tokens != desc.num_tokens) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s holds %u tokens, the payload %u", role, kv.num_tokens, desc.num_tokens));
+    return absl::InvalidArgumentError(absl::StrFormat("%s holds %u tokens, the payload %u", role,
+                                                      kv.num_tokens, desc.num_tokens));
   }
   return absl::OkStatus();
 }
@@ -29,9 +29,9 @@ absl::Status CheckBufferMatches(const KvBuffer& kv, const PayloadDesc& desc, con
 absl::Status PackPayloadInto(Codec& codec, const KvBuffer& src, const TierPlan& plan,
                              std::span<uint8_t> payload) {
   if (payload.size() != plan.layout.total_bytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "payload buffer of %u bytes for a %u-byte payload", payload.size(),
-        plan.layout.total_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("payload buffer of %u bytes for a %u-byte payload", payload.size(),
+                        plan.layout.total_bytes));
   }
   WritePrelude(plan.layout, plan.tiers, payload);
   return codec.PackLayers(src, plan, 0, plan.desc.shape.num_layers, payload);
@@ -53,8 +53,7 @@ absl::StatusOr<UnpackResult> UnpackPayload(Codec& codec, std::span<const uint8_t
   for (uint32_t l = 0; l < wl.desc.shape.num_layers; ++l) {
     SPECTRUMKV_RETURN_IF_ERROR(VerifyLayerSection(wl, l, payload));
   }
-  SPECTRUMKV_RETURN_IF_ERROR(codec.UnpackLayers(prelude, payload, dst, 0,
-                                                wl.desc.shape.num_layers,
+  SPECTRUMKV_RETURN_IF_ERROR(codec.UnpackLayers(prelude, payload, dst, 0, wl.desc.shape.num_layers,
                                                 VerifyMode::kAlreadyVerified));
   UnpackResult result;
   result.desc = wl.desc;

@@ -25,8 +25,8 @@
 namespace spectrumkv {
 
 enum class VerifyMode : uint8_t {
-  kVerify = 0,          // check each layer's CRC32C before writing any of its bytes
-  kAlreadyVerified = 1, // the caller verified these layers (VerifyLayerSection)
+  kVerify = 0,           // check each layer's CRC32C before writing any of its bytes
+  kAlreadyVerified = 1,  // the caller verified these layers (VerifyLayerSection)
 };
 
 class Codec {

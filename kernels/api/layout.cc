@@ -22,9 +22,8 @@ absl::Status Invalid(const std::string& path, const std::string& why) {
 absl::Status ValidatePlacement(const KvLayout& layout, const TensorPlacement& p,
                                const std::string& path, std::span<const uint64_t> region_sizes) {
   if (p.region >= region_sizes.size()) {
-    return Invalid(path + ".region",
-                   absl::StrFormat("region %u does not exist (%u regions)", p.region,
-                                   region_sizes.size()));
+    return Invalid(path + ".region", absl::StrFormat("region %u does not exist (%u regions)",
+                                                     p.region, region_sizes.size()));
   }
   const uint64_t elem = 2;
   for (auto [value, name] : {std::pair{p.offset_bytes, "offset_bytes"},
@@ -65,13 +64,12 @@ absl::Status ValidateLayout(const KvLayout& layout, std::span<const uint64_t> re
                    absl::StrFormat("%u is outside [1, %u]", s.num_kv_heads, kMaxKvHeads));
   }
   if (s.head_dim == 0 || s.head_dim > kMaxHeadDim || s.head_dim % 8 != 0) {
-    return Invalid("layout.shape.head_dim",
-                   absl::StrFormat("%u is not a multiple of 8 in [8, %u]", s.head_dim,
-                                   kMaxHeadDim));
+    return Invalid("layout.shape.head_dim", absl::StrFormat("%u is not a multiple of 8 in [8, %u]",
+                                                            s.head_dim, kMaxHeadDim));
   }
   if (layout.dtype != DType::kFloat16 && layout.dtype != DType::kBFloat16) {
-    return Invalid("layout.dtype", absl::StrFormat("unknown dtype %d",
-                                                   static_cast<int>(layout.dtype)));
+    return Invalid("layout.dtype",
+                   absl::StrFormat("unknown dtype %d", static_cast<int>(layout.dtype)));
   }
   if (layout.block_size == 0 || layout.block_size > kMaxTokens) {
     return Invalid("layout.block_size",
@@ -104,8 +102,8 @@ absl::Status ValidateKvBuffer(const KvBuffer& kv) {
   }
   SPECTRUMKV_RETURN_IF_ERROR(ValidateLayout(*kv.layout, sizes));
   if (kv.num_tokens == 0 || kv.num_tokens > kMaxTokens) {
-    return Invalid("num_tokens", absl::StrFormat("%u is outside [1, %u]", kv.num_tokens,
-                                                 kMaxTokens));
+    return Invalid("num_tokens",
+                   absl::StrFormat("%u is outside [1, %u]", kv.num_tokens, kMaxTokens));
   }
   const uint64_t blocks_needed =
       (uint64_t{kv.num_tokens} + kv.layout->block_size - 1) / kv.layout->block_size;
@@ -117,8 +115,8 @@ absl::Status ValidateKvBuffer(const KvBuffer& kv) {
   for (uint64_t i = 0; i < blocks_needed; ++i) {
     if (kv.block_table[i] >= kv.layout->num_blocks) {
       return Invalid(absl::StrFormat("block_table[%u]", i),
-                     absl::StrFormat("block %u is outside the pool of %u blocks",
-                                     kv.block_table[i], kv.layout->num_blocks));
+                     absl::StrFormat("block %u is outside the pool of %u blocks", kv.block_table[i],
+                                     kv.layout->num_blocks));
     }
   }
   return absl::OkStatus();

@@ -35,8 +35,8 @@ struct TensorPlacement {
 struct KvLayout {
   ModelShape shape;
   DType dtype = DType::kFloat16;
-  uint32_t block_size = 0;  // tokens per block
-  uint64_t num_blocks = 0;  // blocks in the pool
+  uint32_t block_size = 0;              // tokens per block
+  uint64_t num_blocks = 0;              // blocks in the pool
   std::vector<TensorPlacement> keys;    // one per layer
   std::vector<TensorPlacement> values;  // one per layer
 
@@ -89,8 +89,7 @@ inline uint16_t* HostRowPtr(const KvBuffer& kv, uint32_t layer, bool is_value, u
                             uint32_t head) {
   const TensorPlacement& p = kv.layout->Placement(layer, is_value);
   auto* base = static_cast<uint8_t*>(kv.regions[p.region].base);
-  return reinterpret_cast<uint16_t*>(base +
-                                     RowOffset(*kv.layout, p, kv.block_table, token, head));
+  return reinterpret_cast<uint16_t*>(base + RowOffset(*kv.layout, p, kv.block_table, token, head));
 }
 
 }  // namespace spectrumkv

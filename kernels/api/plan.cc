@@ -105,11 +105,11 @@ absl::Status FillGreedy(const MapFill& f, uint32_t map, std::span<uint8_t> tiers
     const Uint128 drops = (need + per - 1) / per;
     if (drops > n - s) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "budget %g is too small to keep the %u sink tokens (map %u)", f.options->budget, s,
-          map));
+          "budget %g is too small to keep the %u sink tokens (map %u)", f.options->budget, s, map));
     }
     const uint32_t d = static_cast<uint32_t>(drops);
-    for (uint32_t k = 0; k < d; ++k) tiers[f.ranking[n - 1 - k]] = static_cast<uint8_t>(Tier::kDrop);
+    for (uint32_t k = 0; k < d; ++k)
+      tiers[f.ranking[n - 1 - k]] = static_cast<uint8_t>(Tier::kDrop);
     cost -= static_cast<Uint128>(d) * per;
     kept = n - d;
   }
@@ -197,7 +197,8 @@ double TierPlan::ElementBudget() const {
 
 double TierPlan::WireBudget() const {
   return static_cast<double>(layout.total_bytes) /
-         (static_cast<double>(desc.num_tokens) * static_cast<double>(desc.shape.Fp16BytesPerToken()));
+         (static_cast<double>(desc.num_tokens) *
+          static_cast<double>(desc.shape.Fp16BytesPerToken()));
 }
 
 absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_t num_tokens,
@@ -247,8 +248,8 @@ absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_
                                               options.layer_slope;
       if (b_l < 0) {
         return absl::InvalidArgumentError(absl::StrFormat(
-            "per-layer budget of layer %u is %g < 0: layer_slope %g is too steep for budget %g",
-            l, b_l, options.layer_slope, options.budget));
+            "per-layer budget of layer %u is %g < 0: layer_slope %g is too steep for budget %g", l,
+            b_l, options.layer_slope, options.budget));
       }
       map_ppb[l] = static_cast<uint64_t>(std::llround(std::min(b_l, 1.0) * kPpb));
     }
@@ -259,7 +260,8 @@ absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_
   std::vector<uint64_t> budgets(maps);
   if (options.budget_kind == BudgetKind::kElement) {
     cost = {4, 2, 1, 0};  // quarter-token units
-    for (uint32_t m = 0; m < maps; ++m) budgets[m] = ScaleFloor(map_ppb[m], uint64_t{4} * num_tokens);
+    for (uint32_t m = 0; m < maps; ++m)
+      budgets[m] = ScaleFloor(map_ppb[m], uint64_t{4} * num_tokens);
     CapSum(budgets, ScaleFloor(budget_ppb, uint64_t{4} * num_tokens * maps));
   } else {
     for (int t = 0; t < kNumTiers; ++t) {
@@ -332,9 +334,9 @@ absl::StatusOr<TierPlan> PlanFromTiers(const ModelShape& shape, DType dtype, uin
   if (tiers.size() == uint64_t{shape.num_layers} * num_tokens && shape.num_layers > 1) {
     desc.flags |= kFlagPerLayerTiers;
   } else if (tiers.size() != num_tokens) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%u tier codes: expected %u (one map) or %u (per layer)", tiers.size(), num_tokens,
-        uint64_t{shape.num_layers} * num_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%u tier codes: expected %u (one map) or %u (per layer)", tiers.size(),
+                        num_tokens, uint64_t{shape.num_layers} * num_tokens));
   }
   return Finish(desc, std::move(tiers));
 }

@@ -35,9 +35,9 @@ struct PlanOptions {
   double budget = 0.5;  // fraction of the FP16 KV bytes, in (0, 1]
   BudgetKind budget_kind = BudgetKind::kElement;
   OnUnreachable on_unreachable = OnUnreachable::kDrop;
-  uint32_t sink_tokens = 4;    // the first s tokens rank first and are never dropped
-  double first_ratio = 0.0;    // pdtrim: share of kept tokens taken from the front (0 = sinks)
-  uint64_t seed = 0;           // random_tier
+  uint32_t sink_tokens = 4;  // the first s tokens rank first and are never dropped
+  double first_ratio = 0.0;  // pdtrim: share of kept tokens taken from the front (0 = sinks)
+  uint64_t seed = 0;         // random_tier
   // Per-layer budgets b_l = b + (l - (L-1)/2) * layer_slope (clipped above at 1), one tier map
   // per layer. layer_slope = 0 with per_layer true gives L identical maps.
   bool per_layer = false;

@@ -53,9 +53,7 @@ constexpr std::array<std::pair<std::string_view, Tier>, 4> kTiers = {{
 
 std::string_view TierName(Tier t) { return NameOf(kTiers, t); }
 std::string_view QuantizerName(Quantizer q) { return NameOf(kQuantizers, q); }
-std::optional<Quantizer> ParseQuantizer(std::string_view name) {
-  return Lookup(kQuantizers, name);
-}
+std::optional<Quantizer> ParseQuantizer(std::string_view name) { return Lookup(kQuantizers, name); }
 std::string_view PolicyName(Policy p) { return NameOf(kPolicies, p); }
 std::optional<Policy> ParsePolicy(std::string_view name) { return Lookup(kPolicies, name); }
 std::string_view ScoringModeName(ScoringMode m) { return NameOf(kScoring, m); }

@@ -51,9 +51,9 @@ std::string_view QuantizerName(Quantizer q);
 std::optional<Quantizer> ParseQuantizer(std::string_view name);
 
 enum class Policy : uint8_t {
-  k3Tier = 1,       // greedy FP16/INT8/INT4 by rank
-  k2Tier = 2,       // FP16/INT8 only (models that fail the INT4 probe)
-  kSinkProtect = 3, // sinks forced to FP16, the rest 3-tier greedy in the remaining budget
+  k3Tier = 1,        // greedy FP16/INT8/INT4 by rank
+  k2Tier = 2,        // FP16/INT8 only (models that fail the INT4 probe)
+  kSinkProtect = 3,  // sinks forced to FP16, the rest 3-tier greedy in the remaining budget
   kUniformInt8 = 4,
   kUniformInt4 = 5,
   kPdTrim = 6,      // keep front and most recent tokens at FP16, drop the rest

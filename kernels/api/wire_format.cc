@@ -120,8 +120,8 @@ absl::StatusOr<WireLayout> ComputeWireLayout(const PayloadDesc& desc,
   wl.desc = desc;
   for (size_t m = 0; m < map_counts.size(); ++m) {
     if (map_counts[m].Total() != desc.num_tokens) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "tier map %u counts %u tokens, expected %u", m, map_counts[m].Total(), desc.num_tokens));
+      return absl::InvalidArgumentError(absl::StrFormat("tier map %u counts %u tokens, expected %u",
+                                                        m, map_counts[m].Total(), desc.num_tokens));
     }
     for (int t = 0; t < kNumTiers; ++t) wl.total_counts.n[t] += map_counts[m].n[t];
   }
@@ -195,14 +195,13 @@ absl::StatusOr<ParsedPrelude> ParsePrelude(std::span<const uint8_t> bytes,
     return absl::InvalidArgumentError("not a SpectrumKV payload (bad magic)");
   }
   if (bytes.size() < kWireHeaderBytes) {
-    return DataLoss(absl::StrFormat("truncated header: %u of %u bytes", bytes.size(),
-                                    kWireHeaderBytes));
+    return DataLoss(
+        absl::StrFormat("truncated header: %u of %u bytes", bytes.size(), kWireHeaderBytes));
   }
   const uint16_t version = LoadLe16(p + kOffVersion);
   if (version != kWireVersion) {
-    return absl::UnimplementedError(
-        absl::StrFormat("wire version %u is not supported (this build reads %u)", version,
-                        kWireVersion));
+    return absl::UnimplementedError(absl::StrFormat(
+        "wire version %u is not supported (this build reads %u)", version, kWireVersion));
   }
   if (LoadLe32(p + kOffHeaderCrc) != crc32c::Value(p, kOffHeaderCrc)) {
     return DataLoss("header checksum mismatch");
@@ -271,21 +270,21 @@ absl::StatusOr<ParsedPrelude> ParsePrelude(std::span<const uint8_t> bytes,
     return absl::InvalidArgumentError("header tier counts disagree with the tier maps");
   }
   if (out.layout.total_bytes != total_bytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "header declares %u bytes but the tier maps imply %u", total_bytes,
-        out.layout.total_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header declares %u bytes but the tier maps imply %u", total_bytes,
+                        out.layout.total_bytes));
   }
   return out;
 }
 
 absl::Status CheckPayloadSize(const WireLayout& layout, uint64_t payload_size) {
   if (payload_size < layout.total_bytes) {
-    return DataLoss(absl::StrFormat("truncated payload: %u of %u bytes", payload_size,
-                                    layout.total_bytes));
+    return DataLoss(
+        absl::StrFormat("truncated payload: %u of %u bytes", payload_size, layout.total_bytes));
   }
   if (payload_size > layout.total_bytes) {
-    return DataLoss(absl::StrFormat("%u trailing bytes after the payload",
-                                    payload_size - layout.total_bytes));
+    return DataLoss(
+        absl::StrFormat("%u trailing bytes after the payload", payload_size - layout.total_bytes));
   }
   return absl::OkStatus();
 }

@@ -45,8 +45,8 @@ struct PayloadDesc {
   DType dtype = DType::kFloat16;
   uint32_t num_tokens = 0;
   uint32_t flags = 0;
-  Policy policy = Policy::k3Tier;       // informational
-  uint8_t scoring = 0;                  // informational: ScoringMode, or 0 when not scored
+  Policy policy = Policy::k3Tier;  // informational
+  uint8_t scoring = 0;             // informational: ScoringMode, or 0 when not scored
 
   bool per_layer_tiers() const { return (flags & kFlagPerLayerTiers) != 0; }
   bool key_channel_norm() const { return (flags & kFlagKeyChannelNorm) != 0; }
@@ -102,8 +102,7 @@ uint64_t WireOverheadBound(const PayloadDesc& desc);
 
 // Writes the prelude (header, tier maps, maps CRC) into out[0, layout.prelude_bytes).
 // `tiers` holds num_maps * num_tokens Tier codes, map-major. Requires out.size() >= prelude.
-void WritePrelude(const WireLayout& layout, std::span<const uint8_t> tiers,
-                  std::span<uint8_t> out);
+void WritePrelude(const WireLayout& layout, std::span<const uint8_t> tiers, std::span<uint8_t> out);
 
 // A verified prelude.
 struct ParsedPrelude {

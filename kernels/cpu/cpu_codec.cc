@@ -95,16 +95,14 @@ bool CpuCodec::SelfTest(const RowKernels& kernels) {
         std::vector<uint8_t> c4a(dim / 2), c4b(dim / 2);
         uint16_t sa = 0, sb = 0;
         if (!kernels.quantize_int8(dtype, row.data(), dim, c8a.data(), &sa) ||
-            !ref.quantize_int8(dtype, row.data(), dim, c8b.data(), &sb) || sa != sb ||
-            c8a != c8b) {
+            !ref.quantize_int8(dtype, row.data(), dim, c8b.data(), &sb) || sa != sb || c8a != c8b) {
           return false;
         }
         kernels.dequantize_int8(dtype, c8a.data(), sa, dim, out_a.data());
         ref.dequantize_int8(dtype, c8b.data(), sb, dim, out_b.data());
         if (out_a != out_b) return false;
         if (!kernels.quantize_int4(dtype, row.data(), dim, c4a.data(), &sa) ||
-            !ref.quantize_int4(dtype, row.data(), dim, c4b.data(), &sb) || sa != sb ||
-            c4a != c4b) {
+            !ref.quantize_int4(dtype, row.data(), dim, c4b.data(), &sb) || sa != sb || c4a != c4b) {
           return false;
         }
         kernels.dequantize_int4(dtype, c4a.data(), sa, dim, out_a.data());
@@ -197,14 +195,15 @@ absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
       // queries[g*w + i] = window query i of q head h*group + g, pre-scaled.
       for (uint32_t g = 0; g < group; ++g) {
         for (uint32_t i = 0; i < w; ++i) {
-          const float* src = options.window_queries.data() +
-                             ((uint64_t{l} * w + i) * hq + (h * group + g)) * dim;
+          const float* src =
+              options.window_queries.data() + ((uint64_t{l} * w + i) * hq + (h * group + g)) * dim;
           float* dst = queries.data() + (uint64_t{g} * w + i) * dim;
           for (uint32_t c = 0; c < dim; ++c) dst[c] = src[c] * inv_sqrt_d;
         }
       }
       for (uint32_t t = 0; t < n; ++t) {
-        k_.dot_many(dtype, keys.Row(t, h), dim, queries.data(), nq, logits.data() + uint64_t{t} * nq);
+        k_.dot_many(dtype, keys.Row(t, h), dim, queries.data(), nq,
+                    logits.data() + uint64_t{t} * nq);
       }
       for (uint32_t q = 0; q < nq; ++q) {
         const uint32_t last = n - w + q % w;  // causal: keys 0..last
@@ -307,7 +306,8 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
           if (!k_.quantize_int8(dtype, rows.Row(t, h), dim, codes8, scales8)) {
             return absl::InvalidArgumentError(
                 absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be "
-                                "quantized", l, KindName(value), t, h));
+                                "quantized",
+                                l, KindName(value), t, h));
           }
         }
       }
@@ -320,14 +320,15 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
       for (uint32_t t : int4_tokens) {
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
           const uint16_t* row = rows.Row(t, h);
-          const bool ok = kcn ? k_.quantize_int4_kcn(dtype, row, dim, &f.offset[uint64_t{h} * dim],
-                                                     &f.inv_factor[uint64_t{h} * dim], codes4,
-                                                     scales4)
-                              : k_.quantize_int4(dtype, row, dim, codes4, scales4);
+          const bool ok =
+              kcn ? k_.quantize_int4_kcn(dtype, row, dim, &f.offset[uint64_t{h} * dim],
+                                         &f.inv_factor[uint64_t{h} * dim], codes4, scales4)
+                  : k_.quantize_int4(dtype, row, dim, codes4, scales4);
           if (!ok) {
             return absl::InvalidArgumentError(
                 absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be "
-                                "quantized", l, KindName(value), t, h));
+                                "quantized",
+                                l, KindName(value), t, h));
           }
         }
       }
@@ -347,8 +348,8 @@ absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<cons
   SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(dst, desc, "destination"));
   SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
   if (payload.size() != wl.total_bytes) {
-    return absl::DataLossError(absl::StrFormat("payload of %u bytes, the header says %u",
-                                               payload.size(), wl.total_bytes));
+    return absl::DataLossError(
+        absl::StrFormat("payload of %u bytes, the header says %u", payload.size(), wl.total_bytes));
   }
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
@@ -358,7 +359,8 @@ absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<cons
   KeyFactors f;
 
   for (uint32_t l = first_layer; l < last_layer; ++l) {
-    if (verify == VerifyMode::kVerify) SPECTRUMKV_RETURN_IF_ERROR(VerifyLayerSection(wl, l, payload));
+    if (verify == VerifyMode::kVerify)
+      SPECTRUMKV_RETURN_IF_ERROR(VerifyLayerSection(wl, l, payload));
     const LayerSection& sec = wl.layers[l];
     const TierLists& lists = all_lists[desc.MapForLayer(l)];
     if (desc.key_channel_norm()) {

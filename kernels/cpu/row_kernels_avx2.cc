@@ -80,8 +80,7 @@ inline __m128i Nibbles32(__m256i codes) {
 // Quantizes a row given by a loader of 8 floats at a time. Writes int8 codes (kInt4=false) or
 // nibbles (kInt4=true). The scale must be non-zero and its reciprocal finite.
 template <bool kInt4, typename Loader>
-void QuantizeRow(Loader load, uint32_t dim, const quant::RowScale& s, float qmax_f,
-                 void* out) {
+void QuantizeRow(Loader load, uint32_t dim, const quant::RowScale& s, float qmax_f, void* out) {
   const __m256 inv = _mm256_set1_ps(s.inv), qmax = _mm256_set1_ps(qmax_f);
   uint8_t* dst = static_cast<uint8_t*>(out);
   uint32_t i = 0;
@@ -141,8 +140,7 @@ bool QuantizeAbsmax(DType dtype, const uint16_t* src, uint32_t dim, void* out, u
   return true;
 }
 
-bool QuantizeInt8(DType dtype, const uint16_t* src, uint32_t dim, int8_t* codes,
-                  uint16_t* scale) {
+bool QuantizeInt8(DType dtype, const uint16_t* src, uint32_t dim, int8_t* codes, uint16_t* scale) {
   return QuantizeAbsmax<false>(dtype, src, dim, codes, scale);
 }
 
@@ -178,8 +176,7 @@ bool QuantizeInt4Kcn(DType dtype, const uint16_t* src, uint32_t dim, const float
   return true;
 }
 
-void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim,
-                    uint16_t* dst) {
+void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim, uint16_t* dst) {
   const __m256 s = _mm256_set1_ps(ToFloat(dtype, scale));
   for (uint32_t i = 0; i < dim; i += 8) {
     const __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
@@ -276,9 +273,8 @@ void DotMany(DType dtype, const uint16_t* row, uint32_t dim, const float* querie
 
 const RowKernels* Avx2RowKernels() {
   static const RowKernels kKernels = {
-      "avx2",          &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
-      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,
-      &MinMax,         &DotMany,
+      "avx2",          &QuantizeInt8,      &QuantizeInt4, &QuantizeInt4Kcn, &DequantizeInt8,
+      &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,   &MinMax,          &DotMany,
   };
   __builtin_cpu_init();
   const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&

@@ -15,8 +15,7 @@ uint16_t AbsMaxBits(const uint16_t* src, uint32_t dim) {
   return m;
 }
 
-bool QuantizeInt8(DType dtype, const uint16_t* src, uint32_t dim, int8_t* codes,
-                  uint16_t* scale) {
+bool QuantizeInt8(DType dtype, const uint16_t* src, uint32_t dim, int8_t* codes, uint16_t* scale) {
   const uint16_t amax = AbsMaxBits(src, dim);
   if (amax >= NonFiniteAbsBits(dtype)) return false;
   const quant::RowScale s = quant::MakeScale(dtype, ToFloat(dtype, amax), quant::kInt8Max);
@@ -61,8 +60,7 @@ bool QuantizeInt4Kcn(DType dtype, const uint16_t* src, uint32_t dim, const float
   return true;
 }
 
-void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim,
-                    uint16_t* dst) {
+void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim, uint16_t* dst) {
   const float s = ToFloat(dtype, scale);
   for (uint32_t i = 0; i < dim; ++i) dst[i] = quant::Dequantize(dtype, codes[i], s);
 }
@@ -80,10 +78,9 @@ void DequantizeInt4Kcn(DType dtype, const uint8_t* nibbles, uint16_t scale, cons
                        const float* factor, uint32_t dim, uint16_t* dst) {
   const float s = ToFloat(dtype, scale);
   for (uint32_t i = 0; i < dim; i += 2) {
-    dst[i] = quant::DequantizeKcn(dtype, quant::LowNibble(nibbles[i / 2]), s, factor[i],
-                                  offset[i]);
-    dst[i + 1] = quant::DequantizeKcn(dtype, quant::HighNibble(nibbles[i / 2]), s,
-                                      factor[i + 1], offset[i + 1]);
+    dst[i] = quant::DequantizeKcn(dtype, quant::LowNibble(nibbles[i / 2]), s, factor[i], offset[i]);
+    dst[i + 1] = quant::DequantizeKcn(dtype, quant::HighNibble(nibbles[i / 2]), s, factor[i + 1],
+                                      offset[i + 1]);
   }
 }
 
@@ -122,9 +119,8 @@ void DotMany(DType dtype, const uint16_t* row, uint32_t dim, const float* querie
 
 const RowKernels& ScalarRowKernels() {
   static const RowKernels kKernels = {
-      "scalar",       &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
-      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,
-      &MinMax,        &DotMany,
+      "scalar",        &QuantizeInt8,      &QuantizeInt4, &QuantizeInt4Kcn, &DequantizeInt8,
+      &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,   &MinMax,          &DotMany,
   };
   return kKernels;
 }

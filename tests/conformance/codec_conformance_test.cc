@@ -20,7 +20,8 @@ using kvgen::PoolLayoutKind;
 constexpr PoolLayoutKind kAllLayouts[] = {PoolLayoutKind::kVllmNhd, PoolLayoutKind::kVllmHnd,
                                           PoolLayoutKind::kSglang, PoolLayoutKind::kTrtllm};
 
-class CodecConformanceTest : public ::testing::TestWithParam<std::pair<std::string, HarnessFactory>> {
+class CodecConformanceTest
+    : public ::testing::TestWithParam<std::pair<std::string, HarnessFactory>> {
  protected:
   void SetUp() override {
     harness_ = GetParam().second();
@@ -37,22 +38,23 @@ class CodecConformanceTest : public ::testing::TestWithParam<std::pair<std::stri
     std::vector<uint8_t> prelude(plan.layout.prelude_bytes);
     WritePrelude(plan.layout, plan.tiers, prelude);
     harness_->PayloadFromHost(prelude, payload.first(prelude.size()));
-    absl::Status s = harness_->codec().PackLayers(dev, plan, 0, plan.desc.shape.num_layers, payload);
+    absl::Status s =
+        harness_->codec().PackLayers(dev, plan, 0, plan.desc.shape.num_layers, payload);
     if (!s.ok()) return s;
     return harness_->PayloadToHost(payload);
   }
 
   // Unpacks host payload bytes into host KV `dst` with the backend under test.
-  absl::Status Unpack(const std::vector<uint8_t>& bytes, const KvBuffer& dst,
-                      uint32_t first = 0, uint32_t last = ~0u) {
+  absl::Status Unpack(const std::vector<uint8_t>& bytes, const KvBuffer& dst, uint32_t first = 0,
+                      uint32_t last = ~0u) {
     auto prelude = ParsePrelude(bytes, bytes.size());
     if (!prelude.ok()) return prelude.status();
     const KvBuffer dev = harness_->Upload(dst);
     std::span<uint8_t> payload = harness_->AllocPayload(bytes.size());
     harness_->PayloadFromHost(bytes, payload);
     last = std::min(last, prelude->layout.desc.shape.num_layers);
-    absl::Status s = harness_->codec().UnpackLayers(*prelude, payload, dev, first, last,
-                                                    VerifyMode::kVerify);
+    absl::Status s =
+        harness_->codec().UnpackLayers(*prelude, payload, dev, first, last, VerifyMode::kVerify);
     harness_->Download(dev, dst);
     return s;
   }
@@ -87,9 +89,8 @@ TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
     TestPool src = MakePool(PoolLayoutKind::kVllmNhd, c.shape, c.dtype, 16, c.tokens, rng_());
     FillRandom(src.View(), rng_);
     const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-    const TierPlan plan = *PlanFromTiers(c.shape, c.dtype, c.tokens,
-                                         RandomTiers(maps, c.tokens, rng_), Policy::k3Tier,
-                                         c.quantizer);
+    const TierPlan plan = *PlanFromTiers(
+        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
     auto got = Pack(src.View(), plan);
     ASSERT_TRUE(got.ok()) << Ctx() << ": " << got.status();
     auto expect = PackPayload(reference_, src.View(), plan);
@@ -127,9 +128,8 @@ TEST_P(CodecConformanceTest, UnpacksTheReferencePayloadLikeTheReference) {
     TestPool src = MakePool(PoolLayoutKind::kTrtllm, c.shape, c.dtype, 8, c.tokens, rng_());
     FillRandom(src.View(), rng_);
     const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-    const TierPlan plan = *PlanFromTiers(c.shape, c.dtype, c.tokens,
-                                         RandomTiers(maps, c.tokens, rng_), Policy::k3Tier,
-                                         c.quantizer);
+    const TierPlan plan = *PlanFromTiers(
+        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
     const std::vector<uint8_t> payload = *PackPayload(reference_, src.View(), plan);
     TestPool ours = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
     TestPool theirs = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
@@ -151,8 +151,8 @@ TEST_P(CodecConformanceTest, PlannedPayloadsRoundTrip) {
   FillRandom(src.View(), rng_);
   std::vector<float> scores(n);
   ASSERT_TRUE(harness_->codec().Score(harness_->Upload(src.View()), ScoreOptions{}, scores).ok());
-  for (Policy policy : {Policy::k3Tier, Policy::k2Tier, Policy::kSinkProtect,
-                        Policy::kUniformInt4, Policy::kPdTrim, Policy::kRandomTier}) {
+  for (Policy policy : {Policy::k3Tier, Policy::k2Tier, Policy::kSinkProtect, Policy::kUniformInt4,
+                        Policy::kPdTrim, Policy::kRandomTier}) {
     for (double budget : {0.2, 0.3, 0.55}) {
       PlanOptions o;
       o.policy = policy;
@@ -201,10 +201,10 @@ TEST_P(CodecConformanceTest, RefusesNonFiniteQuantizedRowsOnly) {
   const ModelShape shape{2, 2, 64};
   TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, 8, rng_());
   FillRandom(src.View(), rng_);
-  HostRowPtr(src.View(), 1, true, 5, 1)[7] = 0x7C00;  // +inf in V of token 5
+  HostRowPtr(src.View(), 1, true, 5, 1)[7] = 0x7C00;      // +inf in V of token 5
   std::vector<uint8_t> tiers = {0, 1, 2, 1, 2, 0, 1, 2};  // token 5 FP16: fine
-  TierPlan plan = *PlanFromTiers(shape, DType::kFloat16, 8, tiers, Policy::k3Tier,
-                                 Quantizer::kAbsmax);
+  TierPlan plan =
+      *PlanFromTiers(shape, DType::kFloat16, 8, tiers, Policy::k3Tier, Quantizer::kAbsmax);
   EXPECT_TRUE(Pack(src.View(), plan).ok()) << Ctx();
   tiers[5] = 1;  // INT8: refused
   plan = *PlanFromTiers(shape, DType::kFloat16, 8, tiers, Policy::k3Tier, Quantizer::kAbsmax);

@@ -58,9 +58,9 @@ void FillRandom(const KvBuffer& kv, std::mt19937_64& rng) {
           uint16_t* row = HostRowPtr(kv, l, value, t, h);
           const int kind = kind_of_row(rng);
           float magnitude = std::exp(gauss(rng));
-          if (kind == 0) magnitude = 0.0f;    // all-zero row
-          if (kind == 1) magnitude = 1e-5f;   // tiny (subnormal fp16 range)
-          if (kind == 2) magnitude = 3000.0f; // large
+          if (kind == 0) magnitude = 0.0f;     // all-zero row
+          if (kind == 1) magnitude = 1e-5f;    // tiny (subnormal fp16 range)
+          if (kind == 2) magnitude = 3000.0f;  // large
           for (uint32_t c = 0; c < s.head_dim; ++c) {
             float x = gauss(rng) * magnitude;
             if (!value && c == outlier && kind > 2) x += 20.0f;  // key outlier channel
@@ -108,9 +108,9 @@ std::string CheckRoundTrip(const KvBuffer& src, const KvBuffer& dst, const TierP
           if (tier == Tier::kInt4) s = ToFloat(dtype, Load16(payload, part.int4_scales + 2 * row));
           const bool kcn = tier == Tier::kInt4 && !value && d.key_channel_norm();
           for (uint32_t c = 0; c < dim; ++c) {
-            const std::string where = absl::StrFormat(
-                "layer %u %s token %u head %u channel %u tier %s", l, value ? "V" : "K", t, h, c,
-                TierName(tier));
+            const std::string where =
+                absl::StrFormat("layer %u %s token %u head %u channel %u tier %s", l,
+                                value ? "V" : "K", t, h, c, TierName(tier));
             if (tier == Tier::kDrop) {
               if (y[c] != 0) return where + ": a dropped row was written";
               continue;

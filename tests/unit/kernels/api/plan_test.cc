@@ -157,7 +157,7 @@ TEST(PlanTest, UnreachableBudgetDropsOrRejects) {
 TEST(PlanTest, BudgetIsNeverExceededOnRandomDraws) {
   const uint64_t seed = testing::FreshSeed();
   std::mt19937_64 rng(seed);
-  const Policy policies[] = {Policy::k3Tier,       Policy::k2Tier,      Policy::kSinkProtect,
+  const Policy policies[] = {Policy::k3Tier,       Policy::k2Tier,       Policy::kSinkProtect,
                              Policy::kUniformInt8, Policy::kUniformInt4, Policy::kPdTrim,
                              Policy::kRandomTier};
   const ModelShape shapes[] = {kLlama, {28, 4, 128}, {42, 8, 256}, {2, 2, 64}};
@@ -237,15 +237,14 @@ TEST(PlanTest, PerLayerBudgetsFollowTheSlope) {
 }
 
 TEST(PlanTest, PlanFromTiersValidates) {
-  EXPECT_TRUE(PlanFromTiers(kLlama, DType::kFloat16, 3, {0, 1, 2}, Policy::k3Tier,
-                            Quantizer::kAbsmax)
-                  .ok());
-  EXPECT_FALSE(PlanFromTiers(kLlama, DType::kFloat16, 3, {0, 1}, Policy::k3Tier,
-                             Quantizer::kAbsmax)
-                   .ok());
-  EXPECT_FALSE(PlanFromTiers(kLlama, DType::kFloat16, 3, {0, 1, 7}, Policy::k3Tier,
-                             Quantizer::kAbsmax)
-                   .ok());
+  EXPECT_TRUE(
+      PlanFromTiers(kLlama, DType::kFloat16, 3, {0, 1, 2}, Policy::k3Tier, Quantizer::kAbsmax)
+          .ok());
+  EXPECT_FALSE(
+      PlanFromTiers(kLlama, DType::kFloat16, 3, {0, 1}, Policy::k3Tier, Quantizer::kAbsmax).ok());
+  EXPECT_FALSE(
+      PlanFromTiers(kLlama, DType::kFloat16, 3, {0, 1, 7}, Policy::k3Tier, Quantizer::kAbsmax)
+          .ok());
 }
 
 }  // namespace

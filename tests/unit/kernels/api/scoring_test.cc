@@ -3,9 +3,9 @@
 #include <cmath>
 #include <random>
 
+#include "client/kvgen/synthetic.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_codec.h"
-#include "client/kvgen/synthetic.h"
 #include "tests/testing/kv_testing.h"
 
 namespace spectrumkv {
@@ -15,8 +15,8 @@ TEST(ScoringTest, PositionalHeuristicShape) {
   std::vector<float> s(1000);
   PositionalScores(s);
   for (int i = 0; i < 4; ++i) EXPECT_FLOAT_EQ(s[i], 1.0f);
-  EXPECT_GT(s[4], s[100]);        // decays from the front
-  EXPECT_GT(s[999], s[500]);      // recent 20% boosted
+  EXPECT_GT(s[4], s[100]);    // decays from the front
+  EXPECT_GT(s[999], s[500]);  // recent 20% boosted
   EXPECT_GE(s[800], s[799]);
   EXPECT_FLOAT_EQ(*std::min_element(s.begin(), s.end()), 0.0f);
 }

@@ -87,8 +87,10 @@ TEST(RowKernelsTest, ImplementationsAgreeAndMeetTheBound) {
         ASSERT_TRUE(avx2->quantize_int4(d, row.data(), dim, ca.data(), &sa));
         ASSERT_TRUE(ref.quantize_int4(d, row.data(), dim, cb.data(), &sb));
       } else {
-        ASSERT_TRUE(avx2->quantize_int8(d, row.data(), dim, reinterpret_cast<int8_t*>(ca.data()), &sa));
-        ASSERT_TRUE(ref.quantize_int8(d, row.data(), dim, reinterpret_cast<int8_t*>(cb.data()), &sb));
+        ASSERT_TRUE(
+            avx2->quantize_int8(d, row.data(), dim, reinterpret_cast<int8_t*>(ca.data()), &sa));
+        ASSERT_TRUE(
+            ref.quantize_int8(d, row.data(), dim, reinterpret_cast<int8_t*>(cb.data()), &sb));
       }
       ASSERT_EQ(sa, sb);
       ASSERT_EQ(ca, cb) << "dim " << dim << " int4 " << int4;
