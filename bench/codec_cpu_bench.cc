@@ -59,13 +59,11 @@ int Run(int argc, char** argv) {
     if (sched_setaffinity(0, sizeof(set), &set) != 0) std::perror("sched_setaffinity");
   }
   const ModelShape shape = *kvgen::LookupModelShape(model);
-  std::unique_ptr<CpuCodec> codec = backend == "scalar"
-                                        ? std::make_unique<CpuCodec>(ScalarRowKernels())
-                                        : CpuCodec::CreateBest();
+  std::unique_ptr<CpuCodec> codec =
+      backend == "scalar" ? std::make_unique<CpuCodec>(ScalarRowKernels()) : CpuCodec::CreateBest();
   std::printf("# backend %s, model %s, pinned core %d, median of %d\n",
               std::string(codec->name()).c_str(), model.c_str(), core, reps);
-  std::printf("%-7s %-6s %-9s %9s %9s %8s\n", "tokens", "budget", "step", "ms", "GB/s",
-              "x memcpy");
+  std::printf("%-7s %-6s %-9s %9s %9s %8s\n", "tokens", "budget", "step", "ms", "GB/s", "x memcpy");
   for (uint32_t n : token_counts) {
     kvgen::PoolSpec src_spec{kvgen::PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16,
                              kvgen::BlocksFor(n, 16)};
