@@ -11,3 +11,12 @@ pkg_check_modules(ISAL REQUIRED IMPORTED_TARGET libisal)
 if(SPECTRUMKV_BUILD_TESTS)
   find_package(GTest CONFIG REQUIRED)
 endif()
+
+# The daemon: gRPC/protobuf (module-mode Protobuf: Debian ships no protobuf-config.cmake),
+# yaml-cpp (target `yaml-cpp`), prometheus-cpp (no version: its package has no version file),
+# spdlog.
+find_package(Protobuf REQUIRED)
+find_package(gRPC CONFIG REQUIRED)
+find_package(yaml-cpp CONFIG REQUIRED)
+find_package(prometheus-cpp CONFIG REQUIRED)
+find_package(spdlog CONFIG REQUIRED)

@@ -7,6 +7,8 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config git
   libabsl-dev libisal-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
+  libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
+  libyaml-cpp-dev prometheus-cpp-dev libspdlog-dev libfmt-dev prometheus
 )
 
 missing=()

@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "client/cli/exit_codes.h"
+#include "common/exit_codes.h"
 #include "client/kvgen/host_pool.h"
 #include "client/kvgen/model_shapes.h"
 #include "client/kvgen/npy.h"

@@ -3,7 +3,7 @@
 
 #include "CLI/CLI.hpp"
 #include "client/cli/codec_command.h"
-#include "client/cli/exit_codes.h"
+#include "common/exit_codes.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"spectrumkv: the SpectrumKV command-line client"};

@@ -186,20 +186,23 @@ std::vector<uint32_t> RankTokens(std::span<const float> scores, uint32_t sink_to
   return order;
 }
 
-double TierPlan::ElementBudget() const {
+double ElementBudgetOf(const WireLayout& layout) {
   static constexpr double kCost[kNumTiers] = {1.0, 0.5, 0.25, 0.0};
   double sum = 0;
   for (const TierCounts& c : layout.map_counts) {
     for (int t = 0; t < kNumTiers; ++t) sum += kCost[t] * c.n[t];
   }
-  return sum / (static_cast<double>(desc.num_tokens) * desc.num_maps());
+  return sum / (static_cast<double>(layout.desc.num_tokens) * layout.desc.num_maps());
 }
 
-double TierPlan::WireBudget() const {
+double WireBudgetOf(const WireLayout& layout) {
   return static_cast<double>(layout.total_bytes) /
-         (static_cast<double>(desc.num_tokens) *
-          static_cast<double>(desc.shape.Fp16BytesPerToken()));
+         (static_cast<double>(layout.desc.num_tokens) *
+          static_cast<double>(layout.desc.shape.Fp16BytesPerToken()));
 }
+
+double TierPlan::ElementBudget() const { return ElementBudgetOf(layout); }
+double TierPlan::WireBudget() const { return WireBudgetOf(layout); }
 
 absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_t num_tokens,
                                    std::span<const float> scores, const PlanOptions& options) {

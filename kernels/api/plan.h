@@ -62,6 +62,10 @@ struct TierPlan {
   double WireBudget() const;
 };
 
+// Realized budgets of any payload layout (the receiver computes them from the prelude).
+double ElementBudgetOf(const WireLayout& layout);
+double WireBudgetOf(const WireLayout& layout);
+
 // Plans tiers for `num_tokens` tokens of a model with `shape` and `dtype`, ranking by `scores`
 // (one per token, higher = more important; NaN ranks last). Sinks rank first whatever their
 // score. Ties break towards the lower position. Returns INVALID_ARGUMENT for bad options, a

@@ -1,6 +1,6 @@
 // Process exit codes of every SpectrumKV program (STYLE.md, BSD sysexits).
-#ifndef SPECTRUMKV_CLIENT_CLI_EXIT_CODES_H_
-#define SPECTRUMKV_CLIENT_CLI_EXIT_CODES_H_
+#ifndef SPECTRUMKV_COMMON_EXIT_CODES_H_
+#define SPECTRUMKV_COMMON_EXIT_CODES_H_
 
 namespace spectrumkv {
 
@@ -13,4 +13,4 @@ inline constexpr int kExitConfig = 78;       // EX_CONFIG
 
 }  // namespace spectrumkv
 
-#endif  // SPECTRUMKV_CLIENT_CLI_EXIT_CODES_H_
+#endif  // SPECTRUMKV_COMMON_EXIT_CODES_H_

@@ -1,0 +1,37 @@
+// Conversions between the protobuf API and the daemon's domain types, with validation: every
+// field that comes from a frontend is checked here or by the domain code it reaches, and errors
+// name the field.
+#ifndef SPECTRUMKV_DAEMON_SERVICE_PROTO_CONVERT_H_
+#define SPECTRUMKV_DAEMON_SERVICE_PROTO_CONVERT_H_
+
+#include <grpcpp/support/status.h>
+
+#include "absl/status/statusor.h"
+#include "daemon/config/config.h"
+#include "daemon/pools/pool_registry.h"
+#include "daemon/transfer/transfer_manager.h"
+#include "spectrumkv/v1/kv_transfer.pb.h"
+
+namespace spectrumkv {
+
+grpc::Status ToGrpc(const absl::Status& s);
+
+absl::StatusOr<KvLayout> LayoutFromProto(const v1::LayoutDescriptor& p);
+v1::LayoutDescriptor LayoutToProto(const KvLayout& layout);
+absl::StatusOr<PoolSpec> PoolSpecFromProto(const v1::RegisterPoolRequest& p);
+
+// True if `id` is 1-256 characters of [A-Za-z0-9._:/-].
+bool IsValidRequestId(const std::string& id);
+
+// Builds SendArgs from a request, filling unset options from the daemon's codec defaults.
+// `layout` is the source pool's layout (window queries and scores are checked against it).
+absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const CodecConfig& defaults,
+                                           const KvLayout& layout);
+absl::StatusOr<ReceiveArgs> ReceiveArgsFromProto(const v1::ReceiveRequest& p);
+
+void StatsToProto(const TransferStatsData& s, v1::TransferStats* out);
+void InfoToProto(const TransferInfoData& i, v1::TransferInfo* out);
+
+}  // namespace spectrumkv
+
+#endif  // SPECTRUMKV_DAEMON_SERVICE_PROTO_CONVERT_H_

@@ -1,0 +1,1288 @@
+#include "daemon/transfer/transfer_manager.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_format.h"
+#include "common/status.h"
+
+namespace spectrumkv {
+namespace {
+
+double Since(SteadyClock::time_point a, SteadyClock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+std::string TransferIdString(uint64_t incarnation, uint64_t id) {
+  return absl::StrFormat("%016x-%u", incarnation, id);
+}
+
+absl::Status WithContext(const absl::Status& s, const std::string& context) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrFormat("%s: %s", context, s.message()));
+}
+
+// Chunks of a payload: the prelude, then groups of whole layers of about `chunk_bytes`.
+std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_id,
+                                        uint64_t chunk_bytes) {
+  std::vector<DataChunkHeader> chunks;
+  DataChunkHeader prelude;
+  prelude.transfer_id = transfer_id;
+  prelude.size = wl.prelude_bytes;
+  chunks.push_back(prelude);
+  const uint32_t layers = static_cast<uint32_t>(wl.layers.size());
+  uint32_t first = 0;
+  while (first < layers) {
+    uint32_t last = first + 1;
+    while (last < layers && wl.layers[last].end - wl.layers[first].begin <= chunk_bytes) ++last;
+    DataChunkHeader c;
+    c.transfer_id = transfer_id;
+    c.index = static_cast<uint32_t>(chunks.size());
+    c.first_layer = first;
+    c.last_layer = last;
+    c.offset = wl.layers[first].begin;
+    c.size = wl.layers[last - 1].end - c.offset;
+    chunks.push_back(c);
+    first = last;
+  }
+  return chunks;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Transfer records
+
+// Work decided under the lock and run after it is released: user callbacks, peer messages.
+class TransferManager::Deferred {
+ public:
+  void Add(std::function<void()> fn) { actions_.push_back(std::move(fn)); }
+  void Run() {
+    for (auto& fn : actions_) fn();
+    actions_.clear();
+  }
+
+ private:
+  std::vector<std::function<void()>> actions_;
+};
+
+struct TransferManager::SendTransfer {
+  enum class State { kQueued, kScoring, kSending, kAwaitingAck, kDone, kFailed };
+  SendArgs args;
+  uint64_t id = 0;
+  std::string id_str;
+  State state = State::kQueued;
+  SteadyClock::time_point created, deadline, ended_at;
+  TimerQueue::Id deadline_timer = 0;
+  std::map<uint64_t, SendDone> waiters;
+  absl::Status status;
+  SendResult result;
+  TransferStatsData stats;
+
+  std::shared_ptr<Pool> pool;
+  bool pool_counted = false;
+  StagingBuffer buffer;
+  uint64_t reserved_bytes = 0;  // counted in inflight_bytes_
+  bool runner_busy = false;     // a codec task uses pool and buffer
+  uint32_t sends_outstanding = 0;
+  bool offered = false;
+  SteadyClock::time_point first_send;
+
+  bool terminal() const { return state == State::kDone || state == State::kFailed; }
+  const char* StateName() const {
+    switch (state) {
+      case State::kQueued:
+        return "queued";
+      case State::kScoring:
+        return "scoring";
+      case State::kSending:
+        return "sending";
+      case State::kAwaitingAck:
+        return "awaiting_ack";
+      case State::kDone:
+        return "done";
+      case State::kFailed:
+        return "failed";
+    }
+    return "unknown";
+  }
+};
+
+struct TransferManager::RecvTransfer {
+  enum class State { kWaiting, kEarly, kReceiving, kDone, kFailed };
+  TransferKey key;
+  State state = State::kWaiting;
+  bool claimed = false;  // a Receive names the destination
+  ReceiveArgs args;
+  std::shared_ptr<Pool> pool;
+  bool pool_counted = false;
+  std::map<uint64_t, ReceiveDone> waiters;
+  SteadyClock::time_point created, claimed_at, ended_at;
+  TimerQueue::Id deadline_timer = 0, early_timer = 0;
+  absl::Status status;
+  ReceiveResult result;
+
+  // The incoming payload, once offered.
+  bool bound = false;
+  std::string peer;
+  uint64_t wire_id = 0;
+  std::string id_str;
+  uint64_t total_bytes = 0;
+  uint32_t num_chunks = 0;
+  StagingBuffer buffer;
+  uint64_t reserved_bytes = 0;  // in inflight_bytes_
+  uint64_t early_reserved = 0;  // in early_bytes_ while unclaimed
+  std::optional<ParsedPrelude> prelude;
+  std::vector<bool> chunk_seen;
+  uint32_t chunks_received = 0;
+  uint32_t data_outstanding = 0;
+  std::vector<DataChunkHeader> pending_chunks;  // received, not yet checked/unpacked
+  std::vector<bool> layer_claimed;              // a chunk carrying the layer was accepted
+  bool destination_checked = false;
+  uint32_t layers_unpacked = 0;
+  uint32_t unpack_tasks = 0;
+  double unpack_s = 0;
+  SteadyClock::time_point first_byte, last_byte;
+  bool any_byte = false;
+
+  bool terminal() const { return state == State::kDone || state == State::kFailed; }
+  const char* StateName() const {
+    switch (state) {
+      case State::kWaiting:
+        return "waiting";
+      case State::kEarly:
+        return "early";
+      case State::kReceiving:
+        return "receiving";
+      case State::kDone:
+        return "done";
+      case State::kFailed:
+        return "failed";
+    }
+    return "unknown";
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+
+TransferManager::TransferManager(TransferManagerOptions options, PoolRegistry& pools,
+                                 CodecSet codecs, Transport& transport, StagingArena& staging,
+                                 Metrics& metrics, Executor& executor, TimerQueue& timers,
+                                 ModelPolicies& models)
+    : options_(options),
+      pools_(pools),
+      codecs_(codecs),
+      transport_(transport),
+      staging_(staging),
+      metrics_(metrics),
+      executor_(executor),
+      timers_(timers),
+      models_(models) {
+  metrics_.SetLimits(options_.max_inflight_transfers, options_.max_inflight_bytes);
+  absl::MutexLock lock(&mu_);
+  sweep_timer_ = timers_.Schedule(SteadyClock::now() + std::chrono::seconds(1), [this] { Sweep(); });
+  PublishGauges();
+}
+
+TransferManager::~TransferManager() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    timers_.Cancel(sweep_timer_);
+  }
+  // Fail whatever still runs (callers hear UNAVAILABLE), then make sure no timer callback of ours
+  // is still running.
+  Drain(std::chrono::milliseconds(0));
+  timers_.Flush();
+}
+
+SteadyClock::time_point TransferManager::DeadlineFrom(
+    std::optional<SteadyClock::time_point> requested) const {
+  const auto now = SteadyClock::now();
+  const auto max = now + std::chrono::duration_cast<SteadyClock::duration>(
+                             std::chrono::duration<double>(options_.max_deadline_s));
+  if (!requested) {
+    return now + std::chrono::duration_cast<SteadyClock::duration>(
+                     std::chrono::duration<double>(options_.default_deadline_s));
+  }
+  return std::min(*requested, max);
+}
+
+std::string TransferManager::Describe(const TransferKey& key, const std::string& peer) const {
+  return absl::StrFormat("request %s shard %u peer %s", key.request_id, key.shard,
+                         peer.empty() ? "(none yet)" : peer);
+}
+
+absl::Status TransferManager::AdmitTransfer(const TransferKey& key, const char* role) {
+  if (draining_ || stopping_) {
+    metrics_.AdmissionRejected(RejectReason::kDraining);
+    return absl::UnavailableError(
+        absl::StrFormat("%s %s: the daemon is draining", role, Describe(key, "")));
+  }
+  if (active_ >= options_.max_inflight_transfers) {
+    metrics_.AdmissionRejected(RejectReason::kTransfers);
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("%s %s: %u transfers in flight, the configured maximum", role,
+                        Describe(key, ""), active_));
+  }
+  return absl::OkStatus();
+}
+
+void TransferManager::PublishGauges() {
+  metrics_.SetInflight(active_, inflight_bytes_);
+  metrics_.SetEarlyBytes(early_bytes_);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sender
+
+uint64_t TransferManager::Send(SendArgs args, SteadyClock::time_point deadline, SendDone done) {
+  Deferred d;
+  uint64_t waiter = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    waiter = next_waiter_++;
+    auto it = sends_.find(args.key);
+    if (it != sends_.end()) {
+      std::shared_ptr<SendTransfer> t = it->second;
+      if (t->args.fingerprint != args.fingerprint) {
+        const absl::Status s = absl::AlreadyExistsError(absl::StrFormat(
+            "Send %s: the request id is in use by a different request",
+            Describe(args.key, args.peer)));
+        d.Add([done, s] { done(s); });
+      } else if (t->terminal()) {
+        const absl::Status s = t->status;
+        const SendResult r = t->result;
+        d.Add([done, s, r] {
+          if (s.ok()) {
+            done(r);
+          } else {
+            done(s);
+          }
+        });
+      } else {
+        t->waiters.emplace(waiter, std::move(done));
+      }
+    } else if (absl::Status s = AdmitTransfer(args.key, "Send"); !s.ok()) {
+      metrics_.TransferEnded(Role::kSend, s.code(), 0);
+      d.Add([done, s] { done(s); });
+    } else {
+      auto t = std::make_shared<SendTransfer>();
+      t->args = std::move(args);
+      t->id = next_transfer_id_++;
+      t->id_str = TransferIdString(options_.incarnation, t->id);
+      t->created = SteadyClock::now();
+      t->deadline = deadline;
+      t->waiters.emplace(waiter, std::move(done));
+      t->deadline_timer = timers_.Schedule(deadline, [this, t] {
+        FinishSend(t, absl::DeadlineExceededError(absl::StrFormat(
+                          "Send %s: deadline exceeded", Describe(t->args.key, t->args.peer))));
+      });
+      sends_[t->args.key] = t;
+      sends_by_id_[t->id] = t;
+      ++active_;
+      PublishGauges();
+      d.Add([this, t] {
+        if (!executor_.Post([this, t] { RunSend(t); })) {
+          FinishSend(t, absl::UnavailableError("the daemon is shutting down"));
+        }
+      });
+    }
+  }
+  d.Run();
+  return waiter;
+}
+
+void TransferManager::RunSend(std::shared_ptr<SendTransfer> t) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (t->terminal()) return;
+    t->state = SendTransfer::State::kScoring;
+    t->runner_busy = true;
+  }
+  absl::Status s = PrepareSend(t);
+  {
+    absl::MutexLock lock(&mu_);
+    t->runner_busy = false;
+    if (s.ok() && !t->terminal()) t->state = SendTransfer::State::kAwaitingAck;
+    ReleaseSendIfIdle(t);
+  }
+  if (!s.ok()) FinishSend(t, WithContext(s, "Send " + Describe(t->args.key, t->args.peer)));
+}
+
+absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& self) {
+  SendTransfer& t = *self;
+  const SendArgs& a = t.args;
+  auto terminal = [&] {
+    absl::MutexLock lock(&mu_);
+    return t.terminal();
+  };
+  SPECTRUMKV_ASSIGN_OR_RETURN(std::shared_ptr<Pool> pool, pools_.Get(a.pool_id));
+  Codec* codec = pool->memory_kind() == MemoryKind::kHost ? codecs_.host : codecs_.device;
+  if (codec == nullptr) {
+    return absl::UnavailableError("no codec backend for this pool's memory on this daemon");
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    t.pool = pool;
+    t.pool_counted = true;
+    pool->active_transfers.fetch_add(1);
+  }
+  const KvBuffer src = pool->View(a.blocks, a.num_tokens);
+  SPECTRUMKV_RETURN_IF_ERROR(ValidateKvBuffer(src));
+  const std::string model = a.model.empty() ? pool->model() : a.model;
+  SPECTRUMKV_ASSIGN_OR_RETURN(const Policy policy, models_.Resolve(model, a.plan.policy));
+
+  // Score.
+  ScoreOptions so;
+  so.mode = a.scoring;
+  so.window_queries = a.window_queries;
+  so.window = a.window;
+  so.num_q_heads = a.num_q_heads;
+  so.pool_kernel = a.pool_kernel;
+  so.recency_decay = a.recency_decay;
+  so.external_scores = a.external_scores;
+  std::vector<float> scores(a.num_tokens);
+  auto t0 = SteadyClock::now();
+  SPECTRUMKV_RETURN_IF_ERROR(codec->Score(src, so, scores));
+  auto t1 = SteadyClock::now();
+  t.stats.times.score_s = Since(t0, t1);
+  if (terminal()) return absl::OkStatus();
+
+  // Plan.
+  PlanOptions po = a.plan;
+  po.policy = policy;
+  po.scoring = static_cast<uint8_t>(a.scoring);
+  SPECTRUMKV_ASSIGN_OR_RETURN(
+      TierPlan plan, PlanTiers(pool->layout().shape, pool->layout().dtype, a.num_tokens, scores, po));
+  auto t2 = SteadyClock::now();
+  t.stats.times.plan_s = Since(t1, t2);
+  t.stats.policy = std::string(PolicyName(policy));
+  t.stats.backend = std::string(codec->name());
+  const uint64_t total = plan.layout.total_bytes;
+
+  // Admission on bytes, then staging memory.
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    if (inflight_bytes_ + total > options_.max_inflight_bytes) {
+      metrics_.AdmissionRejected(RejectReason::kBytes);
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "a %u-byte payload would exceed the in-flight byte limit (%u of %u in use)", total,
+          inflight_bytes_, options_.max_inflight_bytes));
+    }
+    inflight_bytes_ += total;
+    t.reserved_bytes = total;
+    PublishGauges();
+  }
+  absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(total);
+  if (!buffer.ok()) {
+    metrics_.AdmissionRejected(RejectReason::kBytes);
+    return buffer.status();
+  }
+  std::span<uint8_t> payload = buffer->span();
+  {
+    absl::MutexLock lock(&mu_);
+    t.buffer = std::move(*buffer);
+  }
+  WritePrelude(plan.layout, plan.tiers, payload);
+
+  // Offer, then pack and send chunk by chunk: packing chunk k+1 overlaps sending chunk k.
+  const std::vector<DataChunkHeader> chunks =
+      PlanChunks(plan.layout, t.id, options_.chunk_bytes);
+  v1::PeerMessage offer_msg;
+  v1::PeerOffer* offer = offer_msg.mutable_offer();
+  offer->set_request_id(a.key.request_id);
+  offer->set_shard(a.key.shard);
+  offer->set_transfer_id(t.id);
+  offer->set_sender_incarnation(options_.incarnation);
+  offer->set_total_bytes(total);
+  offer->set_num_chunks(static_cast<uint32_t>(chunks.size()));
+  offer->set_logical_bytes(uint64_t{a.num_tokens} * pool->layout().shape.Fp16BytesPerToken());
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    t.offered = true;
+    t.state = SendTransfer::State::kSending;
+    t.stats.logical_bytes = offer->logical_bytes();
+    t.stats.wire_bytes = total;
+    t.stats.element_budget = plan.ElementBudget();
+    t.stats.wire_budget = plan.WireBudget();
+    t.stats.tiers = plan.layout.total_counts;
+  }
+  transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
+    if (!s.ok()) {
+      FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                           "Send %s: cannot reach the peer: %s",
+                           Describe(self->args.key, self->args.peer), s.message())));
+    }
+  });
+  double pack_s = 0;
+  for (const DataChunkHeader& c : chunks) {
+    if (c.index > 0) {
+      const auto p0 = SteadyClock::now();
+      SPECTRUMKV_RETURN_IF_ERROR(
+          codec->PackLayers(src, plan, c.first_layer, c.last_layer, payload));
+      pack_s += Since(p0, SteadyClock::now());
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      if (t.terminal()) break;
+      if (t.sends_outstanding == 0 && c.index == 0) t.first_send = SteadyClock::now();
+      ++t.sends_outstanding;
+      t.stats.times.pack_s = pack_s;
+    }
+    transport_.SendData(a.peer, c, payload.subspan(c.offset, c.size), [this, self](absl::Status s) {
+      {
+        absl::MutexLock lock(&mu_);
+        --self->sends_outstanding;
+        ReleaseSendIfIdle(self);
+      }
+      if (!s.ok()) {
+        FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                             "Send %s: payload send failed: %s",
+                             Describe(self->args.key, self->args.peer), s.message())));
+      }
+    });
+  }
+  absl::MutexLock lock(&mu_);
+  t.stats.times.pack_s = pack_s;
+  return absl::OkStatus();
+}
+
+void TransferManager::FinishSend(const std::shared_ptr<SendTransfer>& t, absl::Status status,
+                                 bool tell_peer) {
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    FinishSendLocked(t, std::move(status), tell_peer, d);
+  }
+  d.Run();
+}
+
+void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t,
+                                       absl::Status status, bool tell_peer, Deferred& d) {
+  if (t->terminal()) return;
+  const auto now = SteadyClock::now();
+  t->state = status.ok() ? SendTransfer::State::kDone : SendTransfer::State::kFailed;
+  t->status = status;
+  t->ended_at = now;
+  timers_.Cancel(t->deadline_timer);
+  t->stats.times.total_s = Since(t->created, now);
+  --active_;
+  metrics_.TransferEnded(Role::kSend, status.code(), t->stats.times.total_s);
+  if (status.ok()) {
+    t->result.transfer_id = t->id_str;
+    t->result.stats = t->stats;
+    metrics_.AddTransferBytes(Direction::kTx, t->stats.logical_bytes, t->stats.wire_bytes,
+                              t->stats.tiers);
+    metrics_.ObserveStage(Stage::kScore, t->stats.times.score_s);
+    metrics_.ObserveStage(Stage::kPlan, t->stats.times.plan_s);
+    metrics_.ObserveStage(Stage::kPack, t->stats.times.pack_s);
+    metrics_.ObserveStage(Stage::kNetwork, t->stats.times.network_s);
+  } else {
+    spdlog::info("transfer {} failed: {}", t->id_str, status.ToString());
+  }
+  if (!status.ok() && tell_peer && t->offered) {
+    d.Add([this, t, status] { SendCancel(t->args.peer, t->id, t->args.key, status, false); });
+  }
+  std::map<uint64_t, SendDone> waiters = std::move(t->waiters);
+  t->waiters.clear();
+  const SendResult result = t->result;
+  for (auto& [id, cb] : waiters) {
+    d.Add([cb = std::move(cb), status, result] {
+      if (status.ok()) {
+        cb(result);
+      } else {
+        cb(status);
+      }
+    });
+  }
+  ReleaseSendIfIdle(t);
+  PublishGauges();
+}
+
+void TransferManager::ReleaseSendIfIdle(const std::shared_ptr<SendTransfer>& t) {
+  if (!t->terminal() || t->runner_busy || t->sends_outstanding > 0) return;
+  t->buffer = StagingBuffer();
+  inflight_bytes_ -= t->reserved_bytes;
+  t->reserved_bytes = 0;
+  if (t->pool_counted) {
+    t->pool->active_transfers.fetch_sub(1);
+    t->pool_counted = false;
+  }
+  t->pool.reset();
+  PublishGauges();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiver
+
+uint64_t TransferManager::Receive(ReceiveArgs args, SteadyClock::time_point deadline,
+                                  ReceiveDone done) {
+  Deferred d;
+  uint64_t waiter = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    waiter = next_waiter_++;
+    auto fail_now = [&](absl::Status s) { d.Add([done, s] { done(s); }); };
+    std::shared_ptr<RecvTransfer> t;
+    if (auto it = recvs_.find(args.key); it != recvs_.end()) {
+      t = it->second;
+      if (t->claimed) {
+        if (t->args.fingerprint != args.fingerprint) {
+          fail_now(absl::AlreadyExistsError(absl::StrFormat(
+              "Receive %s: the request id is in use by a different request",
+              Describe(args.key, t->peer))));
+        } else if (t->terminal()) {
+          const absl::Status s = t->status;
+          const ReceiveResult r = t->result;
+          d.Add([done, s, r] {
+            if (s.ok()) {
+              done(r);
+            } else {
+              done(s);
+            }
+          });
+        } else {
+          t->waiters.emplace(waiter, std::move(done));
+        }
+        d.Run();
+        return waiter;
+      }
+      if (t->terminal()) {  // an early payload that expired or failed: start afresh
+        recvs_.erase(it);
+        t.reset();
+      }
+    }
+    // A new Receive, or one claiming a payload that arrived first.
+    if (!t) {
+      if (absl::Status s = AdmitTransfer(args.key, "Receive"); !s.ok()) {
+        metrics_.TransferEnded(Role::kReceive, s.code(), 0);
+        fail_now(s);
+        d.Run();
+        return waiter;
+      }
+    } else if (draining_ || stopping_) {
+      fail_now(absl::UnavailableError("Receive " + Describe(args.key, t->peer) +
+                                      ": the daemon is draining"));
+      d.Run();
+      return waiter;
+    }
+    absl::StatusOr<std::shared_ptr<Pool>> pool = pools_.Get(args.pool_id);
+    absl::Status check = pool.status();
+    if (check.ok()) check = ValidateKvBuffer((*pool)->View(args.blocks, args.num_tokens));
+    if (!check.ok()) {
+      check = WithContext(check, "Receive " + Describe(args.key, t ? t->peer : ""));
+      if (!t) {
+        metrics_.TransferEnded(Role::kReceive, check.code(), 0);
+        fail_now(check);
+        d.Run();
+        return waiter;
+      }
+      // The early payload cannot go anywhere: fail it, and this call.
+      t->claimed = true;
+      t->args = std::move(args);
+      t->waiters.emplace(waiter, std::move(done));
+      FinishRecvLocked(t, check, true, d);
+      d.Run();
+      return waiter;
+    }
+    const bool is_new = !t;
+    if (is_new) {
+      t = std::make_shared<RecvTransfer>();
+      t->key = args.key;
+      t->created = SteadyClock::now();
+      t->state = RecvTransfer::State::kWaiting;
+      recvs_[t->key] = t;
+      ++active_;
+    } else {
+      timers_.Cancel(t->early_timer);
+      early_bytes_ -= t->early_reserved;
+      t->early_reserved = 0;
+      t->state = RecvTransfer::State::kReceiving;
+    }
+    t->claimed = true;
+    t->claimed_at = SteadyClock::now();
+    t->args = std::move(args);
+    t->pool = *pool;
+    t->pool_counted = true;
+    t->pool->active_transfers.fetch_add(1);
+    t->waiters.emplace(waiter, std::move(done));
+    t->deadline_timer = timers_.Schedule(deadline, [this, t] {
+      Deferred dd;
+      {
+        absl::MutexLock l(&mu_);
+        FinishRecvLocked(t,
+                         absl::DeadlineExceededError(absl::StrFormat(
+                             "Receive %s: deadline exceeded (%u of %u chunks arrived)",
+                             Describe(t->key, t->peer), t->chunks_received, t->num_chunks)),
+                         true, dd);
+      }
+      dd.Run();
+    });
+    Advance(t, d);
+    PublishGauges();
+  }
+  d.Run();
+  return waiter;
+}
+
+absl::Status TransferManager::BindOffer(const std::shared_ptr<RecvTransfer>& t,
+                                        const std::string& peer, const v1::PeerOffer& offer) {
+  const uint64_t total = offer.total_bytes();
+  if (offer.num_chunks() < 2 || offer.num_chunks() > (1u << 20) || total < kWireHeaderBytes) {
+    return absl::InvalidArgumentError("malformed offer (chunk count or size)");
+  }
+  if (inflight_bytes_ + total > options_.max_inflight_bytes) {
+    metrics_.AdmissionRejected(RejectReason::kBytes);
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "a %u-byte payload would exceed the receiver's in-flight byte limit (%u of %u in use)",
+        total, inflight_bytes_, options_.max_inflight_bytes));
+  }
+  absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(total);
+  if (!buffer.ok()) {
+    metrics_.AdmissionRejected(RejectReason::kBytes);
+    return buffer.status();
+  }
+  inflight_bytes_ += total;
+  t->reserved_bytes = total;
+  t->buffer = std::move(*buffer);
+  t->bound = true;
+  t->peer = peer;
+  t->wire_id = offer.transfer_id();
+  t->id_str = TransferIdString(offer.sender_incarnation(), offer.transfer_id());
+  t->total_bytes = total;
+  t->num_chunks = offer.num_chunks();
+  t->chunk_seen.assign(offer.num_chunks(), false);
+  recvs_by_wire_[{peer, t->wire_id}] = t;
+  return absl::OkStatus();
+}
+
+void TransferManager::HandleOffer(const std::string& peer, const v1::PeerOffer& offer,
+                                  Deferred& d) {
+  const TransferKey key{offer.request_id(), offer.shard()};
+  auto reject = [&](const absl::Status& s) {
+    d.Add([this, peer, id = offer.transfer_id(), s] { SendAck(peer, id, s, 0, 0); });
+  };
+  std::shared_ptr<RecvTransfer> t;
+  if (auto it = recvs_.find(key); it != recvs_.end()) {
+    t = it->second;
+    if (t->bound) {
+      if (t->peer == peer && t->wire_id == offer.transfer_id()) return;  // duplicate offer
+      if (!t->terminal()) {
+        reject(absl::AlreadyExistsError(absl::StrFormat(
+            "request %s shard %u is already being received from %s", key.request_id, key.shard,
+            t->peer)));
+        return;
+      }
+      if (t->claimed) {  // the Receive already ended: tell the new sender how
+        reject(t->status.ok() ? absl::AlreadyExistsError("the request was already received")
+                              : t->status);
+        return;
+      }
+      recvs_.erase(it);  // an expired early payload: start afresh
+      t.reset();
+    } else if (t->terminal()) {
+      reject(t->status);
+      return;
+    }
+  }
+  if (t) {  // a waiting Receive
+    const absl::Status s = BindOffer(t, peer, offer);
+    if (!s.ok()) {
+      t->peer = peer;
+      t->wire_id = offer.transfer_id();
+      t->bound = true;  // so the failure reaches this sender
+      FinishRecvLocked(t, WithContext(s, "Receive " + Describe(key, peer)), true, d);
+      return;
+    }
+    t->state = RecvTransfer::State::kReceiving;
+    return;
+  }
+  // No Receive yet: buffer the payload within the early budget, for at most early_ttl_s.
+  absl::Status s = AdmitTransfer(key, "incoming transfer");
+  if (s.ok() && early_bytes_ + offer.total_bytes() > options_.early_buffer_bytes) {
+    metrics_.AdmissionRejected(RejectReason::kEarlyBuffer);
+    s = absl::ResourceExhaustedError(absl::StrFormat(
+        "request %s shard %u arrived before its Receive and the early buffer is full (%u of %u "
+        "bytes)",
+        key.request_id, key.shard, early_bytes_, options_.early_buffer_bytes));
+  }
+  t = std::make_shared<RecvTransfer>();
+  t->key = key;
+  t->created = SteadyClock::now();
+  t->state = RecvTransfer::State::kEarly;
+  if (s.ok()) s = BindOffer(t, peer, offer);
+  if (!s.ok()) {
+    reject(s);
+    return;
+  }
+  early_bytes_ += t->total_bytes;
+  t->early_reserved = t->total_bytes;
+  recvs_[key] = t;
+  ++active_;
+  t->early_timer = timers_.Schedule(
+      t->created + std::chrono::duration_cast<SteadyClock::duration>(
+                       std::chrono::duration<double>(options_.early_ttl_s)),
+      [this, t] {
+        Deferred dd;
+        {
+          absl::MutexLock l(&mu_);
+          if (!t->claimed && !t->terminal()) {
+            metrics_.EarlyPayloadExpired();
+            FinishRecvLocked(t,
+                             absl::DeadlineExceededError(absl::StrFormat(
+                                 "request %s shard %u: no Receive claimed the payload within "
+                                 "%gs of its arrival",
+                                 t->key.request_id, t->key.shard, options_.early_ttl_s)),
+                             true, dd);
+          }
+        }
+        dd.Run();
+      });
+  PublishGauges();
+}
+
+absl::StatusOr<std::span<uint8_t>> TransferManager::OnDataBegin(const std::string& peer,
+                                                                const DataChunkHeader& h) {
+  absl::MutexLock lock(&mu_);
+  auto it = recvs_by_wire_.find({peer, h.transfer_id});
+  if (it == recvs_by_wire_.end()) {
+    return absl::NotFoundError(absl::StrFormat("no transfer %u from %s", h.transfer_id, peer));
+  }
+  const std::shared_ptr<RecvTransfer>& t = it->second;
+  if (t->terminal()) return absl::CancelledError("the transfer has ended");
+  uint64_t end;
+  if (h.index >= t->num_chunks || t->chunk_seen[h.index] || h.size == 0 ||
+      __builtin_add_overflow(h.offset, h.size, &end) || end > t->total_bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "chunk %u [%u, +%u) does not fit transfer %u", h.index, h.offset, h.size, h.transfer_id));
+  }
+  t->chunk_seen[h.index] = true;
+  ++t->data_outstanding;
+  if (!t->any_byte) {
+    t->any_byte = true;
+    t->first_byte = SteadyClock::now();
+  }
+  return t->buffer.span().subspan(h.offset, h.size);
+}
+
+void TransferManager::OnDataEnd(const std::string& peer, const DataChunkHeader& h,
+                                absl::Status status) {
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = recvs_by_wire_.find({peer, h.transfer_id});
+    if (it == recvs_by_wire_.end()) return;
+    std::shared_ptr<RecvTransfer> t = it->second;
+    --t->data_outstanding;
+    if (t->terminal()) {
+      ReleaseRecvIfIdle(t);
+    } else if (!status.ok()) {
+      FinishRecvLocked(t,
+                       absl::UnavailableError(absl::StrFormat(
+                           "Receive %s: chunk %u was not received: %s",
+                           Describe(t->key, peer), h.index, status.message())),
+                       true, d);
+    } else {
+      ++t->chunks_received;
+      t->last_byte = SteadyClock::now();
+      t->pending_chunks.push_back(h);
+      Advance(t, d);
+    }
+  }
+  d.Run();
+}
+
+void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d) {
+  if (t->terminal() || !t->bound) return;
+  const std::string context = "Receive " + Describe(t->key, t->peer);
+  // The prelude first: nothing else can be checked without it.
+  if (!t->prelude) {
+    auto p = std::find_if(t->pending_chunks.begin(), t->pending_chunks.end(),
+                          [](const DataChunkHeader& c) { return c.index == 0; });
+    if (p == t->pending_chunks.end()) return;
+    const DataChunkHeader c = *p;
+    t->pending_chunks.erase(p);
+    absl::StatusOr<ParsedPrelude> parsed =
+        c.offset == 0 ? ParsePrelude(t->buffer.span().subspan(0, c.size), t->total_bytes)
+                      : absl::InvalidArgumentError("the prelude chunk is not at offset 0");
+    if (parsed.ok() && (parsed->layout.total_bytes != t->total_bytes ||
+                        parsed->layout.prelude_bytes != c.size ||
+                        t->num_chunks > parsed->layout.layers.size() + 1)) {
+      parsed = absl::InvalidArgumentError("the prelude disagrees with the offer's sizes");
+    }
+    if (!parsed.ok()) {
+      if (parsed.status().code() == absl::StatusCode::kDataLoss) metrics_.ChecksumFailure();
+      FinishRecvLocked(t, WithContext(parsed.status(), context), true, d);
+      return;
+    }
+    t->prelude = std::move(*parsed);
+    t->layer_claimed.assign(t->prelude->layout.layers.size(), false);
+  }
+  if (!t->claimed) return;  // an early payload: keep it until its Receive arrives
+  if (!t->destination_checked) {
+    // First time with both a prelude and a destination: they must agree.
+    const absl::Status s =
+        CheckBufferMatches(t->pool->View(t->args.blocks, t->args.num_tokens),
+                           t->prelude->layout.desc, "destination");
+    if (!s.ok()) {
+      FinishRecvLocked(t, WithContext(s, context), true, d);
+      return;
+    }
+    t->destination_checked = true;
+  }
+  const WireLayout& wl = t->prelude->layout;
+  const uint32_t layers = static_cast<uint32_t>(wl.layers.size());
+  for (const DataChunkHeader& c : t->pending_chunks) {
+    bool overlaps = false;
+    if (c.first_layer < c.last_layer && c.last_layer <= layers) {
+      for (uint32_t l = c.first_layer; l < c.last_layer; ++l) overlaps |= t->layer_claimed[l];
+    }
+    if (c.first_layer >= c.last_layer || c.last_layer > layers || overlaps ||
+        c.offset != wl.layers[c.first_layer].begin ||
+        c.offset + c.size != wl.layers[c.last_layer - 1].end) {
+      FinishRecvLocked(t,
+                       absl::InvalidArgumentError(absl::StrFormat(
+                           "%s: chunk %u claims layers [%u, %u) at [%u, +%u), which the "
+                           "prelude does not place there",
+                           context, c.index, c.first_layer, c.last_layer, c.offset, c.size)),
+                       true, d);
+      return;
+    }
+    for (uint32_t l = c.first_layer; l < c.last_layer; ++l) t->layer_claimed[l] = true;
+    ++t->unpack_tasks;
+    const uint32_t first = c.first_layer, last = c.last_layer;
+    d.Add([this, t, first, last] {
+      if (!executor_.Post([this, t, first, last] { RunUnpack(t, first, last); })) {
+        Deferred dd;
+        {
+          absl::MutexLock lock(&mu_);
+          --t->unpack_tasks;
+          FinishRecvLocked(t, absl::UnavailableError("the daemon is shutting down"), true, dd);
+        }
+        dd.Run();
+      }
+    });
+  }
+  t->pending_chunks.clear();
+}
+
+void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last) {
+  Codec* codec = t->pool->memory_kind() == MemoryKind::kHost ? codecs_.host : codecs_.device;
+  absl::Status s = absl::OkStatus();
+  double seconds = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (t->terminal()) s = absl::CancelledError("ended");
+  }
+  if (s.ok()) {
+    if (codec == nullptr) {
+      s = absl::UnavailableError("no codec backend for this pool's memory on this daemon");
+    } else {
+      const auto t0 = SteadyClock::now();
+      s = codec->UnpackLayers(*t->prelude, t->buffer.span(),
+                              t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
+                              VerifyMode::kVerify);
+      seconds = Since(t0, SteadyClock::now());
+    }
+  }
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    --t->unpack_tasks;
+    t->unpack_s += seconds;
+    if (t->terminal()) {
+      ReleaseRecvIfIdle(t);
+    } else if (!s.ok()) {
+      if (s.code() == absl::StatusCode::kDataLoss) metrics_.ChecksumFailure();
+      FinishRecvLocked(t, WithContext(s, "Receive " + Describe(t->key, t->peer)), true, d);
+    } else {
+      t->layers_unpacked += last - first;
+      const uint32_t layers = static_cast<uint32_t>(t->prelude->layout.layers.size());
+      if (t->layers_unpacked == layers && t->chunks_received == t->num_chunks &&
+          t->unpack_tasks == 0) {
+        FinishRecvLocked(t, absl::OkStatus(), true, d);
+      }
+    }
+  }
+  d.Run();
+}
+
+void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t,
+                                       absl::Status status, bool tell_peer, Deferred& d) {
+  if (t->terminal()) return;
+  const auto now = SteadyClock::now();
+  t->state = status.ok() ? RecvTransfer::State::kDone : RecvTransfer::State::kFailed;
+  t->status = status;
+  t->ended_at = now;
+  timers_.Cancel(t->deadline_timer);
+  timers_.Cancel(t->early_timer);
+  --active_;
+  const double network_s = t->any_byte ? Since(t->first_byte, t->last_byte) : 0.0;
+  const double total_s = Since(t->claimed ? t->claimed_at : t->created, now);
+  metrics_.TransferEnded(Role::kReceive, status.code(), total_s);
+  if (status.ok()) {
+    ReceiveResult& r = t->result;
+    const WireLayout& wl = t->prelude->layout;
+    r.transfer_id = t->id_str;
+    r.num_tokens = wl.desc.num_tokens;
+    r.per_layer = wl.desc.per_layer_tiers();
+    r.peer = t->peer;
+    r.dropped.resize(wl.desc.num_maps());
+    for (uint32_t m = 0; m < wl.desc.num_maps(); ++m) {
+      const uint8_t* map = t->prelude->tiers.data() + uint64_t{m} * wl.desc.num_tokens;
+      for (uint32_t i = 0; i < wl.desc.num_tokens; ++i) {
+        if (map[i] == static_cast<uint8_t>(Tier::kDrop)) r.dropped[m].push_back(i);
+      }
+    }
+    TransferStatsData& st = r.stats;
+    st.logical_bytes = uint64_t{wl.desc.num_tokens} * wl.desc.shape.Fp16BytesPerToken();
+    st.wire_bytes = wl.total_bytes;
+    st.element_budget = ElementBudgetOf(wl);
+    st.wire_budget = WireBudgetOf(wl);
+    st.tiers = wl.total_counts;
+    st.times.network_s = network_s;
+    st.times.unpack_s = t->unpack_s;
+    st.times.total_s = total_s;
+    st.policy = std::string(PolicyName(wl.desc.policy));
+    Codec* codec = t->pool->memory_kind() == MemoryKind::kHost ? codecs_.host : codecs_.device;
+    if (codec != nullptr) st.backend = std::string(codec->name());
+    metrics_.AddTransferBytes(Direction::kRx, st.logical_bytes, st.wire_bytes, st.tiers);
+    metrics_.ObserveStage(Stage::kUnpack, t->unpack_s);
+  } else {
+    spdlog::info("receive of request {} shard {} failed: {}", t->key.request_id, t->key.shard,
+                 status.ToString());
+  }
+  if (t->bound && tell_peer) {
+    const double unpack_s = t->unpack_s;
+    d.Add([this, peer = t->peer, id = t->wire_id, status, network_s, unpack_s] {
+      SendAck(peer, id, status, network_s, unpack_s);
+    });
+  }
+  std::map<uint64_t, ReceiveDone> waiters = std::move(t->waiters);
+  t->waiters.clear();
+  const ReceiveResult result = t->result;
+  for (auto& [id, cb] : waiters) {
+    d.Add([cb = std::move(cb), status, result] {
+      if (status.ok()) {
+        cb(result);
+      } else {
+        cb(status);
+      }
+    });
+  }
+  ReleaseRecvIfIdle(t);
+  PublishGauges();
+}
+
+void TransferManager::ReleaseRecvIfIdle(const std::shared_ptr<RecvTransfer>& t) {
+  if (!t->terminal() || t->data_outstanding > 0 || t->unpack_tasks > 0) return;
+  t->buffer = StagingBuffer();
+  inflight_bytes_ -= t->reserved_bytes;
+  t->reserved_bytes = 0;
+  early_bytes_ -= t->early_reserved;
+  t->early_reserved = 0;
+  if (t->pool_counted) {
+    t->pool->active_transfers.fetch_sub(1);
+    t->pool_counted = false;
+  }
+  PublishGauges();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer messages
+
+void TransferManager::SendAck(const std::string& peer, uint64_t transfer_id,
+                              const absl::Status& status, double network_s, double unpack_s) {
+  v1::PeerMessage m;
+  v1::PeerAck* ack = m.mutable_ack();
+  ack->set_transfer_id(transfer_id);
+  ack->set_code(static_cast<int32_t>(status.code()));
+  ack->set_message(std::string(status.message()));
+  ack->set_receiver_network_s(network_s);
+  ack->set_receiver_unpack_s(unpack_s);
+  ack->set_receiver_incarnation(options_.incarnation);
+  transport_.SendControl(peer, m, [](absl::Status) {});
+}
+
+void TransferManager::SendCancel(const std::string& peer, uint64_t transfer_id,
+                                 const TransferKey& key, const absl::Status& status,
+                                 bool to_sender) {
+  v1::PeerMessage m;
+  v1::PeerCancel* c = m.mutable_cancel();
+  c->set_transfer_id(transfer_id);
+  c->set_request_id(key.request_id);
+  c->set_shard(key.shard);
+  c->set_code(static_cast<int32_t>(status.code()));
+  c->set_reason(std::string(status.message()));
+  c->set_to_sender(to_sender);
+  transport_.SendControl(peer, m, [](absl::Status) {});
+}
+
+void TransferManager::OnControl(const std::string& peer, const v1::PeerMessage& message) {
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    switch (message.body_case()) {
+      case v1::PeerMessage::kOffer:
+        HandleOffer(peer, message.offer(), d);
+        break;
+      case v1::PeerMessage::kAck: {
+        const v1::PeerAck& ack = message.ack();
+        auto it = sends_by_id_.find(ack.transfer_id());
+        if (it == sends_by_id_.end()) break;
+        std::shared_ptr<SendTransfer> t = it->second;
+        if (t->terminal()) break;
+        t->stats.times.network_s = Since(t->first_send, SteadyClock::now());
+        t->stats.times.unpack_s = ack.receiver_unpack_s();
+        const int code = ack.code();
+        absl::Status s = absl::OkStatus();
+        if (code != 0) {
+          const auto c = code > 0 && code <= 16 ? static_cast<absl::StatusCode>(code)
+                                                : absl::StatusCode::kUnknown;
+          s = absl::Status(c, absl::StrFormat("Send %s: the receiver reports: %s",
+                                              Describe(t->args.key, t->args.peer), ack.message()));
+        }
+        FinishSendLocked(t, s, false, d);
+        break;
+      }
+      case v1::PeerMessage::kCancel: {
+        const v1::PeerCancel& c = message.cancel();
+        const int code = c.code();
+        const auto sc = code > 0 && code <= 16 ? static_cast<absl::StatusCode>(code)
+                                               : absl::StatusCode::kCancelled;
+        if (c.to_sender()) {
+          auto it = sends_by_id_.find(c.transfer_id());
+          if (it == sends_by_id_.end()) break;
+          FinishSendLocked(it->second,
+                           absl::Status(sc, absl::StrFormat(
+                                                "Send %s: cancelled by the receiver: %s",
+                                                Describe(it->second->args.key, peer), c.reason())),
+                           false, d);
+        } else {
+          auto it = recvs_by_wire_.find({peer, c.transfer_id()});
+          if (it == recvs_by_wire_.end()) break;
+          FinishRecvLocked(it->second,
+                           absl::Status(sc, absl::StrFormat("Receive %s: cancelled by the "
+                                                            "sender: %s",
+                                                            Describe(it->second->key, peer),
+                                                            c.reason())),
+                           false, d);
+        }
+        break;
+      }
+      case v1::PeerMessage::BODY_NOT_SET:
+        break;
+    }
+  }
+  d.Run();
+}
+
+void TransferManager::OnPeerDown(const std::string& peer, const absl::Status& reason) {
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [key, t] : sends_) {
+      if (t->terminal() || t->args.peer != peer) continue;
+      FinishSendLocked(t,
+                       absl::UnavailableError(absl::StrFormat(
+                           "Send %s: the peer went down: %s", Describe(key, peer),
+                           reason.message())),
+                       false, d);
+    }
+    for (auto& [key, t] : recvs_) {
+      if (t->terminal() || !t->bound || t->peer != peer) continue;
+      FinishRecvLocked(t,
+                       absl::UnavailableError(absl::StrFormat(
+                           "Receive %s: the peer went down: %s", Describe(key, peer),
+                           reason.message())),
+                       false, d);
+    }
+  }
+  d.Run();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control from the frontend
+
+void TransferManager::Detach(const TransferKey& key, TransferRole role, uint64_t waiter) {
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Status cancelled = absl::CancelledError(
+        absl::StrFormat("request %s shard %u: the client cancelled the call", key.request_id,
+                        key.shard));
+    if (role == TransferRole::kSend) {
+      auto it = sends_.find(key);
+      if (it == sends_.end()) return;
+      std::shared_ptr<SendTransfer> t = it->second;
+      auto w = t->waiters.find(waiter);
+      if (w == t->waiters.end()) return;
+      SendDone cb = std::move(w->second);
+      t->waiters.erase(w);
+      d.Add([cb, cancelled] { cb(cancelled); });
+      if (t->waiters.empty()) FinishSendLocked(t, cancelled, true, d);
+    } else {
+      auto it = recvs_.find(key);
+      if (it == recvs_.end()) return;
+      std::shared_ptr<RecvTransfer> t = it->second;
+      auto w = t->waiters.find(waiter);
+      if (w == t->waiters.end()) return;
+      ReceiveDone cb = std::move(w->second);
+      t->waiters.erase(w);
+      d.Add([cb, cancelled] { cb(cancelled); });
+      if (t->waiters.empty()) FinishRecvLocked(t, cancelled, true, d);
+    }
+  }
+  d.Run();
+}
+
+absl::StatusOr<bool> TransferManager::Cancel(const TransferKey& key, const std::string& reason) {
+  Deferred d;
+  bool found = false, cancelled = false;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string why = reason.empty() ? "cancelled by the frontend" : reason;
+    if (auto it = sends_.find(key); it != sends_.end()) {
+      found = true;
+      if (!it->second->terminal()) {
+        cancelled = true;
+        FinishSendLocked(it->second,
+                         absl::CancelledError(absl::StrFormat(
+                             "Send %s: %s", Describe(key, it->second->args.peer), why)),
+                         true, d);
+      }
+    }
+    if (auto it = recvs_.find(key); it != recvs_.end()) {
+      found = true;
+      if (!it->second->terminal()) {
+        cancelled = true;
+        std::shared_ptr<RecvTransfer> t = it->second;
+        const absl::Status s = absl::CancelledError(
+            absl::StrFormat("Receive %s: %s", Describe(key, t->peer), why));
+        FinishRecvLocked(t, s, false, d);
+        if (t->bound) {
+          d.Add([this, t, s] { SendCancel(t->peer, t->wire_id, t->key, s, true); });
+        }
+      }
+    }
+  }
+  d.Run();
+  if (!found) {
+    return absl::NotFoundError(
+        absl::StrFormat("no transfer for request %s shard %u", key.request_id, key.shard));
+  }
+  return cancelled;
+}
+
+absl::StatusOr<TransferInfoData> TransferManager::Get(const TransferKey& key,
+                                                      std::optional<TransferRole> role) const {
+  for (const TransferInfoData& info : List(true)) {
+    if (info.key == key && (!role || *role == info.role)) return info;
+  }
+  return absl::NotFoundError(
+      absl::StrFormat("no transfer for request %s shard %u", key.request_id, key.shard));
+}
+
+std::vector<TransferInfoData> TransferManager::List(bool include_ended) const {
+  absl::MutexLock lock(&mu_);
+  const auto now = SteadyClock::now();
+  std::vector<TransferInfoData> out;
+  for (const auto& [key, t] : sends_) {
+    if (t->terminal() && !include_ended) continue;
+    TransferInfoData i;
+    i.key = key;
+    i.role = TransferRole::kSend;
+    i.transfer_id = t->id_str;
+    i.state = t->StateName();
+    i.peer = t->args.peer;
+    i.pool_id = t->args.pool_id;
+    i.status = t->status;
+    i.ended = t->terminal();
+    i.age_s = Since(t->created, now);
+    i.stats = t->stats;
+    out.push_back(std::move(i));
+  }
+  for (const auto& [key, t] : recvs_) {
+    if (t->terminal() && !include_ended) continue;
+    TransferInfoData i;
+    i.key = key;
+    i.role = TransferRole::kReceive;
+    i.transfer_id = t->id_str;
+    i.state = t->StateName();
+    i.peer = t->peer;
+    i.pool_id = t->args.pool_id;
+    i.status = t->status;
+    i.ended = t->terminal();
+    i.age_s = Since(t->created, now);
+    i.stats = t->result.stats;
+    out.push_back(std::move(i));
+  }
+  return out;
+}
+
+void TransferManager::Drain(std::chrono::milliseconds timeout) {
+  {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    mu_.AwaitWithTimeout(absl::Condition(
+                             +[](TransferManager* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(m->mu_) {
+                               return m->active_ == 0;
+                             },
+                             this),
+                         absl::FromChrono(timeout));
+  }
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Status s = absl::UnavailableError("the daemon is shutting down");
+    for (auto& [key, t] : sends_) FinishSendLocked(t, s, true, d);
+    for (auto& [key, t] : recvs_) FinishRecvLocked(t, s, true, d);
+  }
+  d.Run();
+}
+
+bool TransferManager::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
+size_t TransferManager::active() const {
+  absl::MutexLock lock(&mu_);
+  return active_;
+}
+
+void TransferManager::Sweep() {
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return;
+  const auto now = SteadyClock::now();
+  const auto ttl = std::chrono::duration_cast<SteadyClock::duration>(
+      std::chrono::duration<double>(options_.result_ttl_s));
+  for (auto it = sends_.begin(); it != sends_.end();) {
+    const auto& t = it->second;
+    if (t->terminal() && t->reserved_bytes == 0 && !t->runner_busy && t->sends_outstanding == 0 &&
+        now - t->ended_at > ttl) {
+      sends_by_id_.erase(t->id);
+      it = sends_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = recvs_.begin(); it != recvs_.end();) {
+    const auto& t = it->second;
+    if (t->terminal() && t->reserved_bytes == 0 && t->data_outstanding == 0 &&
+        t->unpack_tasks == 0 && now - t->ended_at > ttl) {
+      if (t->bound) recvs_by_wire_.erase({t->peer, t->wire_id});
+      it = recvs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  sweep_timer_ = timers_.Schedule(now + std::chrono::seconds(1), [this] { Sweep(); });
+}
+
+}  // namespace spectrumkv

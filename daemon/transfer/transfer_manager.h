@@ -1,0 +1,254 @@
+// The transfer manager: every Send and Receive of this daemon, as explicit state machines.
+//
+// Sender:   queued -> scoring -> packing/sending -> awaiting_ack -> done | failed
+// Receiver: waiting (Receive, no payload yet) or early (payload, no Receive yet)
+//           -> receiving -> done | failed
+//
+// Every transfer has a deadline and ends in exactly one terminal state whose status reaches every
+// caller attached to it (duplicates attach), and the peer (PeerAck / PeerCancel). Admission
+// control bounds transfers and payload bytes in flight (RESOURCE_EXHAUSTED, never unbounded
+// memory); payloads that arrive before their Receive are buffered within their own byte budget
+// and expire. Staging memory is released only when no codec task and no transport operation uses
+// it any more. Nothing unverified is written into a decode pool: each layer's checksum is checked
+// before the layer is unpacked.
+//
+// Thread-safety: all public methods may be called from any thread; callbacks run on executor,
+// timer or transport threads, never while the manager's lock is held.
+#ifndef SPECTRUMKV_DAEMON_TRANSFER_TRANSFER_MANAGER_H_
+#define SPECTRUMKV_DAEMON_TRANSFER_TRANSFER_MANAGER_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "daemon/common/executor.h"
+#include "daemon/common/timer_queue.h"
+#include "daemon/metrics/metrics.h"
+#include "daemon/pools/pool_registry.h"
+#include "daemon/pools/staging_arena.h"
+#include "daemon/transfer/model_policies.h"
+#include "daemon/transport/transport.h"
+#include "kernels/api/codec.h"
+
+namespace spectrumkv {
+
+using SteadyClock = std::chrono::steady_clock;
+
+struct TransferKey {
+  std::string request_id;
+  uint32_t shard = 0;
+  bool operator<(const TransferKey& o) const {
+    return request_id != o.request_id ? request_id < o.request_id : shard < o.shard;
+  }
+  bool operator==(const TransferKey&) const = default;
+};
+
+struct StageTimes {
+  double score_s = 0, plan_s = 0, pack_s = 0, stage_copy_s = 0, network_s = 0, unpack_s = 0,
+         total_s = 0;
+};
+
+struct TransferStatsData {
+  uint64_t logical_bytes = 0;
+  uint64_t wire_bytes = 0;
+  double element_budget = 0;
+  double wire_budget = 0;
+  TierCounts tiers;
+  StageTimes times;
+  std::string backend;
+  std::string policy;
+};
+
+struct SendArgs {
+  TransferKey key;
+  std::string pool_id;
+  std::vector<uint32_t> blocks;
+  uint32_t num_tokens = 0;
+  std::string peer;
+  std::string model;        // empty: the pool's model
+  PlanOptions plan;         // resolved against the daemon defaults by the caller
+  ScoringMode scoring = ScoringMode::kKeyNorm;
+  std::vector<float> window_queries;  // attention
+  uint32_t window = 0, num_q_heads = 0, pool_kernel = 5;
+  double recency_decay = 0;
+  std::vector<float> external_scores;  // external
+  std::string fingerprint;  // identity of the request content (duplicate detection)
+};
+
+struct SendResult {
+  std::string transfer_id;
+  TransferStatsData stats;
+};
+
+struct ReceiveArgs {
+  TransferKey key;
+  std::string pool_id;
+  std::vector<uint32_t> blocks;
+  uint32_t num_tokens = 0;
+  std::string fingerprint;
+};
+
+struct ReceiveResult {
+  std::string transfer_id;
+  uint32_t num_tokens = 0;
+  bool per_layer = false;
+  std::vector<std::vector<uint32_t>> dropped;  // one list per tier map
+  TransferStatsData stats;
+  std::string peer;
+};
+
+enum class TransferRole { kSend, kReceive };
+
+struct TransferInfoData {
+  TransferKey key;
+  TransferRole role = TransferRole::kSend;
+  std::string transfer_id;
+  std::string state;
+  std::string peer;
+  std::string pool_id;
+  absl::Status status;  // OK while running or when done
+  bool ended = false;
+  double age_s = 0;
+  TransferStatsData stats;
+};
+
+using SendDone = std::function<void(absl::StatusOr<SendResult>)>;
+using ReceiveDone = std::function<void(absl::StatusOr<ReceiveResult>)>;
+
+// Codec backends by the memory they work on; a backend may be absent (no GPU).
+struct CodecSet {
+  Codec* host = nullptr;
+  Codec* device = nullptr;
+};
+
+struct TransferManagerOptions {
+  uint32_t max_inflight_transfers = 64;
+  uint64_t max_inflight_bytes = 4ull << 30;
+  uint64_t early_buffer_bytes = 1ull << 30;
+  double early_ttl_s = 30;
+  double default_deadline_s = 30;
+  double max_deadline_s = 600;
+  double result_ttl_s = 300;
+  uint64_t chunk_bytes = 16ull << 20;
+  uint64_t incarnation = 0;
+};
+
+class TransferManager final : public TransportHandler {
+ public:
+  TransferManager(TransferManagerOptions options, PoolRegistry& pools, CodecSet codecs,
+                  Transport& transport, StagingArena& staging, Metrics& metrics,
+                  Executor& executor, TimerQueue& timers, ModelPolicies& models);
+  ~TransferManager() override;
+
+  // Deadlines are clamped to max_deadline_s; nullopt means default_deadline_s.
+  SteadyClock::time_point DeadlineFrom(std::optional<SteadyClock::time_point> requested) const;
+
+  // Starts (or attaches to) a send. `done` runs exactly once. Returns a waiter id for Detach.
+  uint64_t Send(SendArgs args, SteadyClock::time_point deadline, SendDone done);
+  uint64_t Receive(ReceiveArgs args, SteadyClock::time_point deadline, ReceiveDone done);
+
+  // A caller gave up (its RPC was cancelled): its callback runs now with CANCELLED; the transfer
+  // itself is cancelled if nobody else waits for it.
+  void Detach(const TransferKey& key, TransferRole role, uint64_t waiter);
+
+  // Cancels the send and/or receive of `key`. NOT_FOUND if neither exists; returns whether a
+  // running transfer was cancelled.
+  absl::StatusOr<bool> Cancel(const TransferKey& key, const std::string& reason);
+
+  absl::StatusOr<TransferInfoData> Get(const TransferKey& key,
+                                       std::optional<TransferRole> role) const;
+  std::vector<TransferInfoData> List(bool include_ended) const;
+
+  // Drain: new transfers get UNAVAILABLE; returns once nothing runs or `timeout` passes, then
+  // fails what is left with UNAVAILABLE.
+  void Drain(std::chrono::milliseconds timeout);
+  bool draining() const;
+  size_t active() const;
+
+  // TransportHandler
+  void OnControl(const std::string& peer, const v1::PeerMessage& message) override;
+  absl::StatusOr<std::span<uint8_t>> OnDataBegin(const std::string& peer,
+                                                 const DataChunkHeader& header) override;
+  void OnDataEnd(const std::string& peer, const DataChunkHeader& header,
+                 absl::Status status) override;
+  void OnPeerDown(const std::string& peer, const absl::Status& reason) override;
+
+ private:
+  struct SendTransfer;
+  struct RecvTransfer;
+  class Deferred;
+
+  // Sender steps (executor).
+  void RunSend(std::shared_ptr<SendTransfer> t);
+  absl::Status PrepareSend(const std::shared_ptr<SendTransfer>& self);
+  // Ends a send (no-op if it already ended). `tell_peer`: send a PeerCancel if it failed after
+  // the offer (false when the failure came from the peer).
+  void FinishSend(const std::shared_ptr<SendTransfer>& t, absl::Status status,
+                  bool tell_peer = true);
+  void FinishSendLocked(const std::shared_ptr<SendTransfer>& t, absl::Status status,
+                        bool tell_peer, Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseSendIfIdle(const std::shared_ptr<SendTransfer>& t)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Receiver steps.
+  void HandleOffer(const std::string& peer, const v1::PeerOffer& offer, Deferred& d)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status BindOffer(const std::shared_ptr<RecvTransfer>& t, const std::string& peer,
+                         const v1::PeerOffer& offer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks received chunks against the prelude and queues their unpacking when possible.
+  void Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last);
+  void FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status,
+                        bool tell_peer, Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseRecvIfIdle(const std::shared_ptr<RecvTransfer>& t)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  void SendAck(const std::string& peer, uint64_t transfer_id, const absl::Status& status,
+               double network_s, double unpack_s);
+  void SendCancel(const std::string& peer, uint64_t transfer_id, const TransferKey& key,
+                  const absl::Status& status, bool to_sender);
+
+  // Admission and bookkeeping.
+  absl::Status AdmitTransfer(const TransferKey& key, const char* role)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PublishGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Sweep();
+  std::string Describe(const TransferKey& key, const std::string& peer) const;
+
+  const TransferManagerOptions options_;
+  PoolRegistry& pools_;
+  const CodecSet codecs_;
+  Transport& transport_;
+  StagingArena& staging_;
+  Metrics& metrics_;
+  Executor& executor_;
+  TimerQueue& timers_;
+  ModelPolicies& models_;
+
+  mutable absl::Mutex mu_;
+  std::map<TransferKey, std::shared_ptr<SendTransfer>> sends_ ABSL_GUARDED_BY(mu_);
+  std::map<TransferKey, std::shared_ptr<RecvTransfer>> recvs_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<SendTransfer>> sends_by_id_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<RecvTransfer>> recvs_by_wire_
+      ABSL_GUARDED_BY(mu_);
+  uint64_t next_transfer_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 1;
+  uint32_t active_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t early_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  TimerQueue::Id sweep_timer_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace spectrumkv
+
+#endif  // SPECTRUMKV_DAEMON_TRANSFER_TRANSFER_MANAGER_H_
