@@ -188,7 +188,8 @@ int Run(int argc, char** argv) {
     }
   }
   absl::StatusOr<std::unique_ptr<StagingArena>> staging =
-      StagingArena::Create(config.limits.staging_bytes, /*lock=*/false);
+      StagingArena::Create(config.limits.staging_bytes, config.limits.staging_prefault,
+                           config.limits.staging_lock);
   if (!staging.ok()) {
     spdlog::error("{}", staging.status().ToString());
     return kExitUnavailable;

@@ -3,6 +3,8 @@
 
 #include "CLI/CLI.hpp"
 #include "client/cli/codec_command.h"
+#include "client/cli/daemon_commands.h"
+#include "client/cli/fake_frontend.h"
 #include "common/exit_codes.h"
 
 int main(int argc, char** argv) {
@@ -11,6 +13,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int exit_code = spectrumkv::kExitOk;
   spectrumkv::AddCodecCommand(app, &exit_code);
+  spectrumkv::AddDaemonCommands(app, &exit_code);
+  spectrumkv::AddFakeFrontendCommand(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

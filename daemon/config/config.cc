@@ -207,6 +207,14 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                           [&](const YAML::Node& m, const std::string& q) {
                             r.Bytes(m, q, &l.staging_bytes, 1 << 20, kMaxBytes);
                           }},
+                         {"staging_prefault",
+                          [&](const YAML::Node& m, const std::string& q) {
+                            r.Bool(m, q, &l.staging_prefault);
+                          }},
+                         {"staging_lock",
+                          [&](const YAML::Node& m, const std::string& q) {
+                            r.Bool(m, q, &l.staging_lock);
+                          }},
                          {"early_buffer_bytes",
                           [&](const YAML::Node& m, const std::string& q) {
                             r.Bytes(m, q, &l.early_buffer_bytes, 0, kMaxBytes);
@@ -430,6 +438,8 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "max_inflight_transfers" << YAML::Value << l.max_inflight_transfers;
   out << YAML::Key << "max_inflight_bytes" << YAML::Value << l.max_inflight_bytes;
   out << YAML::Key << "staging_bytes" << YAML::Value << l.staging_bytes;
+  out << YAML::Key << "staging_prefault" << YAML::Value << l.staging_prefault;
+  out << YAML::Key << "staging_lock" << YAML::Value << l.staging_lock;
   out << YAML::Key << "early_buffer_bytes" << YAML::Value << l.early_buffer_bytes;
   out << YAML::Key << "early_ttl_s" << YAML::Value << l.early_ttl_s;
   out << YAML::Key << "default_deadline_s" << YAML::Value << l.default_deadline_s;

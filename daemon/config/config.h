@@ -32,6 +32,8 @@ struct LimitsConfig {
   uint32_t max_inflight_transfers = 64;          // sends + receives in progress
   uint64_t max_inflight_bytes = 4ull << 30;      // payload bytes held by in-flight transfers
   uint64_t staging_bytes = 2ull << 30;           // the fixed staging arena
+  bool staging_prefault = true;                  // touch the arena's pages at start-up
+  bool staging_lock = false;                     // mlock the arena (needs LimitMEMLOCK)
   uint64_t early_buffer_bytes = 1ull << 30;      // payloads that arrive before their Receive
   double early_ttl_s = 30.0;                     // how long such payloads are kept
   double default_deadline_s = 30.0;              // for calls without a deadline

@@ -134,7 +134,8 @@ Metrics::Metrics(const BuildInfo& build) : impl_(std::make_unique<Impl>()) {
                    .Register(r);
   auto& saved = BuildCounter()
                     .Name("spectrumkv_bytes_saved_total")
-                    .Help("Logical bytes minus wire bytes of completed transfers.")
+                    .Help("Logical bytes minus wire bytes of completed transfers (per transfer, never "
+                          "negative).")
                     .Register(r);
   auto& tokens = BuildCounter()
                      .Name("spectrumkv_tokens_total")

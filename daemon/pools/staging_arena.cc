@@ -48,11 +48,11 @@ void StagingBuffer::Release() {
 }
 
 absl::StatusOr<std::unique_ptr<StagingArena>> StagingArena::Create(uint64_t capacity_bytes,
-                                                                    bool lock) {
+                                                                    bool prefault, bool lock) {
   if (capacity_bytes == 0) return absl::InvalidArgumentError("staging arena of 0 bytes");
   const uint64_t capacity = RoundUp(capacity_bytes);
-  void* p = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS | (prefault || lock ? MAP_POPULATE : MAP_NORESERVE);
+  void* p = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, flags, -1, 0);
   if (p == MAP_FAILED) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "cannot reserve a %u-byte staging arena: %s", capacity, std::strerror(errno)));

@@ -44,9 +44,11 @@ class StagingBuffer {
 
 class StagingArena {
  public:
-  // Reserves `capacity_bytes` (rounded up to 64 KiB) of address space; pages are touched on
-  // first use, or up front with `lock` (mlock: resident, never swapped, like pinned memory).
-  static absl::StatusOr<std::unique_ptr<StagingArena>> Create(uint64_t capacity_bytes, bool lock);
+  // Reserves `capacity_bytes` (rounded up to 64 KiB). With `prefault` every page is touched now
+  // (so the first transfers do not pay page faults); with `lock` the pages are also locked in
+  // memory (mlock: resident and never swapped, as pinned memory must be).
+  static absl::StatusOr<std::unique_ptr<StagingArena>> Create(uint64_t capacity_bytes,
+                                                              bool prefault, bool lock);
   ~StagingArena();
 
   // First-fit allocation of `bytes` (> 0). RESOURCE_EXHAUSTED if no free range is large enough.

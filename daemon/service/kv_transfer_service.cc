@@ -186,6 +186,7 @@ grpc::ServerUnaryReactor* KvTransferService::Receive(grpc::CallbackServerContext
           } else if (!r->dropped.empty()) {
             resp->mutable_dropped_positions()->Add(r->dropped[0].begin(), r->dropped[0].end());
           }
+          for (const std::string& map : r->tier_maps) resp->add_tier_maps(map);
           StatsToProto(r->stats, resp->mutable_stats());
         }
         reactor->Finish(ToGrpc(r.status()));

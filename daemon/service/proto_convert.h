@@ -10,14 +10,13 @@
 #include "daemon/config/config.h"
 #include "daemon/pools/pool_registry.h"
 #include "daemon/transfer/transfer_manager.h"
+#include "proto/layout_convert.h"
 #include "spectrumkv/v1/kv_transfer.pb.h"
 
 namespace spectrumkv {
 
 grpc::Status ToGrpc(const absl::Status& s);
 
-absl::StatusOr<KvLayout> LayoutFromProto(const v1::LayoutDescriptor& p);
-v1::LayoutDescriptor LayoutToProto(const KvLayout& layout);
 absl::StatusOr<PoolSpec> PoolSpecFromProto(const v1::RegisterPoolRequest& p);
 
 // True if `id` is 1-256 characters of [A-Za-z0-9._:/-].

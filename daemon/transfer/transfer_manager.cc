@@ -933,10 +933,15 @@ void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t,
     r.per_layer = wl.desc.per_layer_tiers();
     r.peer = t->peer;
     r.dropped.resize(wl.desc.num_maps());
+    r.tier_maps.resize(wl.desc.num_maps());
     for (uint32_t m = 0; m < wl.desc.num_maps(); ++m) {
       const uint8_t* map = t->prelude->tiers.data() + uint64_t{m} * wl.desc.num_tokens;
+      std::string& packed = r.tier_maps[m];
+      packed.assign((wl.desc.num_tokens + 3) / 4, '\0');
       for (uint32_t i = 0; i < wl.desc.num_tokens; ++i) {
         if (map[i] == static_cast<uint8_t>(Tier::kDrop)) r.dropped[m].push_back(i);
+        packed[i / 4] = static_cast<char>(static_cast<uint8_t>(packed[i / 4]) |
+                                          ((map[i] & 3u) << (2 * (i % 4))));
       }
     }
     TransferStatsData& st = r.stats;

@@ -100,6 +100,7 @@ struct ReceiveResult {
   uint32_t num_tokens = 0;
   bool per_layer = false;
   std::vector<std::vector<uint32_t>> dropped;  // one list per tier map
+  std::vector<std::string> tier_maps;          // packed 2-bit codes, one per tier map
   TransferStatsData stats;
   std::string peer;
 };
