@@ -25,6 +25,7 @@ TimerQueue::Id TimerQueue::Schedule(Clock::time_point when, std::function<void()
   absl::MutexLock lock(&mu_);
   const Id id = next_id_++;
   order_.emplace(when, id);
+  changed_ = true;
   timers_.emplace(id, std::make_pair(when, std::move(fn)));
   return id;
 }
@@ -56,18 +57,21 @@ void TimerQueue::Flush() {
 }
 
 void TimerQueue::Loop() {
+  const auto wake = +[](TimerQueue* q) ABSL_EXCLUSIVE_LOCKS_REQUIRED(q->mu_) {
+    return q->stopping_ || q->changed_;
+  };
   absl::MutexLock lock(&mu_);
   while (!stopping_) {
+    changed_ = false;
     if (order_.empty()) {
-      mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(200));
+      mu_.Await(absl::Condition(wake, this));
       continue;
     }
     const auto first = order_.begin();
     const auto now = Clock::now();
     if (first->first > now) {
       const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(first->first - now);
-      mu_.AwaitWithTimeout(absl::Condition(&stopping_),
-                           absl::Microseconds(std::min<int64_t>(wait.count(), 200000)));
+      mu_.AwaitWithTimeout(absl::Condition(wake, this), absl::Microseconds(wait.count()));
       continue;
     }
     const Id id = first->second;
@@ -80,5 +84,4 @@ void TimerQueue::Loop() {
     mu_.Lock();
   }
 }
-
 }  // namespace spectrumkv

@@ -38,6 +38,7 @@ class TimerQueue {
   std::map<Id, std::pair<Clock::time_point, std::function<void()>>> timers_ ABSL_GUARDED_BY(mu_);
   Id next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool changed_ ABSL_GUARDED_BY(mu_) = false;  // a timer was added: re-check the earliest
   std::thread thread_;
 };
 

@@ -1,0 +1,490 @@
+// The transfer manager, driven in-process: two "daemons" (each a manager with its own pools,
+// staging arena, executor, timers and in-process transport) exchange real payloads.
+#include "daemon/transfer/transfer_manager.h"
+
+#include <unistd.h>
+
+#include <future>
+#include <random>
+
+#include "absl/strings/str_format.h"
+#include "client/kvgen/host_pool.h"
+#include "client/kvgen/shm_pool.h"
+#include "client/kvgen/synthetic.h"
+#include "daemon/transport/inproc_transport.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/cpu_codec.h"
+#include "tests/testing/fault_transport.h"
+
+namespace spectrumkv {
+namespace {
+
+using kvgen::PoolLayoutKind;
+
+constexpr ModelShape kShape{4, 2, 64};
+constexpr uint32_t kTokens = 100;
+
+int node_counter = 0;
+
+// Small chunks: every layer travels as its own chunk, so faults can target one layer.
+TransferManagerOptions TestOptions() {
+  TransferManagerOptions o;
+  o.chunk_bytes = 1;
+  return o;
+}
+
+// One daemon's components.
+class Node {
+ public:
+  explicit Node(TransferManagerOptions options = TestOptions(), uint64_t staging_bytes = 64 << 20)
+      : name_(absl::StrFormat("n%d-%d", getpid(), node_counter++)),
+        metrics_(BuildInfo{"test", "", "no", "no", "cpu"}),
+        staging_(std::move(*StagingArena::Create(staging_bytes, false, false))),
+        pools_(16,
+               [](const CudaIpcSpec&) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
+                 return absl::UnavailableError("no GPU");
+               }),
+        codec_(CpuCodec::CreateBest()),
+        inproc_(name_),
+        faults_(inproc_),
+        executor_(2, "test"),
+        manager_(std::make_unique<TransferManager>(options, pools_, CodecSet{codec_.get(), nullptr},
+                                                   faults_, *staging_, metrics_, executor_,
+                                                   timers_, models_)) {
+    EXPECT_TRUE(faults_.Start(manager_.get()).ok());
+  }
+  ~Node() { Stop(); }
+  void Stop() {
+    if (!manager_) return;
+    faults_.Shutdown();
+    executor_.Shutdown();
+    manager_.reset();
+  }
+
+  // Creates a shared-memory pool (layout `kind`) with one request's blocks and registers it.
+  std::string AddPool(PoolLayoutKind kind, uint32_t block_size, ModelShape shape = kShape,
+                      uint32_t tokens = kTokens) {
+    const std::string id = absl::StrFormat("%s-p%d", name_, pools_made_++);
+    kvgen::PoolSpec spec{kind, shape, DType::kFloat16, block_size,
+                         kvgen::BlocksFor(tokens, block_size) + 1};
+    shm_.push_back(std::move(*kvgen::ShmPool::Create("skv-" + id, spec)));
+    PoolSpec ps;
+    ps.pool_id = id;
+    ps.layout = shm_.back()->layout();
+    for (size_t i = 0; i < shm_.back()->names().size(); ++i) {
+      ps.regions.push_back(HostShmSpec{shm_.back()->names()[i], 0,
+                                       shm_.back()->regions()[i].size_bytes});
+    }
+    EXPECT_TRUE(pools_.Register(ps).ok());
+    tables_[id] = kvgen::ShuffledBlockTable(spec.num_blocks, block_size, tokens, pools_made_);
+    return id;
+  }
+  KvBuffer View(const std::string& pool_id, uint32_t tokens = kTokens) {
+    const size_t i = std::stoul(pool_id.substr(pool_id.rfind('p') + 1));
+    return shm_[i]->View(tables_[pool_id], tokens);
+  }
+  const std::vector<uint32_t>& Blocks(const std::string& pool_id) { return tables_[pool_id]; }
+
+  TransferManager& manager() { return *manager_; }
+  testing::FaultTransport& faults() { return faults_; }
+  StagingArena& staging() { return *staging_; }
+  Metrics& metrics() { return metrics_; }
+  ModelPolicies& models() { return models_; }
+  std::string address() const { return inproc_.address(); }
+
+ private:
+  std::string name_;
+  Metrics metrics_;
+  std::unique_ptr<StagingArena> staging_;
+  PoolRegistry pools_;
+  ModelPolicies models_;
+  std::unique_ptr<Codec> codec_;
+  TimerQueue timers_;
+  InprocTransport inproc_;
+  testing::FaultTransport faults_;
+  Executor executor_;
+  std::unique_ptr<TransferManager> manager_;
+  std::vector<std::unique_ptr<kvgen::ShmPool>> shm_;
+  std::map<std::string, std::vector<uint32_t>> tables_;
+  int pools_made_ = 0;
+};
+
+SendArgs MakeSend(const std::string& id, Node& from, const std::string& pool, const Node& to,
+                  double budget = 0.3) {
+  SendArgs a;
+  a.key = {id, 0};
+  a.pool_id = pool;
+  a.blocks = from.Blocks(pool);
+  a.num_tokens = kTokens;
+  a.peer = to.address();
+  a.plan.budget = budget;
+  a.scoring = ScoringMode::kKeyNorm;
+  a.fingerprint = absl::StrFormat("%s-%s-%g", id, pool, budget);
+  return a;
+}
+
+ReceiveArgs MakeReceive(const std::string& id, Node& on, const std::string& pool) {
+  ReceiveArgs a;
+  a.key = {id, 0};
+  a.pool_id = pool;
+  a.blocks = on.Blocks(pool);
+  a.num_tokens = kTokens;
+  a.fingerprint = id + pool;
+  return a;
+}
+
+SteadyClock::time_point In(double s) {
+  return SteadyClock::now() +
+         std::chrono::duration_cast<SteadyClock::duration>(std::chrono::duration<double>(s));
+}
+
+template <typename T>
+struct Pending {
+  std::shared_ptr<std::promise<absl::StatusOr<T>>> p =
+      std::make_shared<std::promise<absl::StatusOr<T>>>();
+  std::future<absl::StatusOr<T>> f = p->get_future();
+  std::function<void(absl::StatusOr<T>)> cb() {
+    auto q = p;
+    return [q](absl::StatusOr<T> r) { q->set_value(std::move(r)); };
+  }
+  absl::StatusOr<T> Get() {
+    EXPECT_EQ(f.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+    return f.get();
+  }
+};
+
+class TransferManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    src_pool_ = a_.AddPool(PoolLayoutKind::kVllmNhd, 16);
+    dst_pool_ = b_.AddPool(PoolLayoutKind::kVllmHnd, 8);
+    kvgen::SyntheticOptions syn;
+    syn.seed = std::random_device{}();
+    kvgen::FillSynthetic(a_.View(src_pool_), syn);
+  }
+  // Every value of every kept row arrived within the tier bounds (spot check: FP16 exact, all
+  // rows non-zero where the source is).
+  void ExpectArrived(const ReceiveResult& r) {
+    const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
+    ASSERT_EQ(r.dropped.size(), 1u);
+    std::vector<bool> dropped(kTokens);
+    for (uint32_t t : r.dropped[0]) dropped[t] = true;
+    for (uint32_t l = 0; l < kShape.num_layers; ++l) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        const uint16_t* x = HostRowPtr(src, l, true, t, 1);
+        const uint16_t* y = HostRowPtr(dst, l, true, t, 1);
+        double num = 0, den = 0;
+        for (uint32_t c = 0; c < kShape.head_dim; ++c) {
+          const double d = HalfToFloat(x[c]) - HalfToFloat(y[c]);
+          num += d * d;
+          den += double(HalfToFloat(x[c])) * HalfToFloat(x[c]);
+        }
+        if (dropped[t]) {
+          EXPECT_EQ(num, den) << "a dropped row was written";
+        } else {
+          // Loose: INT4 rows of gaussian data reach ~0.3; exact bounds are the conformance
+          // suite's and fake-frontend's business.
+          EXPECT_LT(std::sqrt(num / den), 0.4) << "layer " << l << " token " << t;
+        }
+      }
+    }
+  }
+  void ExpectIdle(Node& n) {
+    for (int i = 0; i < 200 && (n.manager().active() > 0 || n.staging().used() > 0); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_EQ(n.manager().active(), 0u);
+    EXPECT_EQ(n.staging().used(), 0u) << "staging memory leaked";
+  }
+
+  Node a_, b_;
+  std::string src_pool_, dst_pool_;
+};
+
+TEST_F(TransferManagerTest, ReceiveFirstThenSend) {
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("r1", b_, dst_pool_), In(10), recv.cb());
+  a_.manager().Send(MakeSend("r1", a_, src_pool_, b_), In(10), send.cb());
+  auto s = send.Get();
+  auto r = recv.Get();
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(s->transfer_id, r->transfer_id);
+  EXPECT_EQ(s->stats.wire_bytes, r->stats.wire_bytes);
+  EXPECT_EQ(s->stats.logical_bytes, uint64_t{kTokens} * kShape.Fp16BytesPerToken());
+  EXPECT_NEAR(s->stats.element_budget, 0.3, 1e-9);
+  EXPECT_EQ(s->stats.tiers[Tier::kInt8] + s->stats.tiers[Tier::kInt4], kTokens);
+  EXPECT_EQ(r->peer, a_.address());
+  ASSERT_EQ(r->tier_maps.size(), 1u);
+  ExpectArrived(*r);
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+  // Metrics agree on both sides.
+  const std::string ma = a_.metrics().Serialize(), mb = b_.metrics().Serialize();
+  EXPECT_NE(ma.find(absl::StrFormat("spectrumkv_wire_bytes_total{direction=\"tx\"} %u",
+                                    s->stats.wire_bytes)),
+            std::string::npos)
+      << ma;
+  EXPECT_NE(mb.find(absl::StrFormat("spectrumkv_wire_bytes_total{direction=\"rx\"} %u",
+                                    s->stats.wire_bytes)),
+            std::string::npos);
+  EXPECT_NE(ma.find("spectrumkv_transfers_total{code=\"OK\",role=\"send\"} 1"), std::string::npos);
+}
+
+TEST_F(TransferManagerTest, SendFirstIsBufferedUntilTheReceive) {
+  Pending<SendResult> send;
+  a_.manager().Send(MakeSend("r2", a_, src_pool_, b_, 0.5), In(10), send.cb());
+  for (int i = 0; i < 200 && b_.manager().active() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_NE(send.f.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
+      << "Send must wait for the receiver's acknowledgement";
+  Pending<ReceiveResult> recv;
+  b_.manager().Receive(MakeReceive("r2", b_, dst_pool_), In(10), recv.cb());
+  ASSERT_TRUE(send.Get().ok());
+  auto r = recv.Get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ExpectArrived(*r);
+  ExpectIdle(b_);
+}
+
+TEST_F(TransferManagerTest, EarlyPayloadExpires) {
+  TransferManagerOptions o = TestOptions();
+  o.early_ttl_s = 0.2;
+  Node c(o);
+  Pending<SendResult> send;
+  a_.manager().Send(MakeSend("r3", a_, src_pool_, c), In(10), send.cb());
+  auto s = send.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kDeadlineExceeded) << s.status();
+  EXPECT_NE(s.status().message().find("no Receive claimed"), std::string::npos) << s.status();
+  ExpectIdle(c);
+  ExpectIdle(a_);
+  EXPECT_NE(c.metrics().Serialize().find("spectrumkv_early_payloads_expired_total 1"),
+            std::string::npos);
+}
+
+TEST_F(TransferManagerTest, DuplicateRequestIds) {
+  Pending<ReceiveResult> recv;
+  b_.manager().Receive(MakeReceive("r4", b_, dst_pool_), In(10), recv.cb());
+  // Same content twice: both calls get the one outcome. Different content: ALREADY_EXISTS.
+  Pending<SendResult> s1, s2, s3;
+  a_.manager().Send(MakeSend("r4", a_, src_pool_, b_), In(10), s1.cb());
+  a_.manager().Send(MakeSend("r4", a_, src_pool_, b_), In(10), s2.cb());
+  a_.manager().Send(MakeSend("r4", a_, src_pool_, b_, 0.7), In(10), s3.cb());
+  EXPECT_EQ(s3.Get().status().code(), absl::StatusCode::kAlreadyExists);
+  auto r1 = s1.Get(), r2 = s2.Get();
+  ASSERT_TRUE(r1.ok() && r2.ok());
+  EXPECT_EQ(r1->transfer_id, r2->transfer_id);
+  ASSERT_TRUE(recv.Get().ok());
+  // A retry after completion returns the recorded result without a new transfer.
+  Pending<SendResult> s4;
+  a_.manager().Send(MakeSend("r4", a_, src_pool_, b_), In(10), s4.cb());
+  auto r4 = s4.Get();
+  ASSERT_TRUE(r4.ok());
+  EXPECT_EQ(r4->transfer_id, r1->transfer_id);
+  Pending<ReceiveResult> recv2;
+  b_.manager().Receive(MakeReceive("r4", b_, dst_pool_), In(10), recv2.cb());
+  EXPECT_TRUE(recv2.Get().ok());
+}
+
+TEST_F(TransferManagerTest, DeadlinesAndCancellation) {
+  Pending<ReceiveResult> recv;
+  b_.manager().Receive(MakeReceive("r5", b_, dst_pool_), In(0.2), recv.cb());
+  EXPECT_EQ(recv.Get().status().code(), absl::StatusCode::kDeadlineExceeded);
+
+  // Cancelled by the receiver: the sender hears it.
+  b_.faults().drop_acks = true;  // keep the transfer open
+  Pending<ReceiveResult> recv2;
+  Pending<SendResult> send2;
+  b_.manager().Receive(MakeReceive("r6", b_, dst_pool_), In(10), recv2.cb());
+  a_.manager().Send(MakeSend("r6", a_, src_pool_, b_), In(10), send2.cb());
+  ASSERT_TRUE(recv2.Get().ok());  // it completed, but its ack was lost
+  EXPECT_EQ(b_.manager().Cancel({"r6", 0}, "test").value(), false);
+  a_.manager().Cancel({"r6", 0}, "operator said so").IgnoreError();
+  auto s2 = send2.Get();
+  EXPECT_EQ(s2.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(s2.status().message().find("operator said so"), std::string::npos);
+  b_.faults().drop_acks = false;
+
+  // Cancelled on the receiving side while the sender waits: the sender gets CANCELLED.
+  a_.faults().drop_chunk = 2;  // the payload never completes
+  Pending<ReceiveResult> recv3;
+  Pending<SendResult> send3;
+  b_.manager().Receive(MakeReceive("r7", b_, dst_pool_), In(10), recv3.cb());
+  a_.manager().Send(MakeSend("r7", a_, src_pool_, b_), In(10), send3.cb());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(b_.manager().Cancel({"r7", 0}, "decode gave up").value(), true);
+  EXPECT_EQ(recv3.Get().status().code(), absl::StatusCode::kCancelled);
+  auto s3 = send3.Get();
+  EXPECT_EQ(s3.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(s3.status().message().find("decode gave up"), std::string::npos) << s3.status();
+  a_.faults().drop_chunk = -1;
+  EXPECT_EQ(a_.manager().Cancel({"nope", 0}, "").status().code(), absl::StatusCode::kNotFound);
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+}
+
+TEST_F(TransferManagerTest, DetachCancelsOnlyWhenNobodyWaits) {
+  a_.faults().drop_chunk = 1;
+  Pending<ReceiveResult> recv;
+  b_.manager().Receive(MakeReceive("r8", b_, dst_pool_), In(10), recv.cb());
+  Pending<SendResult> s1, s2;
+  const uint64_t w1 = a_.manager().Send(MakeSend("r8", a_, src_pool_, b_), In(10), s1.cb());
+  const uint64_t w2 = a_.manager().Send(MakeSend("r8", a_, src_pool_, b_), In(10), s2.cb());
+  a_.manager().Detach({"r8", 0}, TransferRole::kSend, w1);
+  EXPECT_EQ(s1.Get().status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(s2.f.wait_for(std::chrono::milliseconds(50)), std::future_status::ready);
+  a_.manager().Detach({"r8", 0}, TransferRole::kSend, w2);
+  EXPECT_EQ(s2.Get().status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(recv.Get().status().code(), absl::StatusCode::kCancelled);
+  a_.faults().drop_chunk = -1;
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+}
+
+TEST_F(TransferManagerTest, CorruptPayloadIsDataLossAndNeverWritten) {
+  a_.faults().corrupt_chunk = 2;  // the second layer chunk (chunk 1 is layer 0...)
+  a_.faults().corrupt_offset = 12345;
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("r9", b_, dst_pool_), In(10), recv.cb());
+  a_.manager().Send(MakeSend("r9", a_, src_pool_, b_, 0.5), In(10), send.cb());
+  EXPECT_EQ(recv.Get().status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(send.Get().status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(b_.metrics().Serialize().find("spectrumkv_checksum_failures_total 1"),
+            std::string::npos);
+  a_.faults().corrupt_chunk = -1;
+  ExpectIdle(b_);
+}
+
+TEST_F(TransferManagerTest, AdmissionControl) {
+  TransferManagerOptions o = TestOptions();
+  o.max_inflight_transfers = 1;
+  Node c(o);
+  const std::string pool = c.AddPool(PoolLayoutKind::kVllmNhd, 16);
+  c.faults().drop_chunk = 1;
+  Pending<SendResult> s1, s2;
+  c.manager().Send(MakeSend("x1", c, pool, b_), In(10), s1.cb());
+  c.manager().Send(MakeSend("x2", c, pool, b_), In(10), s2.cb());
+  EXPECT_EQ(s2.Get().status().code(), absl::StatusCode::kResourceExhausted);
+  c.manager().Cancel({"x1", 0}, "").IgnoreError();
+  EXPECT_EQ(s1.Get().status().code(), absl::StatusCode::kCancelled);
+
+  TransferManagerOptions small = TestOptions();
+  small.max_inflight_bytes = 1000;  // smaller than any payload
+  Node d(small);
+  const std::string pool2 = d.AddPool(PoolLayoutKind::kVllmNhd, 16);
+  Pending<SendResult> s3;
+  d.manager().Send(MakeSend("x3", d, pool2, b_), In(10), s3.cb());
+  EXPECT_EQ(s3.Get().status().code(), absl::StatusCode::kResourceExhausted);
+
+  TransferManagerOptions no_early = TestOptions();
+  no_early.early_buffer_bytes = 0;
+  Node e(no_early);
+  Pending<SendResult> s4;
+  a_.manager().Send(MakeSend("x4", a_, src_pool_, e), In(10), s4.cb());
+  auto r4 = s4.Get();
+  EXPECT_EQ(r4.status().code(), absl::StatusCode::kResourceExhausted) << r4.status();
+  ExpectIdle(c);
+  ExpectIdle(d);
+  ExpectIdle(e);
+}
+
+TEST_F(TransferManagerTest, BadRequestsFailWithTheirCodes) {
+  Pending<SendResult> s1;
+  SendArgs bad = MakeSend("y1", a_, src_pool_, b_);
+  bad.pool_id = "no-such-pool";
+  a_.manager().Send(bad, In(5), s1.cb());
+  EXPECT_EQ(s1.Get().status().code(), absl::StatusCode::kNotFound);
+  Pending<SendResult> s2;
+  bad = MakeSend("y2", a_, src_pool_, b_);
+  bad.blocks[0] = 999;  // outside the pool
+  a_.manager().Send(bad, In(5), s2.cb());
+  EXPECT_EQ(s2.Get().status().code(), absl::StatusCode::kInvalidArgument);
+  Pending<SendResult> s3;
+  bad = MakeSend("y3", a_, src_pool_, b_);
+  bad.peer = "inproc://nobody-here";
+  a_.manager().Send(bad, In(5), s3.cb());
+  EXPECT_EQ(s3.Get().status().code(), absl::StatusCode::kUnavailable);
+  Pending<ReceiveResult> r1;
+  a_.manager().Receive(MakeReceive("y4", b_, "no-such-pool"), In(5), r1.cb());
+  EXPECT_EQ(r1.Get().status().code(), absl::StatusCode::kNotFound);
+  // A destination whose shape differs from the payload's: INVALID_ARGUMENT on both sides.
+  const std::string other =
+      b_.AddPool(PoolLayoutKind::kVllmNhd, 16, ModelShape{4, 1, 64}, kTokens);
+  Pending<ReceiveResult> r2;
+  Pending<SendResult> s5;
+  b_.manager().Receive(MakeReceive("y5", b_, other), In(5), r2.cb());
+  a_.manager().Send(MakeSend("y5", a_, src_pool_, b_), In(5), s5.cb());
+  EXPECT_EQ(r2.Get().status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s5.Get().status().code(), absl::StatusCode::kInvalidArgument);
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+}
+
+TEST_F(TransferManagerTest, PeerDownFailsTransfersWithUnavailable) {
+  auto c = std::make_unique<Node>();
+  const std::string pool = c->AddPool(PoolLayoutKind::kVllmHnd, 8);
+  a_.faults().drop_chunk = 2;  // hold the transfer open
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  c->manager().Receive(MakeReceive("z1", *c, pool), In(10), recv.cb());
+  a_.manager().Send(MakeSend("z1", a_, src_pool_, *c), In(10), send.cb());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  c->Stop();  // the peer dies
+  EXPECT_EQ(send.Get().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(recv.Get().status().code(), absl::StatusCode::kUnavailable);
+  a_.faults().drop_chunk = -1;
+  ExpectIdle(a_);
+}
+
+TEST_F(TransferManagerTest, ModelPolicyTurns3TierInto2Tier) {
+  ASSERT_TRUE(a_.models().Set({"m-no-int4", false, true, "probe 0/3"}).ok());
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("m1", b_, dst_pool_), In(10), recv.cb());
+  SendArgs args = MakeSend("m1", a_, src_pool_, b_, 0.3);
+  args.model = "m-no-int4";
+  a_.manager().Send(args, In(10), send.cb());
+  auto s = send.Get();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->stats.policy, "2tier");
+  EXPECT_EQ(s->stats.tiers[Tier::kInt4], 0u);
+  EXPECT_EQ(s->stats.tiers[Tier::kDrop], 40u);
+  auto r = recv.Get();
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->dropped[0].size(), 40u);
+  ExpectArrived(*r);
+}
+
+TEST_F(TransferManagerTest, DrainRefusesNewWork) {
+  a_.manager().Drain(std::chrono::milliseconds(10));
+  Pending<SendResult> s;
+  a_.manager().Send(MakeSend("d1", a_, src_pool_, b_), In(5), s.cb());
+  EXPECT_EQ(s.Get().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(a_.manager().draining());
+}
+
+TEST_F(TransferManagerTest, ListAndGet) {
+  Pending<ReceiveResult> recv;
+  b_.manager().Receive(MakeReceive("l1", b_, dst_pool_), In(10), recv.cb());
+  auto info = b_.manager().Get({"l1", 0}, TransferRole::kReceive);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->state, "waiting");
+  EXPECT_EQ(b_.manager().List(false).size(), 1u);
+  Pending<SendResult> send;
+  a_.manager().Send(MakeSend("l1", a_, src_pool_, b_), In(10), send.cb());
+  ASSERT_TRUE(send.Get().ok());
+  ASSERT_TRUE(recv.Get().ok());
+  info = a_.manager().Get({"l1", 0}, std::nullopt);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->state, "done");
+  EXPECT_TRUE(info->ended);
+  EXPECT_EQ(b_.manager().List(false).size(), 0u);
+  EXPECT_EQ(b_.manager().List(true).size(), 1u);
+}
+
+}  // namespace
+}  // namespace spectrumkv
