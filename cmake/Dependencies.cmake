@@ -20,3 +20,5 @@ find_package(gRPC CONFIG REQUIRED)
 find_package(yaml-cpp CONFIG REQUIRED)
 find_package(prometheus-cpp CONFIG REQUIRED)
 find_package(spdlog CONFIG REQUIRED)
+# UCX 1.13 (Debian: no CUDA transports); only daemon/transport/ucx includes its headers.
+find_package(ucx CONFIG REQUIRED)

@@ -32,6 +32,7 @@
 #include "daemon/transfer/model_policies.h"
 #include "daemon/transfer/transfer_manager.h"
 #include "daemon/transport/inproc_transport.h"
+#include "daemon/transport/ucx/ucx_transport.h"
 #include "kernels/registry/codec_registry.h"
 
 namespace spectrumkv {
@@ -112,7 +113,7 @@ int Run(int argc, char** argv) {
   app.add_option("--metrics-address", f.metrics_address,
                  "Overrides metrics.address (host:port, port 0 picks one, \"\" disables)")
       ->each([&](const std::string&) { f.set_metrics_address = true; });
-  app.add_option("--transport", f.transport, "Overrides transport.kind (inproc)");
+  app.add_option("--transport", f.transport, "Overrides transport.kind (inproc, ucx)");
   app.add_option("--transport-address", f.transport_address, "Overrides transport.address");
   app.add_option("--backend", f.backend, "Overrides codec.backend (auto, cpu, cpu-scalar, cuda)");
   app.add_option("--log-level", f.log_level, "Overrides logging.level");
@@ -134,7 +135,10 @@ int Run(int argc, char** argv) {
     config = std::move(*loaded);
   }
   ApplyFlags(f, config);
-  if (config.transport.address.empty()) config.transport.address = config.node_name;
+  if (config.transport.address.empty()) {
+    config.transport.address =
+        config.transport.kind == "ucx" ? std::string("0.0.0.0:13337") : config.node_name;
+  }
   if (absl::Status s = ValidateConfig(config); !s.ok()) {
     std::fprintf(stderr, "spectrumkvd: invalid configuration:\n%s\n",
                  std::string(s.message()).c_str());
@@ -180,7 +184,8 @@ int Run(int argc, char** argv) {
   const std::string backend_name(device_codec ? device_codec->name() : host_codec->name());
   spdlog::info("codec backend {}: {}", backend_name, selected->reason);
 
-  Metrics metrics(BuildInfo{kVersion, "", CudaBackendBuilt() ? "yes" : "no", "no", backend_name});
+  Metrics metrics(
+      BuildInfo{kVersion, SPECTRUMKV_REVISION, CudaBackendBuilt() ? "yes" : "no", "yes", backend_name});
   if (!config.metrics.address.empty()) {
     if (absl::Status s = metrics.StartExposer(config.metrics.address); !s.ok()) {
       spdlog::error("{}", s.ToString());
@@ -206,12 +211,23 @@ int Run(int argc, char** argv) {
       return kExitConfig;
     }
   }
-  if (config.transport.kind != "inproc") {
-    spdlog::error("transport \"{}\" is not available in this build (only inproc)",
-                  config.transport.kind);
-    return kExitUnavailable;
+  std::unique_ptr<Transport> transport;
+  if (config.transport.kind == "ucx") {
+    UcxTransportOptions ucx;
+    ucx.listen_address = config.transport.address;
+    ucx.advertise_host = config.transport.advertise_host;
+    ucx.tls = config.transport.ucx_tls;
+    ucx.ucx_options = config.transport.ucx_options;
+    absl::StatusOr<std::unique_ptr<UcxTransport>> created = UcxTransport::Create(ucx);
+    if (!created.ok()) {
+      spdlog::error("transport: {}", created.status().ToString());
+      return created.status().code() == absl::StatusCode::kInvalidArgument ? kExitConfig
+                                                                            : kExitUnavailable;
+    }
+    transport = std::move(*created);
+  } else {
+    transport = std::make_unique<InprocTransport>(config.transport.address);
   }
-  InprocTransport transport(config.transport.address);
   Executor executor(static_cast<int>(config.codec.worker_threads), "skv-worker");
   TimerQueue timers;
   TransferManagerOptions options;
@@ -225,9 +241,9 @@ int Run(int argc, char** argv) {
   options.chunk_bytes = config.codec.chunk_bytes;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
-      options, pools, CodecSet{host_codec.get(), device_codec.get()}, transport, **staging,
+      options, pools, CodecSet{host_codec.get(), device_codec.get()}, *transport, **staging,
       metrics, executor, timers, models);
-  if (absl::Status s = transport.Start(manager.get()); !s.ok()) {
+  if (absl::Status s = transport->Start(manager.get()); !s.ok()) {
     spdlog::error("transport: {}", s.ToString());
     return kExitUnavailable;
   }
@@ -237,8 +253,8 @@ int Run(int argc, char** argv) {
   info.set_node_name(config.node_name);
   info.set_incarnation(incarnation);
   info.set_codec_backend(backend_name);
-  info.set_transport(transport.kind());
-  info.set_transport_address(transport.address());
+  info.set_transport(transport->kind());
+  info.set_transport_address(transport->address());
   info.set_max_inflight_transfers(config.limits.max_inflight_transfers);
   info.set_max_inflight_bytes(config.limits.max_inflight_bytes);
   info.set_metrics_port(static_cast<uint32_t>(metrics.exposer_port()));
@@ -272,7 +288,7 @@ int Run(int argc, char** argv) {
       "spectrumkvd {} ready: node {} incarnation {:016x} grpc unix:{} tcp:{} metrics port {} "
       "transport {}",
       kVersion, config.node_name, incarnation, config.listen.unix_socket,
-      tcp_port ? std::to_string(tcp_port) : "-", metrics.exposer_port(), transport.address());
+      tcp_port ? std::to_string(tcp_port) : "-", metrics.exposer_port(), transport->address());
   SdNotify("READY=1\nSTATUS=serving");
 
   // Wait for a signal: TERM/INT drain and exit; a second one exits at once; HUP is logged.
@@ -299,7 +315,7 @@ int Run(int argc, char** argv) {
   second_signal.detach();
   manager->Drain(std::chrono::milliseconds(static_cast<int64_t>(config.limits.drain_timeout_s * 1000)));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  transport.Shutdown();
+  transport->Shutdown();
   executor.Shutdown();
   manager.reset();
   if (!config.listen.unix_socket.empty()) {

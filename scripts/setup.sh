@@ -9,6 +9,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libyaml-cpp-dev prometheus-cpp-dev libspdlog-dev libfmt-dev prometheus
+  libucx-dev ucx-utils iproute2
 )
 
 missing=()

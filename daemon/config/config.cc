@@ -186,8 +186,32 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                        [&](const YAML::Node& m, const std::string& q) {
                          r.String(m, q, &c.transport.kind, {"inproc", "ucx"});
                        }},
-                      {"address", [&](const YAML::Node& m, const std::string& q) {
+                      {"address",
+                       [&](const YAML::Node& m, const std::string& q) {
                          r.String(m, q, &c.transport.address);
+                       }},
+                      {"advertise_host",
+                       [&](const YAML::Node& m, const std::string& q) {
+                         r.String(m, q, &c.transport.advertise_host);
+                       }},
+                      {"ucx_tls",
+                       [&](const YAML::Node& m, const std::string& q) {
+                         r.String(m, q, &c.transport.ucx_tls);
+                       }},
+                      {"ucx_options", [&](const YAML::Node& m, const std::string& q) {
+                         if (m.IsNull()) return;
+                         if (!m.IsMap()) {
+                           r.Error(m, q, "expected a mapping of UCX setting to value");
+                           return;
+                         }
+                         for (const auto& kv : m) {
+                           const std::string key = kv.first.as<std::string>();
+                           std::string value;
+                           r.String(kv.second, q + "." + key, &value);
+                           if (!c.transport.ucx_options.emplace(key, value).second) {
+                             r.Error(kv.first, q + "." + key, "duplicate key");
+                           }
+                         }
                        }}});
              }},
             {"limits",
@@ -432,7 +456,12 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "address" << YAML::Value << c.metrics.address << YAML::EndMap;
   out << YAML::Key << "transport" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "kind" << YAML::Value << c.transport.kind;
-  out << YAML::Key << "address" << YAML::Value << c.transport.address << YAML::EndMap;
+  out << YAML::Key << "address" << YAML::Value << c.transport.address;
+  out << YAML::Key << "advertise_host" << YAML::Value << c.transport.advertise_host;
+  out << YAML::Key << "ucx_tls" << YAML::Value << c.transport.ucx_tls;
+  out << YAML::Key << "ucx_options" << YAML::Value << YAML::BeginMap;
+  for (const auto& [k, v] : c.transport.ucx_options) out << YAML::Key << k << YAML::Value << v;
+  out << YAML::EndMap << YAML::EndMap;
   const LimitsConfig& l = c.limits;
   out << YAML::Key << "limits" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "max_inflight_transfers" << YAML::Value << l.max_inflight_transfers;

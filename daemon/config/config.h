@@ -7,6 +7,7 @@
 #define SPECTRUMKV_DAEMON_CONFIG_CONFIG_H_
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,12 @@ struct MetricsConfig {
 
 struct TransportConfig {
   std::string kind = "inproc";  // "inproc" (peers in this process) or "ucx"
-  std::string address;          // inproc: this daemon's name (default: node_name)
+  // inproc: this daemon's name (default: node_name). ucx: the listen address host:port
+  // (default 0.0.0.0:13337; port 0 picks one).
+  std::string address;
+  std::string advertise_host;   // ucx: the host peers use (default: listen host or hostname)
+  std::string ucx_tls = "tcp";  // ucx: UCX_TLS, e.g. tcp, "posix,tcp", "rc,tcp"; "" = all
+  std::map<std::string, std::string> ucx_options;  // ucx: further UCX settings (no UCX_ prefix)
 };
 
 struct LimitsConfig {

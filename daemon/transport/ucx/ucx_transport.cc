@@ -1,0 +1,619 @@
+#include "daemon/transport/ucx/ucx_transport.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <spdlog/spdlog.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <deque>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/api/wire_format.h"
+
+namespace spectrumkv {
+namespace {
+
+constexpr char kScheme[] = "ucx://";
+constexpr unsigned kAmControl = 1;
+constexpr unsigned kAmData = 2;
+constexpr uint16_t kHeaderMagic = 0x4B53;  // "SK"
+constexpr uint8_t kHeaderVersion = 1;
+constexpr size_t kDataHeaderBytes = 40;
+
+absl::Status FromUcs(ucs_status_t s, const std::string& what) {
+  if (s == UCS_OK) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrFormat("%s: %s", what, ucs_status_string(s)));
+}
+
+// "host:port" -> (host, port). False if malformed.
+bool SplitHostPort(const std::string& s, std::string* host, uint16_t* port) {
+  const size_t colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 >= s.size()) return false;
+  *host = s.substr(0, colon);
+  if (host->size() > 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  char* end = nullptr;
+  const unsigned long p = std::strtoul(s.c_str() + colon + 1, &end, 10);
+  if (*end != '\0' || p > 65535) return false;
+  *port = static_cast<uint16_t>(p);
+  return true;
+}
+
+absl::Status Resolve(const std::string& host, uint16_t port, bool passive,
+                     sockaddr_storage* out, socklen_t* len) {
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  const int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    return absl::UnavailableError(
+        absl::StrFormat("cannot resolve %s: %s", host, gai_strerror(rc)));
+  }
+  std::memcpy(out, res->ai_addr, res->ai_addrlen);
+  *len = res->ai_addrlen;
+  freeaddrinfo(res);
+  return absl::OkStatus();
+}
+
+// Header of every active message: magic, version, kind, the sender's address, and for data the
+// chunk framing. Little-endian.
+std::string EncodeHeader(uint8_t kind, const std::string& sender, const DataChunkHeader* data) {
+  std::string h(6 + sender.size() + (data ? kDataHeaderBytes : 0), '\0');
+  auto* p = reinterpret_cast<uint8_t*>(h.data());
+  StoreLe16(p, kHeaderMagic);
+  p[2] = kHeaderVersion;
+  p[3] = kind;
+  StoreLe16(p + 4, static_cast<uint16_t>(sender.size()));
+  std::memcpy(p + 6, sender.data(), sender.size());
+  if (data != nullptr) {
+    uint8_t* d = p + 6 + sender.size();
+    StoreLe64(d, data->transfer_id);
+    StoreLe32(d + 8, data->index);
+    StoreLe32(d + 12, data->first_layer);
+    StoreLe32(d + 16, data->last_layer);
+    StoreLe32(d + 20, 0);
+    StoreLe64(d + 24, data->offset);
+    StoreLe64(d + 32, data->size);
+  }
+  return h;
+}
+
+struct ParsedHeader {
+  uint8_t kind = 0;
+  std::string sender;
+  DataChunkHeader data;
+};
+
+// Never trusts a length it has not checked.
+bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
+  const auto* p = static_cast<const uint8_t*>(header);
+  if (length < 6 || LoadLe16(p) != kHeaderMagic || p[2] != kHeaderVersion) return false;
+  out->kind = p[3];
+  const size_t sender_len = LoadLe16(p + 4);
+  if (sender_len == 0 || 6 + sender_len > length) return false;
+  out->sender.assign(reinterpret_cast<const char*>(p + 6), sender_len);
+  if (out->kind == kAmData) {
+    if (length != 6 + sender_len + kDataHeaderBytes) return false;
+    const uint8_t* d = p + 6 + sender_len;
+    out->data.transfer_id = LoadLe64(d);
+    out->data.index = LoadLe32(d + 8);
+    out->data.first_layer = LoadLe32(d + 12);
+    out->data.last_layer = LoadLe32(d + 16);
+    out->data.offset = LoadLe64(d + 24);
+    out->data.size = LoadLe64(d + 32);
+    return true;
+  }
+  return out->kind == kAmControl && length == 6 + sender_len;
+}
+
+}  // namespace
+
+struct UcxTransport::Impl {
+  struct Endpoint {
+    Impl* impl = nullptr;
+    ucp_ep_h ep = nullptr;
+    std::string peer;  // known for outbound; learned from messages for inbound
+    bool outbound = false;
+    bool closed = false;
+  };
+  // An operation handed to the progress thread.
+  struct Op {
+    bool data = false;
+    std::string peer;
+    std::string header;
+    std::string control;              // serialized PeerMessage (control)
+    std::span<const uint8_t> payload; // data: the caller keeps it valid until done
+    SendCallback done;
+  };
+  struct SendRequest {
+    Impl* impl;
+    Op op;
+  };
+  struct RecvRequest {
+    Impl* impl;
+    std::string peer;
+    ParsedHeader header;
+    std::string buffer;  // control messages received by rendezvous
+  };
+
+  UcxTransportOptions options;
+  ucp_context_h context = nullptr;
+  ucp_worker_h worker = nullptr;
+  ucp_listener_h listener = nullptr;
+  int worker_fd = -1, event_fd = -1, epoll_fd = -1;
+  std::string address;
+  TransportHandler* handler = nullptr;
+  std::thread thread;
+
+  absl::Mutex mu;
+  std::deque<Op> queue ABSL_GUARDED_BY(mu);
+  bool stopping ABSL_GUARDED_BY(mu) = false;
+  bool started ABSL_GUARDED_BY(mu) = false;
+
+  // Progress-thread state.
+  std::map<std::string, Endpoint*> outbound;
+  std::set<Endpoint*> endpoints;  // every live endpoint, inbound and outbound
+  uint64_t closing = 0;           // endpoint closes in flight
+
+  ~Impl() {
+    if (listener) ucp_listener_destroy(listener);
+    if (worker) ucp_worker_destroy(worker);
+    if (context) ucp_cleanup(context);
+    if (event_fd >= 0) close(event_fd);
+    if (epoll_fd >= 0) close(epoll_fd);
+  }
+
+  void Wake() {
+    const uint64_t one = 1;
+    (void)!write(event_fd, &one, sizeof(one));
+  }
+
+  void Submit(Op op) {
+    {
+      absl::MutexLock lock(&mu);
+      if (!stopping && started) {
+        queue.push_back(std::move(op));
+        Wake();
+        return;
+      }
+    }
+    // Not running: fail on a thread of our own, never inside the caller's Send*.
+    std::thread([done = std::move(op.done)] {
+      done(absl::UnavailableError("the UCX transport is not running"));
+    }).detach();
+  }
+
+  // --- progress thread ----------------------------------------------------------------------
+
+  void Loop() {
+    pthread_setname_np(pthread_self(), "skv-ucx");
+    for (;;) {
+      std::deque<Op> ops;
+      bool stop = false;
+      {
+        absl::MutexLock lock(&mu);
+        ops.swap(queue);
+        stop = stopping;
+      }
+      for (Op& op : ops) Execute(std::move(op));
+      if (stop) break;
+      while (ucp_worker_progress(worker) != 0) {
+      }
+      const ucs_status_t armed = ucp_worker_arm(worker);
+      if (armed == UCS_ERR_BUSY) continue;
+      epoll_event events[2];
+      const int n = epoll_wait(epoll_fd, events, 2, 1000);
+      for (int i = 0; i < n; ++i) {
+        if (events[i].data.fd == event_fd) {
+          uint64_t v;
+          (void)!read(event_fd, &v, sizeof(v));
+        }
+      }
+    }
+    ShutdownOnThread();
+  }
+
+  Endpoint* Connect(const std::string& peer, absl::Status* error) {
+    auto it = outbound.find(peer);
+    if (it != outbound.end()) return it->second;
+    std::string host;
+    uint16_t port = 0;
+    if (peer.rfind(kScheme, 0) != 0 || !SplitHostPort(peer.substr(sizeof(kScheme) - 1), &host, &port)) {
+      *error = absl::InvalidArgumentError(absl::StrFormat(
+          "peer \"%s\" is not a UCX address (ucx://host:port)", peer));
+      return nullptr;
+    }
+    sockaddr_storage addr;
+    socklen_t len;
+    *error = Resolve(host, port, false, &addr, &len);
+    if (!error->ok()) return nullptr;
+    auto* e = new Endpoint{this, nullptr, peer, true, false};
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+    p.sockaddr.addrlen = len;
+    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_handler.cb = &OnEndpointError;
+    p.err_handler.arg = e;
+    const ucs_status_t s = ucp_ep_create(worker, &p, &e->ep);
+    if (s != UCS_OK) {
+      delete e;
+      *error = FromUcs(s, "connecting to " + peer);
+      return nullptr;
+    }
+    outbound[peer] = e;
+    endpoints.insert(e);
+    return e;
+  }
+
+  void Execute(Op op) {
+    absl::Status error;
+    Endpoint* e = Connect(op.peer, &error);
+    if (e == nullptr) {
+      op.done(error);
+      return;
+    }
+    auto* req = new SendRequest{this, std::move(op)};
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                      UCP_OP_ATTR_FIELD_FLAGS;
+    rp.cb.send = &OnSendDone;
+    rp.user_data = req;
+    rp.flags = UCP_AM_SEND_FLAG_REPLY;
+    const void* buffer;
+    size_t length;
+    if (req->op.data) {
+      buffer = req->op.payload.data();
+      length = req->op.payload.size();
+      // Large chunks by rendezvous: the receiver pulls them into its own buffer.
+      if (length >= (64u << 10)) rp.flags |= UCP_AM_SEND_FLAG_RNDV;
+    } else {
+      buffer = req->op.control.data();
+      length = req->op.control.size();
+    }
+    const ucs_status_ptr_t r =
+        ucp_am_send_nbx(e->ep, req->op.data ? kAmData : kAmControl, req->op.header.data(),
+                        req->op.header.size(), buffer, length, &rp);
+    if (r == nullptr) {  // completed immediately
+      req->op.done(absl::OkStatus());
+      delete req;
+    } else if (UCS_PTR_IS_ERR(r)) {
+      req->op.done(FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer));
+      delete req;
+    }
+  }
+
+  static void OnSendDone(void* request, ucs_status_t status, void* user_data) {
+    auto* req = static_cast<SendRequest*>(user_data);
+    req->op.done(FromUcs(status, "send to " + req->op.peer));
+    ucp_request_free(request);
+    delete req;
+  }
+
+  static void OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
+    auto* e = static_cast<Endpoint*>(arg);
+    Impl* impl = e->impl;
+    const std::string peer = e->peer;
+    impl->CloseEndpoint(e, /*force=*/true);
+    if (!peer.empty() && impl->handler != nullptr) {
+      impl->handler->OnPeerDown(peer, FromUcs(status, "UCX endpoint to " + peer));
+    }
+  }
+
+  void CloseEndpoint(Endpoint* e, bool force) {
+    if (e->closed) return;
+    e->closed = true;
+    if (e->outbound) {
+      auto it = outbound.find(e->peer);
+      if (it != outbound.end() && it->second == e) outbound.erase(it);
+    }
+    endpoints.erase(e);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK |
+                     UCP_OP_ATTR_FIELD_USER_DATA;
+    p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    p.cb.send = &OnClosed;
+    p.user_data = e;
+    const ucs_status_ptr_t r = ucp_ep_close_nbx(e->ep, &p);
+    if (r == nullptr || UCS_PTR_IS_ERR(r)) {
+      delete e;
+    } else {
+      ++closing;
+    }
+  }
+
+  static void OnClosed(void* request, ucs_status_t, void* user_data) {
+    auto* e = static_cast<Endpoint*>(user_data);
+    --e->impl->closing;
+    ucp_request_free(request);
+    delete e;
+  }
+
+  static void OnConnRequest(ucp_conn_request_h conn, void* arg) {
+    auto* impl = static_cast<Impl*>(arg);
+    auto* e = new Endpoint{impl, nullptr, "", false, false};
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_USER_DATA;
+    p.conn_request = conn;
+    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_handler.cb = &OnEndpointError;
+    p.err_handler.arg = e;
+    p.user_data = e;
+    if (ucp_ep_create(impl->worker, &p, &e->ep) != UCS_OK) {
+      delete e;
+      return;
+    }
+    impl->endpoints.insert(e);
+  }
+
+  // Learns which peer an inbound endpoint belongs to, so its failure can be reported.
+  void NoteSender(const ucp_am_recv_param_t* param, const std::string& sender) {
+    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep == nullptr) {
+      return;
+    }
+    for (Endpoint* e : endpoints) {
+      if (e->ep == param->reply_ep) {
+        if (e->peer.empty()) e->peer = sender;
+        return;
+      }
+    }
+  }
+
+  static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
+                           size_t length, const ucp_am_recv_param_t* param) {
+    auto* impl = static_cast<Impl*>(arg);
+    ParsedHeader h;
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    if (!DecodeHeader(header, header_length, &h) || impl->handler == nullptr) {
+      spdlog::warn("ucx: dropped a malformed active message ({} header bytes)", header_length);
+      if (rndv) ucp_am_data_release(impl->worker, data);
+      return UCS_OK;
+    }
+    impl->NoteSender(param, h.sender);
+    auto* req = new RecvRequest{impl, h.sender, h, {}};
+    void* dst = nullptr;
+    if (h.kind == kAmControl) {
+      if (length > (1u << 20)) {  // control messages are small; refuse anything else
+        delete req;
+        if (rndv) ucp_am_data_release(impl->worker, data);
+        return UCS_OK;
+      }
+      req->buffer.resize(length);
+      dst = req->buffer.data();
+    } else {
+      if (length != h.data.size) {
+        spdlog::warn("ucx: chunk {} from {} has {} bytes, its header says {}", h.data.index,
+                     h.sender, length, h.data.size);
+        delete req;
+        if (rndv) ucp_am_data_release(impl->worker, data);
+        return UCS_OK;
+      }
+      absl::StatusOr<std::span<uint8_t>> span = impl->handler->OnDataBegin(h.sender, h.data);
+      if (!span.ok()) {
+        delete req;
+        if (rndv) ucp_am_data_release(impl->worker, data);
+        return UCS_OK;
+      }
+      dst = span->data();
+    }
+    if (!rndv) {
+      std::memcpy(dst, data, length);
+      impl->Deliver(req, absl::OkStatus());
+      return UCS_OK;
+    }
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.cb.recv_am = &OnRecvDone;
+    rp.user_data = req;
+    const ucs_status_ptr_t r = ucp_am_recv_data_nbx(impl->worker, data, dst, length, &rp);
+    if (r == nullptr) {
+      impl->Deliver(req, absl::OkStatus());
+    } else if (UCS_PTR_IS_ERR(r)) {
+      impl->Deliver(req, FromUcs(UCS_PTR_STATUS(r), "receive from " + h.sender));
+    }
+    return UCS_OK;
+  }
+
+  static void OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data) {
+    auto* req = static_cast<RecvRequest*>(user_data);
+    req->impl->Deliver(req, FromUcs(status, "receive from " + req->peer));
+    ucp_request_free(request);
+  }
+
+  void Deliver(RecvRequest* req, absl::Status status) {
+    if (req->header.kind == kAmData) {
+      handler->OnDataEnd(req->peer, req->header.data, status);
+    } else if (status.ok()) {
+      v1::PeerMessage m;
+      if (m.ParseFromString(req->buffer)) {
+        handler->OnControl(req->peer, m);
+      } else {
+        spdlog::warn("ucx: unparsable control message from {}", req->peer);
+      }
+    }
+    delete req;
+  }
+
+  void ShutdownOnThread() {
+    if (listener != nullptr) {
+      ucp_listener_destroy(listener);
+      listener = nullptr;
+    }
+    std::vector<Endpoint*> all(endpoints.begin(), endpoints.end());
+    for (Endpoint* e : all) CloseEndpoint(e, /*force=*/true);
+    for (int i = 0; i < 10000 && closing > 0; ++i) ucp_worker_progress(worker);
+    std::deque<Op> left;
+    {
+      absl::MutexLock lock(&mu);
+      left.swap(queue);
+    }
+    for (Op& op : left) op.done(absl::UnavailableError("the UCX transport shut down"));
+  }
+};
+
+UcxTransport::UcxTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+UcxTransport::~UcxTransport() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
+    const UcxTransportOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  std::string host;
+  uint16_t port = 0;
+  if (!SplitHostPort(options.listen_address, &host, &port)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "transport.address \"%s\" is not host:port", options.listen_address));
+  }
+  ucp_config_t* config = nullptr;
+  if (ucs_status_t s = ucp_config_read(nullptr, nullptr, &config); s != UCS_OK) {
+    return FromUcs(s, "reading the UCX configuration");
+  }
+  std::map<std::string, std::string> settings = options.ucx_options;
+  if (!options.tls.empty()) settings["TLS"] = options.tls;
+  for (const auto& [name, value] : settings) {
+    if (ucs_status_t s = ucp_config_modify(config, name.c_str(), value.c_str()); s != UCS_OK) {
+      ucp_config_release(config);
+      return absl::InvalidArgumentError(absl::StrFormat("UCX setting %s=%s: %s", name, value,
+                                                        ucs_status_string(s)));
+    }
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  params.name = "spectrumkvd";
+  const ucs_status_t init = ucp_init(&params, config, &impl->context);
+  ucp_config_release(config);
+  if (init != UCS_OK) return FromUcs(init, "ucp_init");
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+  if (ucs_status_t s = ucp_worker_create(impl->context, &wp, &impl->worker); s != UCS_OK) {
+    return FromUcs(s, "ucp_worker_create");
+  }
+  if (ucs_status_t s = ucp_worker_get_efd(impl->worker, &impl->worker_fd); s != UCS_OK) {
+    return FromUcs(s, "ucp_worker_get_efd");
+  }
+  for (unsigned id : {kAmControl, kAmData}) {
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    hp.id = id;
+    hp.cb = &Impl::OnAm;
+    hp.arg = impl.get();
+    if (ucs_status_t s = ucp_worker_set_am_recv_handler(impl->worker, &hp); s != UCS_OK) {
+      return FromUcs(s, "ucp_worker_set_am_recv_handler");
+    }
+  }
+
+  sockaddr_storage addr;
+  socklen_t len;
+  if (absl::Status s = Resolve(host == "0.0.0.0" ? "0.0.0.0" : host, port, true, &addr, &len);
+      !s.ok()) {
+    return s;
+  }
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  lp.sockaddr.addrlen = len;
+  lp.conn_handler.cb = &Impl::OnConnRequest;
+  lp.conn_handler.arg = impl.get();
+  if (ucs_status_t s = ucp_listener_create(impl->worker, &lp, &impl->listener); s != UCS_OK) {
+    return FromUcs(s, "listening on " + options.listen_address);
+  }
+  ucp_listener_attr_t la{};
+  la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  if (ucs_status_t s = ucp_listener_query(impl->listener, &la); s != UCS_OK) {
+    return FromUcs(s, "ucp_listener_query");
+  }
+  uint16_t bound = port;
+  if (la.sockaddr.ss_family == AF_INET) {
+    bound = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+  } else if (la.sockaddr.ss_family == AF_INET6) {
+    bound = ntohs(reinterpret_cast<const sockaddr_in6*>(&la.sockaddr)->sin6_port);
+  }
+  std::string advertise = options.advertise_host;
+  if (advertise.empty()) {
+    if (host == "0.0.0.0" || host == "::") {
+      char name[256] = {0};
+      gethostname(name, sizeof(name) - 1);
+      advertise = name;
+    } else {
+      advertise = host;
+    }
+  }
+  impl->address = absl::StrFormat("%s%s:%u", kScheme, advertise, bound);
+
+  impl->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  impl->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  if (impl->event_fd < 0 || impl->epoll_fd < 0) {
+    return absl::UnavailableError("cannot create the transport's event descriptors");
+  }
+  for (int fd : {impl->worker_fd, impl->event_fd}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(impl->epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      return absl::UnavailableError("epoll_ctl failed");
+    }
+  }
+  return std::unique_ptr<UcxTransport>(new UcxTransport(std::move(impl)));
+}
+
+absl::Status UcxTransport::Start(TransportHandler* handler) {
+  absl::MutexLock lock(&impl_->mu);
+  if (impl_->started) return absl::FailedPreconditionError("already started");
+  impl_->handler = handler;
+  impl_->started = true;
+  impl_->thread = std::thread([this] { impl_->Loop(); });
+  return absl::OkStatus();
+}
+
+void UcxTransport::Shutdown() {
+  {
+    absl::MutexLock lock(&impl_->mu);
+    if (!impl_->started || impl_->stopping) return;
+    impl_->stopping = true;
+    impl_->Wake();
+  }
+  impl_->thread.join();
+}
+
+std::string UcxTransport::address() const { return impl_->address; }
+
+void UcxTransport::SendControl(const std::string& peer, const v1::PeerMessage& message,
+                               SendCallback done) {
+  Impl::Op op;
+  op.peer = peer;
+  op.header = EncodeHeader(kAmControl, impl_->address, nullptr);
+  op.control = message.SerializeAsString();
+  op.done = std::move(done);
+  impl_->Submit(std::move(op));
+}
+
+void UcxTransport::SendData(const std::string& peer, const DataChunkHeader& header,
+                            std::span<const uint8_t> data, SendCallback done) {
+  Impl::Op op;
+  op.data = true;
+  op.peer = peer;
+  op.header = EncodeHeader(kAmData, impl_->address, &header);
+  op.payload = data;
+  op.done = std::move(done);
+  impl_->Submit(std::move(op));
+}
+
+}  // namespace spectrumkv
