@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <deque>
+#include <random>
 #include <set>
 #include <thread>
 #include <vector>
@@ -65,18 +66,25 @@ absl::Status Resolve(const std::string& host, uint16_t port, bool passive,
   return absl::OkStatus();
 }
 
-// Header of every active message: magic, version, kind, the sender's address, and for data the
-// chunk framing. Little-endian.
-std::string EncodeHeader(uint8_t kind, const std::string& sender, const DataChunkHeader* data) {
-  std::string h(6 + sender.size() + (data ? kDataHeaderBytes : 0), '\0');
+// Header of every active message: magic, version, kind, the sender's address, the sender's
+// stream (an epoch per outbound endpoint and a sequence number in it, so the receiver can
+// restore the sending order, which UCX does not keep between eager and rendezvous messages), and
+// for data the chunk framing. Little-endian.
+constexpr size_t kFixedHeaderBytes = 22;
+
+std::string EncodeHeader(uint8_t kind, const std::string& sender, uint64_t epoch, uint64_t seq,
+                         const DataChunkHeader* data) {
+  std::string h(kFixedHeaderBytes + sender.size() + (data ? kDataHeaderBytes : 0), '\0');
   auto* p = reinterpret_cast<uint8_t*>(h.data());
   StoreLe16(p, kHeaderMagic);
   p[2] = kHeaderVersion;
   p[3] = kind;
   StoreLe16(p + 4, static_cast<uint16_t>(sender.size()));
-  std::memcpy(p + 6, sender.data(), sender.size());
+  StoreLe64(p + 6, epoch);
+  StoreLe64(p + 14, seq);
+  std::memcpy(p + kFixedHeaderBytes, sender.data(), sender.size());
   if (data != nullptr) {
-    uint8_t* d = p + 6 + sender.size();
+    uint8_t* d = p + kFixedHeaderBytes + sender.size();
     StoreLe64(d, data->transfer_id);
     StoreLe32(d + 8, data->index);
     StoreLe32(d + 12, data->first_layer);
@@ -91,20 +99,26 @@ std::string EncodeHeader(uint8_t kind, const std::string& sender, const DataChun
 struct ParsedHeader {
   uint8_t kind = 0;
   std::string sender;
+  uint64_t epoch = 0;
+  uint64_t seq = 0;
   DataChunkHeader data;
 };
 
 // Never trusts a length it has not checked.
 bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
   const auto* p = static_cast<const uint8_t*>(header);
-  if (length < 6 || LoadLe16(p) != kHeaderMagic || p[2] != kHeaderVersion) return false;
+  if (length < kFixedHeaderBytes || LoadLe16(p) != kHeaderMagic || p[2] != kHeaderVersion) {
+    return false;
+  }
   out->kind = p[3];
   const size_t sender_len = LoadLe16(p + 4);
-  if (sender_len == 0 || 6 + sender_len > length) return false;
-  out->sender.assign(reinterpret_cast<const char*>(p + 6), sender_len);
+  out->epoch = LoadLe64(p + 6);
+  out->seq = LoadLe64(p + 14);
+  if (sender_len == 0 || kFixedHeaderBytes + sender_len > length) return false;
+  out->sender.assign(reinterpret_cast<const char*>(p + kFixedHeaderBytes), sender_len);
   if (out->kind == kAmData) {
-    if (length != 6 + sender_len + kDataHeaderBytes) return false;
-    const uint8_t* d = p + 6 + sender_len;
+    if (length != kFixedHeaderBytes + sender_len + kDataHeaderBytes) return false;
+    const uint8_t* d = p + kFixedHeaderBytes + sender_len;
     out->data.transfer_id = LoadLe64(d);
     out->data.index = LoadLe32(d + 8);
     out->data.first_layer = LoadLe32(d + 12);
@@ -113,7 +127,7 @@ bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
     out->data.size = LoadLe64(d + 32);
     return true;
   }
-  return out->kind == kAmControl && length == 6 + sender_len;
+  return out->kind == kAmControl && length == kFixedHeaderBytes + sender_len;
 }
 
 }  // namespace
@@ -125,15 +139,31 @@ struct UcxTransport::Impl {
     std::string peer;  // known for outbound; learned from messages for inbound
     bool outbound = false;
     bool closed = false;
+    uint64_t epoch = 0;     // outbound: this connection's stream id
+    uint64_t next_seq = 0;  // outbound: sequence number of the next message
   };
   // An operation handed to the progress thread.
   struct Op {
     bool data = false;
     std::string peer;
-    std::string header;
+    DataChunkHeader chunk;            // data
+    std::string header;               // encoded when the endpoint is known
     std::string control;              // serialized PeerMessage (control)
     std::span<const uint8_t> payload; // data: the caller keeps it valid until done
     SendCallback done;
+  };
+  // A message that arrived ahead of its turn: its rendezvous descriptor or a copy of its bytes.
+  struct Early {
+    ParsedHeader header;
+    bool rndv = false;
+    void* desc = nullptr;
+    size_t length = 0;
+    std::string bytes;
+  };
+  // One sender connection's messages, restored to their sending order.
+  struct InboundStream {
+    uint64_t expected = 0;
+    std::map<uint64_t, Early> early;
   };
   struct SendRequest {
     Impl* impl;
@@ -164,6 +194,8 @@ struct UcxTransport::Impl {
   std::map<std::string, Endpoint*> outbound;
   std::set<Endpoint*> endpoints;  // every live endpoint, inbound and outbound
   uint64_t closing = 0;           // endpoint closes in flight
+  std::map<std::pair<std::string, uint64_t>, InboundStream> streams;  // (sender, epoch)
+  uint64_t epoch_seed = 0;
 
   ~Impl() {
     if (listener) ucp_listener_destroy(listener);
@@ -223,6 +255,15 @@ struct UcxTransport::Impl {
     ShutdownOnThread();
   }
 
+  uint64_t NextEpoch() {
+    // Unique per connection and per process life: a restarted sender never reuses an epoch.
+    epoch_seed += 0x9E3779B97F4A7C15ull;
+    uint64_t z = epoch_seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+
   Endpoint* Connect(const std::string& peer, absl::Status* error) {
     auto it = outbound.find(peer);
     if (it != outbound.end()) return it->second;
@@ -237,7 +278,7 @@ struct UcxTransport::Impl {
     socklen_t len;
     *error = Resolve(host, port, false, &addr, &len);
     if (!error->ok()) return nullptr;
-    auto* e = new Endpoint{this, nullptr, peer, true, false};
+    auto* e = new Endpoint{this, nullptr, peer, true, false, NextEpoch(), 0};
     ucp_ep_params_t p{};
     p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
                    UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -265,6 +306,8 @@ struct UcxTransport::Impl {
       op.done(error);
       return;
     }
+    op.header = EncodeHeader(op.data ? kAmData : kAmControl, address, e->epoch, e->next_seq++,
+                             op.data ? &op.chunk : nullptr);
     auto* req = new SendRequest{this, std::move(op)};
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
@@ -286,6 +329,9 @@ struct UcxTransport::Impl {
     const ucs_status_ptr_t r =
         ucp_am_send_nbx(e->ep, req->op.data ? kAmData : kAmControl, req->op.header.data(),
                         req->op.header.size(), buffer, length, &rp);
+    spdlog::debug("ucx: send {} bytes to {} ({}): {}", length, req->op.peer,
+                  req->op.data ? "data" : "control",
+                  r == nullptr ? "done" : (UCS_PTR_IS_ERR(r) ? "error" : "pending"));
     if (r == nullptr) {  // completed immediately
       req->op.done(absl::OkStatus());
       delete req;
@@ -297,6 +343,7 @@ struct UcxTransport::Impl {
 
   static void OnSendDone(void* request, ucs_status_t status, void* user_data) {
     auto* req = static_cast<SendRequest*>(user_data);
+    spdlog::debug("ucx: send to {} completed: {}", req->op.peer, ucs_status_string(status));
     req->op.done(FromUcs(status, "send to " + req->op.peer));
     ucp_request_free(request);
     delete req;
@@ -306,6 +353,7 @@ struct UcxTransport::Impl {
     auto* e = static_cast<Endpoint*>(arg);
     Impl* impl = e->impl;
     const std::string peer = e->peer;
+    if (!e->outbound && !peer.empty()) impl->DropStreams(peer);
     impl->CloseEndpoint(e, /*force=*/true);
     if (!peer.empty() && impl->handler != nullptr) {
       impl->handler->OnPeerDown(peer, FromUcs(status, "UCX endpoint to " + peer));
@@ -343,7 +391,7 @@ struct UcxTransport::Impl {
 
   static void OnConnRequest(ucp_conn_request_h conn, void* arg) {
     auto* impl = static_cast<Impl*>(arg);
-    auto* e = new Endpoint{impl, nullptr, "", false, false};
+    auto* e = new Endpoint{impl, nullptr, "", false, false, 0, 0};
     ucp_ep_params_t p{};
     p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                    UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_USER_DATA;
@@ -375,56 +423,120 @@ struct UcxTransport::Impl {
   static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
                            size_t length, const ucp_am_recv_param_t* param) {
     auto* impl = static_cast<Impl*>(arg);
-    ParsedHeader h;
-    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
-    if (!DecodeHeader(header, header_length, &h) || impl->handler == nullptr) {
+    Early m;
+    m.rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    m.length = length;
+    // Returning UCS_OK without receiving drops a rendezvous message (its sender completes);
+    // returning UCS_INPROGRESS keeps its descriptor for a later ucp_am_recv_data_nbx or
+    // ucp_am_data_release.
+    if (!DecodeHeader(header, header_length, &m.header) || impl->handler == nullptr) {
       spdlog::warn("ucx: dropped a malformed active message ({} header bytes)", header_length);
-      if (rndv) ucp_am_data_release(impl->worker, data);
       return UCS_OK;
     }
-    impl->NoteSender(param, h.sender);
-    auto* req = new RecvRequest{impl, h.sender, h, {}};
+    impl->NoteSender(param, m.header.sender);
+    spdlog::debug("ucx: {} message {} from {}: {} bytes{}",
+                  m.header.kind == kAmData ? "data" : "control", m.header.seq, m.header.sender,
+                  length, m.rndv ? " rndv" : "");
+    InboundStream& stream = impl->streams[{m.header.sender, m.header.epoch}];
+    if (m.header.seq < stream.expected || stream.early.count(m.header.seq)) {
+      spdlog::warn("ucx: duplicate message {} from {}", m.header.seq, m.header.sender);
+      return UCS_OK;
+    }
+    if (m.header.seq > stream.expected) {  // ahead of its turn: keep it
+      if (stream.early.size() >= 4096) {
+        spdlog::warn("ucx: {} is {} messages ahead; dropping", m.header.sender,
+                     m.header.seq - stream.expected);
+        return UCS_OK;
+      }
+      const bool keep = m.rndv;
+      if (m.rndv) {
+        m.desc = data;  // valid until received or released
+      } else {
+        m.bytes.assign(static_cast<const char*>(data), length);
+      }
+      stream.early.emplace(m.header.seq, std::move(m));
+      return keep ? UCS_INPROGRESS : UCS_OK;
+    }
+    const std::pair<std::string, uint64_t> key{m.header.sender, m.header.epoch};
+    impl->Process(std::move(m), data, /*in_callback=*/true);
+    // Whatever was waiting for this one.
+    for (;;) {
+      InboundStream& s = impl->streams[key];
+      ++s.expected;
+      auto next = s.early.find(s.expected);
+      if (next == s.early.end()) break;
+      Early e = std::move(next->second);
+      s.early.erase(next);
+      void* desc = e.rndv ? e.desc : e.bytes.data();
+      impl->Process(std::move(e), desc, /*in_callback=*/false);
+    }
+    return UCS_OK;
+  }
+
+  // Delivers one message in order: `data` is its rendezvous descriptor or its bytes. A dropped
+  // rendezvous descriptor is released explicitly unless we are inside its own callback.
+  void Process(Early m, void* data, bool in_callback) {
+    auto drop = [&] {
+      if (m.rndv && !in_callback) ucp_am_data_release(worker, data);
+    };
+    const ParsedHeader& h = m.header;
+    auto* req = new RecvRequest{this, h.sender, h, {}};
     void* dst = nullptr;
     if (h.kind == kAmControl) {
-      if (length > (1u << 20)) {  // control messages are small; refuse anything else
+      if (m.length > (1u << 20)) {  // control messages are small; refuse anything else
         delete req;
-        if (rndv) ucp_am_data_release(impl->worker, data);
-        return UCS_OK;
+        drop();
+        return;
       }
-      req->buffer.resize(length);
+      req->buffer.resize(m.length);
       dst = req->buffer.data();
     } else {
-      if (length != h.data.size) {
+      if (m.length != h.data.size) {
         spdlog::warn("ucx: chunk {} from {} has {} bytes, its header says {}", h.data.index,
-                     h.sender, length, h.data.size);
+                     h.sender, m.length, h.data.size);
         delete req;
-        if (rndv) ucp_am_data_release(impl->worker, data);
-        return UCS_OK;
+        drop();
+        return;
       }
-      absl::StatusOr<std::span<uint8_t>> span = impl->handler->OnDataBegin(h.sender, h.data);
+      absl::StatusOr<std::span<uint8_t>> span = handler->OnDataBegin(h.sender, h.data);
       if (!span.ok()) {
+        spdlog::debug("ucx: chunk {} of transfer {} from {} refused: {}", h.data.index,
+                      h.data.transfer_id, h.sender, span.status().ToString());
         delete req;
-        if (rndv) ucp_am_data_release(impl->worker, data);
-        return UCS_OK;
+        drop();
+        return;
       }
       dst = span->data();
     }
-    if (!rndv) {
-      std::memcpy(dst, data, length);
-      impl->Deliver(req, absl::OkStatus());
-      return UCS_OK;
+    if (!m.rndv) {
+      std::memcpy(dst, data, m.length);
+      Deliver(req, absl::OkStatus());
+      return;
     }
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     rp.cb.recv_am = &OnRecvDone;
     rp.user_data = req;
-    const ucs_status_ptr_t r = ucp_am_recv_data_nbx(impl->worker, data, dst, length, &rp);
+    const ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker, data, dst, m.length, &rp);
     if (r == nullptr) {
-      impl->Deliver(req, absl::OkStatus());
+      Deliver(req, absl::OkStatus());
     } else if (UCS_PTR_IS_ERR(r)) {
-      impl->Deliver(req, FromUcs(UCS_PTR_STATUS(r), "receive from " + h.sender));
+      Deliver(req, FromUcs(UCS_PTR_STATUS(r), "receive from " + h.sender));
     }
-    return UCS_OK;
+  }
+
+  // Forgets a sender's streams (its connection failed): releases messages kept for later.
+  void DropStreams(const std::string& sender) {
+    for (auto it = streams.begin(); it != streams.end();) {
+      if (it->first.first != sender) {
+        ++it;
+        continue;
+      }
+      for (auto& [seq, e] : it->second.early) {
+        if (e.rndv) ucp_am_data_release(worker, e.desc);
+      }
+      it = streams.erase(it);
+    }
   }
 
   static void OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data) {
@@ -448,6 +560,12 @@ struct UcxTransport::Impl {
   }
 
   void ShutdownOnThread() {
+    for (auto& [key, stream] : streams) {
+      for (auto& [seq, e] : stream.early) {
+        if (e.rndv) ucp_am_data_release(worker, e.desc);
+      }
+    }
+    streams.clear();
     if (listener != nullptr) {
       ucp_listener_destroy(listener);
       listener = nullptr;
@@ -472,23 +590,31 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     const UcxTransportOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  std::random_device rd;
+  impl->epoch_seed = (uint64_t{rd()} << 32) ^ rd();
   std::string host;
   uint16_t port = 0;
   if (!SplitHostPort(options.listen_address, &host, &port)) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "transport.address \"%s\" is not host:port", options.listen_address));
   }
+  // UCX settings reach UCP and its transports (UCT) alike only through the environment, which
+  // UCX reads when the context is created: set them before ucp_init. A restarted daemon must be
+  // able to listen on its address again while connections of its previous life sit in
+  // TIME_WAIT, hence TCP_CM_REUSEADDR unless the environment says otherwise.
+  setenv("UCX_TCP_CM_REUSEADDR", "y", /*overwrite=*/0);
+  for (const auto& [name, value] : options.ucx_options) {
+    setenv(("UCX_" + name).c_str(), value.c_str(), /*overwrite=*/1);
+  }
   ucp_config_t* config = nullptr;
   if (ucs_status_t s = ucp_config_read(nullptr, nullptr, &config); s != UCS_OK) {
     return FromUcs(s, "reading the UCX configuration");
   }
-  std::map<std::string, std::string> settings = options.ucx_options;
-  if (!options.tls.empty()) settings["TLS"] = options.tls;
-  for (const auto& [name, value] : settings) {
-    if (ucs_status_t s = ucp_config_modify(config, name.c_str(), value.c_str()); s != UCS_OK) {
+  if (!options.tls.empty()) {
+    if (ucs_status_t s = ucp_config_modify(config, "TLS", options.tls.c_str()); s != UCS_OK) {
       ucp_config_release(config);
-      return absl::InvalidArgumentError(absl::StrFormat("UCX setting %s=%s: %s", name, value,
-                                                        ucs_status_string(s)));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("UCX transports \"%s\": %s", options.tls, ucs_status_string(s)));
     }
   }
   ucp_params_t params{};
@@ -599,7 +725,6 @@ void UcxTransport::SendControl(const std::string& peer, const v1::PeerMessage& m
                                SendCallback done) {
   Impl::Op op;
   op.peer = peer;
-  op.header = EncodeHeader(kAmControl, impl_->address, nullptr);
   op.control = message.SerializeAsString();
   op.done = std::move(done);
   impl_->Submit(std::move(op));
@@ -610,7 +735,7 @@ void UcxTransport::SendData(const std::string& peer, const DataChunkHeader& head
   Impl::Op op;
   op.data = true;
   op.peer = peer;
-  op.header = EncodeHeader(kAmData, impl_->address, &header);
+  op.chunk = header;
   op.payload = data;
   op.done = std::move(done);
   impl_->Submit(std::move(op));

@@ -1,0 +1,232 @@
+// Two spectrumkvd processes talking over UCX (TCP on loopback), driven with the spectrumkv
+// command and the client library: every policy with a layout change, 64 concurrent transfers,
+// a transfer of more than 1 GiB, and a peer killed mid-transfer (the sender fails with
+// UNAVAILABLE within its deadline, frees everything, and works again once the peer restarts).
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "absl/strings/str_format.h"
+#include "client/cli/metrics_scrape.h"
+#include "client/kvgen/host_pool.h"
+#include "client/kvgen/shm_pool.h"
+#include "client/kvgen/synthetic.h"
+#include "client/lib/client.h"
+#include "gtest/gtest.h"
+#include "proto/layout_convert.h"
+#include "tests/testing/subprocess.h"
+
+namespace spectrumkv {
+namespace {
+
+using testing::RunCommand;
+using testing::Subprocess;
+
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// One daemon process on a UCX address.
+struct Daemon {
+  std::string name, dir, socket, ucx_address;
+  int port = 0;
+  Subprocess process;
+  std::unique_ptr<Client> client;
+
+  void Start() {
+    std::ofstream(dir + "/" + name + ".yaml") << absl::StrFormat(R"(
+node_name: %s
+listen: {unix_socket: %s}
+metrics: {address: "127.0.0.1:0"}
+transport: {kind: ucx, address: "127.0.0.1:%d", ucx_tls: tcp}
+limits:
+  staging_bytes: 1536MiB
+  staging_prefault: false
+  max_inflight_bytes: 1536MiB
+  default_deadline_s: 60
+  drain_timeout_s: 2
+codec: {chunk_bytes: 8MiB, worker_threads: 2}
+)",
+                                                                   name, socket, port);
+    ASSERT_TRUE(process.Start({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/" + name + ".yaml"},
+                              dir + "/" + name + ".log"));
+    client = Client::Connect("unix:" + socket);
+    for (int i = 0; i < 300; ++i) {
+      auto h = client->Health(1);
+      if (h.ok() && *h) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    FAIL() << name << " did not become healthy; see " << dir << "/" << name << ".log";
+  }
+};
+
+class UcxDaemonsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    setenv("UCX_ERROR_SIGNALS", "", 1);  // no UCX signal handlers under the sanitizers
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);
+    dir_ = new std::string(absl::StrFormat("/tmp/skv-ucx-%d", getpid()));
+    std::filesystem::create_directories(*dir_);
+    for (Daemon** d : {&prefill_, &decode_}) {
+      *d = new Daemon();
+      (*d)->name = d == &prefill_ ? "prefill" : "decode";
+      (*d)->dir = *dir_;
+      (*d)->socket = *dir_ + "/" + (*d)->name + ".sock";
+      (*d)->port = FreePort();
+      (*d)->ucx_address = absl::StrFormat("ucx://127.0.0.1:%d", (*d)->port);
+      (*d)->Start();
+    }
+  }
+  static void TearDownTestSuite() {
+    for (Daemon* d : {prefill_, decode_}) {
+      if (d != nullptr && d->process.running()) {
+        EXPECT_EQ(d->process.Stop(SIGTERM, 20), 0) << d->name << " must exit 0 on SIGTERM";
+      }
+      delete d;
+    }
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+
+  static int FakeFrontend(std::vector<std::string> extra, std::string* out, double timeout = 300) {
+    std::vector<std::string> argv = {SPECTRUMKV_CLI_BIN,   "fake-frontend", "--sender",
+                                     "unix:" + prefill_->socket, "--receiver",
+                                     "unix:" + decode_->socket, "--check-metrics"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunCommand(argv, timeout, out);
+  }
+
+  static std::string* dir_;
+  static Daemon* prefill_;
+  static Daemon* decode_;
+};
+
+std::string* UcxDaemonsTest::dir_ = nullptr;
+Daemon* UcxDaemonsTest::prefill_ = nullptr;
+Daemon* UcxDaemonsTest::decode_ = nullptr;
+
+TEST_F(UcxDaemonsTest, EveryPolicyWithALayoutChange) {
+  for (const char* policy : {"3tier", "2tier", "sinkprotect", "uniform_int8", "uniform_int4",
+                             "pdtrim", "random_tier"}) {
+    std::string out;
+    const int code = FakeFrontend({"--model", "qwen2.5-7b", "--tokens", "300", "--src-layout",
+                                   "vllm-nhd", "--src-block-size", "16", "--dst-layout", "trtllm",
+                                   "--dst-block-size", "64", "--budgets", "0.3", "0.6",
+                                   "--policy", policy},
+                                  &out);
+    EXPECT_EQ(code, 0) << policy << "\n" << out;
+    EXPECT_NE(out.find("agree on both sides"), std::string::npos) << policy << "\n" << out;
+  }
+  std::string out;
+  EXPECT_EQ(FakeFrontend({"--model", "tiny", "--tokens", "257", "--quantizer", "kcn", "--scoring",
+                          "attention", "--src-layout", "sglang", "--src-block-size", "1",
+                          "--dst-layout", "vllm-hnd", "--budgets", "0.3"},
+                         &out),
+            0)
+      << out;
+}
+
+TEST_F(UcxDaemonsTest, SixtyFourConcurrentTransfers) {
+  std::string out;
+  const int code = FakeFrontend({"--model", "tiny", "--tokens", "1024", "--budgets", "0.5",
+                                 "--concurrency", "64", "--order", "concurrent"},
+                                &out);
+  EXPECT_EQ(code, 0) << out;
+}
+
+TEST_F(UcxDaemonsTest, OneGibibyteTransfer) {
+  std::string out;
+  // llama3-8b at 8192 tokens is 1.07 GB of FP16 KV; b = 1.0 sends all of it.
+  const int code = FakeFrontend({"--model", "llama3-8b", "--tokens", "8192", "--budgets", "1.0",
+                                 "--timeout-s", "240"},
+                                &out, 600);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("1073.7"), std::string::npos) << out;
+}
+
+TEST_F(UcxDaemonsTest, PeerKilledMidTransferThenRestarted) {
+  // A big transfer so that it is surely in flight when the decode daemon dies.
+  const ModelShape shape{32, 8, 128};
+  const uint32_t n = 4096;
+  kvgen::PoolSpec spec{kvgen::PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16,
+                       kvgen::BlocksFor(n, 16)};
+  auto shm = std::move(*kvgen::ShmPool::Create(absl::StrFormat("skv-kill-%d", getpid()), spec));
+  std::vector<uint32_t> blocks(spec.num_blocks);
+  for (uint32_t i = 0; i < blocks.size(); ++i) blocks[i] = i;
+  kvgen::FillSynthetic(shm->View(blocks, n), kvgen::SyntheticOptions{});
+  v1::RegisterPoolRequest reg;
+  reg.set_pool_id("kill-src");
+  *reg.mutable_layout() = LayoutToProto(shm->layout());
+  for (size_t i = 0; i < shm->names().size(); ++i) {
+    auto* h = reg.add_regions()->mutable_host_shm();
+    h->set_name(shm->names()[i]);
+    h->set_size_bytes(shm->regions()[i].size_bytes);
+  }
+  ASSERT_TRUE(prefill_->client->RegisterPool(reg, 10).ok());
+  v1::SendRequest send;
+  send.set_request_id("killed-peer");
+  send.set_pool_id("kill-src");
+  for (uint32_t b : blocks) send.add_block_ids(b);
+  send.set_num_tokens(n);
+  send.set_peer(decode_->ucx_address);
+  send.mutable_compression()->set_budget(1.0);
+  // No Receive on the decode side: the payload streams into its early buffer, and the Send waits
+  // for an acknowledgement that never comes.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto pending = std::async(std::launch::async, [&] { return prefill_->client->Send(send, 30); });
+  v1::GetTransferRequest get;
+  get.set_request_id("killed-peer");
+  for (int i = 0; i < 200; ++i) {
+    auto info = prefill_->client->GetTransfer(get, 5);
+    if (info.ok() && (info->state() == "sending" || info->state() == "awaiting_ack")) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(decode_->process.Stop(SIGKILL, 10).has_value());
+  auto result = pending.get();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kUnavailable) << result.status();
+  EXPECT_LT(seconds, 30.0) << "the failure must arrive within the deadline";
+
+  // The survivor is healthy and holds nothing for the dead transfer.
+  auto health = prefill_->client->Health(5);
+  ASSERT_TRUE(health.ok() && *health);
+  auto info = prefill_->client->GetDaemonInfo(5);
+  ASSERT_TRUE(info.ok());
+  for (int i = 0; i < 100; ++i) {
+    auto m = ScrapeMetrics("127.0.0.1", static_cast<int>(info->metrics_port()), 5);
+    ASSERT_TRUE(m.ok());
+    if ((*m)["spectrumkv_inflight_bytes"] == 0 && (*m)["spectrumkv_inflight_transfers"] == 0) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  auto m = *ScrapeMetrics("127.0.0.1", static_cast<int>(info->metrics_port()), 5);
+  EXPECT_EQ(m["spectrumkv_inflight_bytes"], 0);
+  EXPECT_EQ(m["spectrumkv_inflight_transfers"], 0);
+  EXPECT_GE(m["spectrumkv_transfers_total{code=\"UNAVAILABLE\",role=\"send\"}"], 1);
+  ASSERT_TRUE(prefill_->client->UnregisterPool("kill-src", 5).ok());
+
+  // The restarted peer, on the same address, is usable again.
+  decode_->Start();
+  std::string out;
+  EXPECT_EQ(FakeFrontend({"--model", "tiny", "--tokens", "300", "--budgets", "0.5"}, &out), 0)
+      << out;
+}
+
+}  // namespace
+}  // namespace spectrumkv
