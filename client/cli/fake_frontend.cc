@@ -343,6 +343,15 @@ int Run(const Options& o) {
           w->set_data(reinterpret_cast<const char*>(queries[i].data()), queries[i].size() * 4);
         } else if (o.scoring == "positional") {
           si->set_mode(v1::SCORING_POSITIONAL);
+        } else if (o.scoring == "external") {
+          // Scores the frontend computed itself (seeded stand-ins here): no scoring pass over
+          // the KV on the daemon.
+          si->set_mode(v1::SCORING_EXTERNAL);
+          uint64_t state = o.seed + i;
+          for (uint32_t t = 0; t < n; ++t) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            si->add_token_scores(static_cast<float>(state >> 40) / float(1 << 24));
+          }
         } else {
           si->set_mode(v1::SCORING_KEY_NORM);
         }
@@ -572,8 +581,10 @@ void AddFakeFrontendCommand(CLI::App& app, int* exit_code) {
       ->check(CLI::IsMember({"element", "wire"}))
       ->capture_default_str();
   cmd->add_option("--policy", o->policy, "Tier policy")->capture_default_str();
-  cmd->add_option("--scoring", o->scoring, "attention, key_norm or positional")
-      ->check(CLI::IsMember({"attention", "key_norm", "positional"}))
+  cmd->add_option("--scoring", o->scoring,
+                  "attention (synthetic window queries), key_norm, positional, or external "
+                  "(seeded stand-in scores sent by the frontend)")
+      ->check(CLI::IsMember({"attention", "key_norm", "positional", "external"}))
       ->capture_default_str();
   cmd->add_option("--quantizer", o->quantizer, "absmax or kcn")
       ->check(CLI::IsMember({"absmax", "kcn"}))

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Transfer benchmarks of spectrumkvd (docs/BENCHMARKS.md, "Daemon to daemon").
+
+Part 1, goodput: two daemons over UCX on loopback move uncompressed payloads (budget 1.0) of
+16, 64 and 256 MiB (llama3-8b KV of 128, 512, 2048 tokens) and ucx_perftest moves messages of
+the same sizes over the same UCX transport, in the same run. Goodput = logical KV bytes / the
+end-to-end time the client sees (Send call to both Send and Receive returning).
+
+Part 2, shaped links: a network namespace of the benchmark's own, its loopback shaped with
+`tc tbf` to 10 and 25 Gbit/s; both daemons and the client run inside it; the 4096-token
+llama3-8b KV is delivered at b = 1.0, 0.5 and 0.3 and the ratio to the uncompressed time is
+reported (everything included: scoring, packing, network, unpacking, RPCs).
+
+Needs root (network namespaces), a built tree (build/bin) and ucx_perftest (ucx-utils).
+Bounded: every run has a timeout. Usage: bench/transfer/transfer_bench.py [--quick] [--json F]
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "build", "bin")
+NS = "skvbench"
+
+
+def run(cmd, timeout, env=None, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def ns_prefix(ns):
+    return ["ip", "netns", "exec", ns] if ns else []
+
+
+class Daemons:
+    """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
+
+    def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2):
+        self.work, self.ns, self.procs = work, ns, []
+        env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
+        for name in ("prefill", "decode"):
+            cfg = os.path.join(work, f"{name}.yaml")
+            with open(cfg, "w") as f:
+                f.write(f"""node_name: {name}
+listen: {{unix_socket: {work}/{name}.sock}}
+metrics: {{address: "127.0.0.1:0"}}
+transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}"}}
+limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
+codec: {{chunk_bytes: {chunk}, worker_threads: {workers}}}
+""")
+            log = open(os.path.join(work, f"{name}.log"), "w")
+            self.procs.append(subprocess.Popen(
+                ns_prefix(ns) + [os.path.join(BIN, "spectrumkvd"), "--config", cfg],
+                stdout=log, stderr=log, env=env))
+        for name in ("prefill", "decode"):
+            for _ in range(200):
+                p = run(ns_prefix(ns) + [os.path.join(BIN, "spectrumkv"), "health", "--daemon",
+                                         f"unix:{work}/{name}.sock", "--timeout-s", "1"],
+                        10, check=False)
+                if p.returncode == 0:
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"{name} did not start")
+
+    def frontend(self, args, timeout=600):
+        cmd = ns_prefix(self.ns) + [
+            os.path.join(BIN, "spectrumkv"), "fake-frontend", "--sender",
+            f"unix:{self.work}/prefill.sock", "--receiver", f"unix:{self.work}/decode.sock",
+            "--json"] + args
+        return json.loads(run(cmd, timeout).stdout)
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(timeout=60)
+
+
+def perftest(size, iters, ns=None, tls="tcp", test="tag_bw", port=24777):
+    env = dict(os.environ, UCX_TLS=tls, UCX_WARN_UNUSED_ENV_VARS="n")
+    server = subprocess.Popen(ns_prefix(ns) + ["ucx_perftest", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    time.sleep(0.5)
+    try:
+        out = run(ns_prefix(ns) + ["ucx_perftest", "127.0.0.1", "-p", str(port), "-t", test,
+                                   "-s", str(size), "-n", str(iters), "-w", "3"], 300,
+                  env=env).stdout
+    finally:
+        server.wait(timeout=30)
+    final = [l for l in out.splitlines() if l.startswith("Final:")][-1].split()
+    return float(final[6]) * 1048576  # "overall" bandwidth; ucx_perftest's MB is 2^20 bytes
+
+
+def goodput(args):
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
+        d = Daemons(work, tls=args.tls, chunk=args.chunk)
+        try:
+            for mib, tokens in ((16, 128), (64, 512), (256, 2048)):
+                size = mib << 20
+                r = d.frontend(["--model", "llama3-8b", "--tokens", str(tokens), "--budgets",
+                                "1.0", "--rounds", str(args.rounds), "--timeout-s", "120"])
+                rnd = r["rounds"][0]
+                e2e = rnd["median_s"]["end_to_end"]
+                logical = rnd["logical_bytes"] / rnd["ok"]
+                wire = rnd["wire_bytes"] / rnd["ok"]
+                perf = {}
+                for test in ("tag_bw", "ucp_am_bw"):
+                    bw = [perftest(size, max(4, 2048 // mib), tls=args.tls, test=test)
+                          for _ in range(3)]
+                    perf[test] = statistics.median(bw)
+                rows.append({"size_mib": mib, "tokens": tokens, "logical_bytes": logical,
+                             "wire_bytes": wire, "daemon_e2e_s": e2e,
+                             "daemon_goodput_Bps": logical / e2e,
+                             "perftest_Bps": perf,
+                             "stages_s": rnd["median_s"]})
+        finally:
+            d.stop()
+    return rows
+
+
+def shaped(args):
+    out = []
+    for rate in args.rates:
+        run(["ip", "netns", "del", NS], 10, check=False)
+        run(["ip", "netns", "add", NS], 10)
+        try:
+            run(["ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up"], 10)
+            run(["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+                 "rate", rate, "burst", "1mb", "latency", "10ms"], 10)
+            link = perftest(256 << 20, 6, ns=NS, tls=args.tls, test="tag_bw")
+            with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
+                d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk)
+                try:
+                    res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
+                    for scoring in args.scorings:
+                        r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
+                                        "1.0", "0.5", "0.3", "--rounds", str(args.rounds),
+                                        "--scoring", scoring, "--timeout-s", "120"])
+                        base = r["rounds"][0]["median_s"]["end_to_end"]
+                        for rnd in r["rounds"]:
+                            e2e = rnd["median_s"]["end_to_end"]
+                            res["budgets"].append({
+                                "scoring": scoring, "budget": rnd["budget"],
+                                "wire_bytes": rnd["wire_bytes"] / rnd["ok"], "e2e_s": e2e,
+                                "ratio_to_uncompressed": e2e / base, "stages_s": rnd["median_s"],
+                                "verified": rnd["verified"]})
+                    out.append(res)
+                finally:
+                    d.stop()
+        finally:
+            run(["ip", "netns", "del", NS], 10, check=False)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tls", default="tcp")
+    ap.add_argument("--chunk", default="4MiB")
+    ap.add_argument("--rates", nargs="*", default=["10gbit", "25gbit"])
+    ap.add_argument("--scorings", nargs="*", default=["key_norm", "external"])
+    ap.add_argument("--skip-goodput", action="store_true")
+    ap.add_argument("--skip-shaped", action="store_true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    if shutil.which("ucx_perftest") is None:
+        sys.exit("ucx_perftest not found (Debian package ucx-utils)")
+    result = {"tls": args.tls, "chunk": args.chunk, "rounds": args.rounds,
+              "cpus": os.cpu_count(), "kernel": os.uname().release}
+    if not args.skip_goodput:
+        result["goodput"] = goodput(args)
+        print("\nGoodput, uncompressed (budget 1.0), UCX_TLS=%s, medians" % args.tls)
+        print("%9s %12s %14s %14s %14s %8s" % ("size", "daemon GB/s", "tag_bw GB/s",
+                                                "am_bw GB/s", "e2e ms", "vs best"))
+        for r in result["goodput"]:
+            best = max(r["perftest_Bps"].values())
+            print("%6d MiB %12.2f %14.2f %14.2f %14.1f %7.0f%%" % (
+                r["size_mib"], r["daemon_goodput_Bps"] / 1e9, r["perftest_Bps"]["tag_bw"] / 1e9,
+                r["perftest_Bps"]["ucp_am_bw"] / 1e9, r["daemon_e2e_s"] * 1e3,
+                100 * r["daemon_goodput_Bps"] / best))
+    if not args.skip_shaped:
+        result["shaped"] = shaped(args)
+        print("\nShaped loopback (tc tbf), llama3-8b 4096 tokens, medians")
+        print("%8s %10s %7s %10s %10s %9s" % ("link", "scoring", "budget", "wire MB", "e2e ms",
+                                               "ratio"))
+        for s in result["shaped"]:
+            for b in s["budgets"]:
+                print("%8s %10s %7.2f %10.1f %10.1f %9.3f" % (
+                    s["rate"], b["scoring"], b["budget"], b["wire_bytes"] / 1e6,
+                    b["e2e_s"] * 1e3, b["ratio_to_uncompressed"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
