@@ -169,7 +169,8 @@ int Run(int argc, char** argv) {
   const uint64_t incarnation = (uint64_t{rd()} << 32) ^ rd();
 
   // Codec backends: the selected one, plus the CPU backend for host-memory pools.
-  absl::StatusOr<BackendSelection> selected = CreateCodec(*ParseBackendChoice(config.codec.backend));
+  absl::StatusOr<BackendSelection> selected =
+      CreateCodec(*ParseBackendChoice(config.codec.backend));
   if (!selected.ok()) {
     spdlog::error("codec backend: {}", selected.status().ToString());
     return kExitUnavailable;
@@ -184,26 +185,26 @@ int Run(int argc, char** argv) {
   const std::string backend_name(device_codec ? device_codec->name() : host_codec->name());
   spdlog::info("codec backend {}: {}", backend_name, selected->reason);
 
-  Metrics metrics(
-      BuildInfo{kVersion, SPECTRUMKV_REVISION, CudaBackendBuilt() ? "yes" : "no", "yes", backend_name});
+  Metrics metrics(BuildInfo{kVersion, SPECTRUMKV_REVISION, CudaBackendBuilt() ? "yes" : "no", "yes",
+                            backend_name});
   if (!config.metrics.address.empty()) {
     if (absl::Status s = metrics.StartExposer(config.metrics.address); !s.ok()) {
       spdlog::error("{}", s.ToString());
       return kExitUnavailable;
     }
   }
-  absl::StatusOr<std::unique_ptr<StagingArena>> staging =
-      StagingArena::Create(config.limits.staging_bytes, config.limits.staging_prefault,
-                           config.limits.staging_lock);
+  absl::StatusOr<std::unique_ptr<StagingArena>> staging = StagingArena::Create(
+      config.limits.staging_bytes, config.limits.staging_prefault, config.limits.staging_lock);
   if (!staging.ok()) {
     spdlog::error("{}", staging.status().ToString());
     return kExitUnavailable;
   }
-  PoolRegistry pools(config.limits.max_pools, [](const CudaIpcSpec&)
-                         -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
-    return absl::UnavailableError(
-        "CUDA IPC memory cannot be imported: this daemon has no CUDA device support");
-  });
+  PoolRegistry pools(
+      config.limits.max_pools,
+      [](const CudaIpcSpec&) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
+        return absl::UnavailableError(
+            "CUDA IPC memory cannot be imported: this daemon has no CUDA device support");
+      });
   ModelPolicies models;
   for (const ModelPolicyConfig& m : config.models) {
     if (absl::Status s = models.Set({m.model, m.allow_int4, m.allow_int8, m.source}); !s.ok()) {
@@ -222,7 +223,7 @@ int Run(int argc, char** argv) {
     if (!created.ok()) {
       spdlog::error("transport: {}", created.status().ToString());
       return created.status().code() == absl::StatusCode::kInvalidArgument ? kExitConfig
-                                                                            : kExitUnavailable;
+                                                                           : kExitUnavailable;
     }
     transport = std::move(*created);
   } else {
@@ -313,7 +314,8 @@ int Run(int argc, char** argv) {
     std::_Exit(kExitFailure);
   });
   second_signal.detach();
-  manager->Drain(std::chrono::milliseconds(static_cast<int64_t>(config.limits.drain_timeout_s * 1000)));
+  manager->Drain(
+      std::chrono::milliseconds(static_cast<int64_t>(config.limits.drain_timeout_s * 1000)));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   transport->Shutdown();
   executor.Shutdown();

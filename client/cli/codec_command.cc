@@ -10,11 +10,11 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "common/exit_codes.h"
 #include "client/kvgen/host_pool.h"
 #include "client/kvgen/model_shapes.h"
 #include "client/kvgen/npy.h"
 #include "client/kvgen/synthetic.h"
+#include "common/exit_codes.h"
 #include "common/status.h"
 #include "kernels/api/codec.h"
 #include "kernels/registry/codec_registry.h"

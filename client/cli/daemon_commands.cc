@@ -109,9 +109,10 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
   // health
   {
     auto c = std::make_shared<Common>();
-    CLI::App* cmd = app.add_subcommand(
-        "health", "grpc.health.v1 check of a daemon: exit 0 if serving, 1 if not, 69 if "
-                  "unreachable");
+    CLI::App* cmd =
+        app.add_subcommand("health",
+                           "grpc.health.v1 check of a daemon: exit 0 if serving, 1 if not, 69 if "
+                           "unreachable");
     AddCommon(cmd, c.get(), false);
     cmd->callback([c, exit_code] {
       auto r = Client::Connect(c->daemon)->Health(c->timeout_s);
@@ -135,12 +136,13 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
         return;
       }
       *exit_code = Print(*c, *r, [](const v1::DaemonInfo& i) {
-        std::printf("spectrumkvd %s node %s incarnation %016llx\n  codec %s  transport %s %s"
-                    "  metrics port %u  draining %s\n",
-                    i.version().c_str(), i.node_name().c_str(),
-                    static_cast<unsigned long long>(i.incarnation()), i.codec_backend().c_str(),
-                    i.transport().c_str(), i.transport_address().c_str(), i.metrics_port(),
-                    i.draining() ? "yes" : "no");
+        std::printf(
+            "spectrumkvd %s node %s incarnation %016llx\n  codec %s  transport %s %s"
+            "  metrics port %u  draining %s\n",
+            i.version().c_str(), i.node_name().c_str(),
+            static_cast<unsigned long long>(i.incarnation()), i.codec_backend().c_str(),
+            i.transport().c_str(), i.transport_address().c_str(), i.metrics_port(),
+            i.draining() ? "yes" : "no");
       });
     });
   }
@@ -177,16 +179,23 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
         "send", "Send a request's KV from a registered pool to a peer daemon (prefill side)");
     AddCommon(cmd, c.get());
     cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
-    cmd->add_option("--shard", [req](const std::vector<std::string>& v) {
-      req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
-      return true;
-    }, "Tensor-parallel shard index");
+    cmd->add_option(
+        "--shard",
+        [req](const std::vector<std::string>& v) {
+          req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
+          return true;
+        },
+        "Tensor-parallel shard index");
     cmd->add_option("--pool", *req->mutable_pool_id(), "Source pool id")->required();
     cmd->add_option("--blocks", *blocks, "Block ids, e.g. 0,1,2 or 0-255")->required();
-    cmd->add_option("--tokens", [req](const std::vector<std::string>& v) {
-      req->set_num_tokens(static_cast<uint32_t>(std::stoul(v[0])));
-      return true;
-    }, "Prompt tokens")->required();
+    cmd->add_option(
+           "--tokens",
+           [req](const std::vector<std::string>& v) {
+             req->set_num_tokens(static_cast<uint32_t>(std::stoul(v[0])));
+             return true;
+           },
+           "Prompt tokens")
+        ->required();
     cmd->add_option("--peer", *req->mutable_peer(), "The decode daemon's transport address")
         ->required();
     cmd->add_option("--budget", *budget, "Budget in (0, 1] (default: the daemon's)");
@@ -237,17 +246,23 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
         "receive", "Receive a request's KV into blocks of a registered pool (decode side)");
     AddCommon(cmd, c.get());
     cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
-    cmd->add_option("--shard", [req](const std::vector<std::string>& v) {
-      req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
-      return true;
-    }, "Tensor-parallel shard index");
+    cmd->add_option(
+        "--shard",
+        [req](const std::vector<std::string>& v) {
+          req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
+          return true;
+        },
+        "Tensor-parallel shard index");
     cmd->add_option("--pool", *req->mutable_pool_id(), "Destination pool id")->required();
-    cmd->add_option("--blocks", *blocks, "Destination block ids, e.g. 0,1,2 or 0-255")
+    cmd->add_option("--blocks", *blocks, "Destination block ids, e.g. 0,1,2 or 0-255")->required();
+    cmd->add_option(
+           "--tokens",
+           [req](const std::vector<std::string>& v) {
+             req->set_num_tokens(static_cast<uint32_t>(std::stoul(v[0])));
+             return true;
+           },
+           "Prompt tokens")
         ->required();
-    cmd->add_option("--tokens", [req](const std::vector<std::string>& v) {
-      req->set_num_tokens(static_cast<uint32_t>(std::stoul(v[0])));
-      return true;
-    }, "Prompt tokens")->required();
     cmd->callback([c, req, blocks, exit_code] {
       try {
         for (uint32_t b : ParseBlocks(*blocks)) req->add_block_ids(b);
@@ -299,10 +314,13 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
     CLI::App* cmd = app.add_subcommand("cancel", "Cancel a transfer (the peer's side ends too)");
     AddCommon(cmd, c.get());
     cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
-    cmd->add_option("--shard", [req](const std::vector<std::string>& v) {
-      req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
-      return true;
-    }, "Tensor-parallel shard index");
+    cmd->add_option(
+        "--shard",
+        [req](const std::vector<std::string>& v) {
+          req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
+          return true;
+        },
+        "Tensor-parallel shard index");
     cmd->add_option("--reason", *req->mutable_reason(), "Reason reported to both sides");
     cmd->callback([c, req, exit_code] {
       auto r = Client::Connect(c->daemon)->Cancel(*req, c->timeout_s);

@@ -83,8 +83,8 @@ struct Verification {
 // Checks every row of dst against src: FP16 bit-exact, quantized rows within the bound of
 // docs/wire-format.md recomputed from the source row (s/2 + half an ulp; kcn INT4 keys, whose
 // factors are not known here, within their row's magnitude), dropped rows untouched (zero).
-void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse& r,
-            bool kcn, Verification* v) {
+void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse& r, bool kcn,
+            Verification* v) {
   const ModelShape& s = src.layout->shape;
   const DType dtype = src.layout->dtype;
   const bool per_layer = r.tier_maps_size() > 1;
@@ -99,7 +99,8 @@ void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse&
           const uint16_t* y = HostRowPtr(dst, l, kind == 1, t, h);
           ++c.rows;
           float amax = 0;
-          for (uint32_t i = 0; i < s.head_dim; ++i) amax = std::max(amax, std::fabs(ToFloat(dtype, x[i])));
+          for (uint32_t i = 0; i < s.head_dim; ++i)
+            amax = std::max(amax, std::fabs(ToFloat(dtype, x[i])));
           const float qmax = tier == 1 ? 127.0f : 7.0f;
           uint16_t sbits = FromFloatUp(dtype, amax / qmax);
           if (amax > 0 && sbits == 0) sbits = 1;
@@ -217,8 +218,8 @@ int Run(const Options& o) {
 
   // Shared-memory pools with room for `concurrency` requests each, in shuffled blocks.
   const uint32_t c = o.concurrency;
-  auto make = [&](kvgen::PoolLayoutKind kind, uint32_t bs, const std::string& side)
-      -> absl::StatusOr<std::unique_ptr<kvgen::ShmPool>> {
+  auto make = [&](kvgen::PoolLayoutKind kind, uint32_t bs,
+                  const std::string& side) -> absl::StatusOr<std::unique_ptr<kvgen::ShmPool>> {
     kvgen::PoolSpec spec{kind, shape, dtype, bs, kvgen::BlocksFor(n, bs) * c + 1};
     return kvgen::ShmPool::Create(absl::StrFormat("skv-ff-%d-%s", getpid(), side), spec);
   };
@@ -237,7 +238,8 @@ int Run(const Options& o) {
     const auto all = kvgen::ShuffledBlockTable(blocks, 1, static_cast<uint32_t>(blocks), seed);
     const uint64_t need = kvgen::BlocksFor(n, bs);
     std::vector<std::vector<uint32_t>> out(c);
-    for (uint32_t i = 0; i < c; ++i) out[i].assign(all.begin() + i * need, all.begin() + (i + 1) * need);
+    for (uint32_t i = 0; i < c; ++i)
+      out[i].assign(all.begin() + i * need, all.begin() + (i + 1) * need);
     return out;
   };
   const auto src_tables = tables(**src_pool, o.src_block_size, o.seed);
@@ -278,8 +280,7 @@ int Run(const Options& o) {
     return ExitCodeFor(s);
   }
   if (absl::Status s = register_pool(*receiver, **dst_pool, dst_id); !s.ok()) {
-    std::fprintf(stderr, "fake-frontend: RegisterPool on the receiver: %s\n",
-                 s.ToString().c_str());
+    std::fprintf(stderr, "fake-frontend: RegisterPool on the receiver: %s\n", s.ToString().c_str());
     (void)sender->UnregisterPool(src_id, 10);
     return ExitCodeFor(s);
   }
@@ -312,8 +313,7 @@ int Run(const Options& o) {
       std::vector<Clock::time_point> start(c), end_send(c), end_recv(c);
       std::vector<std::thread> threads;
       for (uint32_t i = 0; i < c; ++i) {
-        const std::string rid =
-            absl::StrFormat("ff-%d-b%u-r%u-s%u", getpid(), bi, rep, i);
+        const std::string rid = absl::StrFormat("ff-%d-b%u-r%u-s%u", getpid(), bi, rep, i);
         v1::ReceiveRequest rr;
         rr.set_request_id(rid);
         rr.set_pool_id(dst_id);
@@ -397,19 +397,18 @@ int Run(const Options& o) {
         round.wire_bytes += ss.wire_bytes();
         round.logical_bytes += ss.logical_bytes();
         // The daemons count savings per transfer and never negative (a counter only grows).
-        total_saved += ss.logical_bytes() > ss.wire_bytes() ? ss.logical_bytes() - ss.wire_bytes()
-                                                            : 0;
+        total_saved +=
+            ss.logical_bytes() > ss.wire_bytes() ? ss.logical_bytes() - ss.wire_bytes() : 0;
         round.score.push_back(ss.timings().score_s());
         round.plan.push_back(ss.timings().plan_s());
         round.pack.push_back(ss.timings().pack_s());
         round.stage.push_back(ss.timings().stage_copy_s());
         round.network.push_back(rs.timings().network_s());
         round.unpack.push_back(rs.timings().unpack_s());
-        round.e2e.push_back(std::chrono::duration<double>(std::max(end_send[i], end_recv[i]) -
-                                                          start[i])
-                                .count());
-        Verify((*src_pool)->View(src_tables[i], n), (*dst_pool)->View(dst_tables[i], n),
-               *recvs[i], o.quantizer == "kcn", &round.verify);
+        round.e2e.push_back(
+            std::chrono::duration<double>(std::max(end_send[i], end_recv[i]) - start[i]).count());
+        Verify((*src_pool)->View(src_tables[i], n), (*dst_pool)->View(dst_tables[i], n), *recvs[i],
+               o.quantizer == "kcn", &round.verify);
       }
     }
     total_logical += round.logical_bytes;
@@ -444,13 +443,13 @@ int Run(const Options& o) {
       };
       for (const auto& [series, expect] : checks) {
         const bool rx = std::string(series).find("rx") != std::string::npos;
-        const double got = rx ? delta(metrics_before_rx, *b, series)
-                              : delta(same ? metrics_before_rx : metrics_before_tx,
-                                      same ? *b : *a, series);
+        const double got =
+            rx ? delta(metrics_before_rx, *b, series)
+               : delta(same ? metrics_before_rx : metrics_before_tx, same ? *b : *a, series);
         metrics_json[series] = {{"delta", got}, {"expected", expect}};
         if (std::fabs(got - double(expect)) > 0.5) {
-          metric_problems.push_back(absl::StrFormat("%s moved by %.0f, the transfers report %u",
-                                                    series, got, expect));
+          metric_problems.push_back(
+              absl::StrFormat("%s moved by %.0f, the transfers report %u", series, got, expect));
         }
       }
     }
@@ -512,15 +511,16 @@ int Run(const Options& o) {
   } else {
     std::printf("SpectrumKV fake frontend: sender %s, receiver %s, peer %s\n", o.sender.c_str(),
                 receiver_target.c_str(), peer.c_str());
-    std::printf("  KV %s: %u layers, %u KV heads, head_dim %u, %s, %u tokens; %s/%u -> %s/%u; "
-                "%u request(s) at a time, %u round(s); policy %s, scoring %s, quantizer %s\n",
-                o.kv_file.empty() ? o.model.c_str() : o.kv_file.c_str(), shape.num_layers,
-                shape.num_kv_heads, shape.head_dim, DTypeName(dtype), n, o.src_layout.c_str(),
-                o.src_block_size, o.dst_layout.c_str(), o.dst_block_size, c, o.rounds,
-                o.policy.c_str(), o.scoring.c_str(), o.quantizer.c_str());
+    std::printf(
+        "  KV %s: %u layers, %u KV heads, head_dim %u, %s, %u tokens; %s/%u -> %s/%u; "
+        "%u request(s) at a time, %u round(s); policy %s, scoring %s, quantizer %s\n",
+        o.kv_file.empty() ? o.model.c_str() : o.kv_file.c_str(), shape.num_layers,
+        shape.num_kv_heads, shape.head_dim, DTypeName(dtype), n, o.src_layout.c_str(),
+        o.src_block_size, o.dst_layout.c_str(), o.dst_block_size, c, o.rounds, o.policy.c_str(),
+        o.scoring.c_str(), o.quantizer.c_str());
     std::printf("\n%-7s %-23s %10s %10s %7s %8s %8s %8s %8s %8s %9s  %s\n", "budget",
-                "tiers fp16/int8/int4/drop", "wire MB", "saved MB", "saved", "score ms",
-                "pack ms", "stage ms", "net ms", "unpack ms", "e2e ms", "verified");
+                "tiers fp16/int8/int4/drop", "wire MB", "saved MB", "saved", "score ms", "pack ms",
+                "stage ms", "net ms", "unpack ms", "e2e ms", "verified");
     for (const Round& r : rounds) {
       const auto& t = r.send_stats.tiers();
       const double saved = double(r.logical_bytes) - double(r.wire_bytes);
@@ -538,9 +538,10 @@ int Run(const Options& o) {
         std::printf("    first violation: %s\n", r.verify.first_violation.c_str());
       }
     }
-    std::printf("\n  per request; times are medians. score/pack/stage: sender; net/unpack: "
-                "receiver (first to last byte; unpack work); e2e: Send call to both calls "
-                "returning, as the client saw it\n");
+    std::printf(
+        "\n  per request; times are medians. score/pack/stage: sender; net/unpack: "
+        "receiver (first to last byte; unpack work); e2e: Send call to both calls "
+        "returning, as the client saw it\n");
     if (o.check_metrics) {
       std::printf("  metrics: %s\n", metric_problems.empty()
                                          ? "logical, wire and saved bytes agree on both sides"

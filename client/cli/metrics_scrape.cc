@@ -22,7 +22,8 @@ absl::StatusOr<std::map<std::string, double>> ScrapeMetrics(const std::string& h
     return absl::UnavailableError("cannot resolve " + host);
   }
   const int fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, 0);
-  timeval tv{static_cast<time_t>(timeout_s), static_cast<suseconds_t>((timeout_s - int(timeout_s)) * 1e6)};
+  timeval tv{static_cast<time_t>(timeout_s),
+             static_cast<suseconds_t>((timeout_s - int(timeout_s)) * 1e6)};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   const bool connected = connect(fd, res->ai_addr, res->ai_addrlen) == 0;
@@ -31,9 +32,8 @@ absl::StatusOr<std::map<std::string, double>> ScrapeMetrics(const std::string& h
     close(fd);
     return absl::UnavailableError(absl::StrFormat("cannot connect to %s:%d", host, port));
   }
-  const std::string request =
-      absl::StrFormat("GET /metrics HTTP/1.0\r\nHost: %s:%d\r\nConnection: close\r\n\r\n", host,
-                      port);
+  const std::string request = absl::StrFormat(
+      "GET /metrics HTTP/1.0\r\nHost: %s:%d\r\nConnection: close\r\n\r\n", host, port);
   if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) != ssize_t(request.size())) {
     close(fd);
     return absl::UnavailableError("metrics request failed");

@@ -24,9 +24,9 @@ absl::StatusOr<std::unique_ptr<ShmPool>> ShmPool::Create(const std::string& pref
     const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     if (fd < 0) {
       const int err = errno;
-      return absl::Status(err == EEXIST ? absl::StatusCode::kAlreadyExists
-                                        : absl::StatusCode::kPermissionDenied,
-                          absl::StrFormat("shm_open %s: %s", name, std::strerror(err)));
+      return absl::Status(
+          err == EEXIST ? absl::StatusCode::kAlreadyExists : absl::StatusCode::kPermissionDenied,
+          absl::StrFormat("shm_open %s: %s", name, std::strerror(err)));
     }
     pool->names_.push_back(name);  // unlinked by the destructor from here on
     const uint64_t size = built.region_sizes[i];
@@ -40,8 +40,7 @@ absl::StatusOr<std::unique_ptr<ShmPool>> ShmPool::Create(const std::string& pref
     const int err = errno;
     close(fd);
     if (p == MAP_FAILED) {
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("mmap %s: %s", name, std::strerror(err)));
+      return absl::ResourceExhaustedError(absl::StrFormat("mmap %s: %s", name, std::strerror(err)));
     }
     pool->regions_.push_back(MemoryRegion{p, size});
   }

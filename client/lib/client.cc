@@ -56,15 +56,15 @@ absl::StatusOr<bool> Client::Health(double timeout_s) {
   grpc::Slice empty;
   request = grpc::ByteBuffer(&empty, 1);
   std::promise<grpc::Status> done;
-  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                    &response, [&done](grpc::Status s) { done.set_value(s); });
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                    [&done](grpc::Status s) { done.set_value(s); });
   const grpc::Status s = done.get_future().get();
   if (!s.ok()) return FromGrpc(s);
   std::vector<grpc::Slice> slices;
   if (!response.Dump(&slices).ok()) return absl::InternalError("unreadable health response");
   std::string bytes;
-  for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()),
-                                                slice.size());
+  for (const auto& slice : slices)
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
   // Field 1, varint: tag byte 0x08 then the value (a small enum fits in one byte).
   return bytes.size() >= 2 && bytes[0] == 0x08 && bytes[1] == 0x01;
 }
@@ -77,17 +77,18 @@ absl::StatusOr<v1::DaemonInfo> Client::GetDaemonInfo(double timeout_s) {
 
 absl::StatusOr<v1::RegisterPoolResponse> Client::RegisterPool(const v1::RegisterPoolRequest& req,
                                                               double timeout_s) {
-  return Unary<v1::RegisterPoolResponse>(
-      timeout_s, [&](grpc::ClientContext* c, v1::RegisterPoolResponse* r) {
-        return stub_->RegisterPool(c, req, r);
-      });
+  return Unary<v1::RegisterPoolResponse>(timeout_s,
+                                         [&](grpc::ClientContext* c, v1::RegisterPoolResponse* r) {
+                                           return stub_->RegisterPool(c, req, r);
+                                         });
 }
 
 absl::Status Client::UnregisterPool(const std::string& pool_id, double timeout_s) {
   v1::UnregisterPoolRequest req;
   req.set_pool_id(pool_id);
   return Unary<v1::UnregisterPoolResponse>(
-             timeout_s, [&](grpc::ClientContext* c, v1::UnregisterPoolResponse* r) {
+             timeout_s,
+             [&](grpc::ClientContext* c, v1::UnregisterPoolResponse* r) {
                return stub_->UnregisterPool(c, req, r);
              })
       .status();
@@ -108,10 +109,9 @@ absl::StatusOr<v1::SendResponse> Client::Send(const v1::SendRequest& req, double
 
 absl::StatusOr<v1::ReceiveResponse> Client::Receive(const v1::ReceiveRequest& req,
                                                     double timeout_s) {
-  return Unary<v1::ReceiveResponse>(timeout_s,
-                                    [&](grpc::ClientContext* c, v1::ReceiveResponse* r) {
-                                      return stub_->Receive(c, req, r);
-                                    });
+  return Unary<v1::ReceiveResponse>(timeout_s, [&](grpc::ClientContext* c, v1::ReceiveResponse* r) {
+    return stub_->Receive(c, req, r);
+  });
 }
 
 absl::StatusOr<v1::CancelResponse> Client::Cancel(const v1::CancelRequest& req, double timeout_s) {

@@ -30,8 +30,7 @@ class Client {
   absl::StatusOr<v1::SendResponse> Send(const v1::SendRequest& req, double timeout_s);
   absl::StatusOr<v1::ReceiveResponse> Receive(const v1::ReceiveRequest& req, double timeout_s);
   absl::StatusOr<v1::CancelResponse> Cancel(const v1::CancelRequest& req, double timeout_s);
-  absl::StatusOr<v1::TransferInfo> GetTransfer(const v1::GetTransferRequest& req,
-                                               double timeout_s);
+  absl::StatusOr<v1::TransferInfo> GetTransfer(const v1::GetTransferRequest& req, double timeout_s);
   absl::StatusOr<v1::ListTransfersResponse> ListTransfers(bool include_ended, double timeout_s);
   absl::StatusOr<v1::ModelPolicy> SetModelPolicy(const v1::ModelPolicy& req, double timeout_s);
   absl::StatusOr<v1::ListModelPoliciesResponse> ListModelPolicies(double timeout_s);

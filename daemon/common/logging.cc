@@ -48,8 +48,10 @@ class JsonMessageFlag final : public spdlog::custom_flag_formatter {
 
 absl::Status SetUpLogging(const std::string& level, const std::string& format) {
   static const std::pair<const char*, spdlog::level::level_enum> kLevels[] = {
-      {"trace", spdlog::level::trace}, {"debug", spdlog::level::debug},
-      {"info", spdlog::level::info},   {"warn", spdlog::level::warn},
+      {"trace", spdlog::level::trace},
+      {"debug", spdlog::level::debug},
+      {"info", spdlog::level::info},
+      {"warn", spdlog::level::warn},
       {"error", spdlog::level::err}};
   spdlog::level::level_enum lvl = spdlog::level::off;
   for (const auto& [name, l] : kLevels) {

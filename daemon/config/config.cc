@@ -27,8 +27,8 @@ class Reader {
   void Error(const YAML::Node& node, const std::string& path, const std::string& message) {
     const YAML::Mark m = node.Mark();
     if (m.line >= 0) {
-      errors_.push_back(absl::StrFormat("%s:%d:%d: %s: %s", filename_, m.line + 1, m.column + 1,
-                                        path, message));
+      errors_.push_back(
+          absl::StrFormat("%s:%d:%d: %s: %s", filename_, m.line + 1, m.column + 1, path, message));
     } else {
       errors_.push_back(absl::StrFormat("%s: %s: %s", filename_, path, message));
     }
@@ -115,8 +115,8 @@ class Reader {
     *out = *v;
   }
 
-  void Double(const YAML::Node& node, const std::string& path, double* out, double min,
-              double max, bool min_exclusive = false) {
+  void Double(const YAML::Node& node, const std::string& path, double* out, double min, double max,
+              bool min_exclusive = false) {
     std::string s;
     if (!Scalar(node, path, &s)) return;
     char* end = nullptr;
@@ -150,227 +150,219 @@ class Reader {
   std::vector<std::string> errors_;
 };
 
-const std::vector<std::string> kPolicies = {"3tier",        "2tier",        "sinkprotect",
-                                            "uniform_int8", "uniform_int4", "pdtrim",
-                                            "random_tier"};
+const std::vector<std::string> kPolicies = {"3tier",        "2tier",  "sinkprotect", "uniform_int8",
+                                            "uniform_int4", "pdtrim", "random_tier"};
 const std::vector<std::string> kScoring = {"attention", "key_norm", "external", "positional"};
 
 constexpr uint64_t kMaxBytes = uint64_t{1} << 50;
 
 void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
-  r.Map(root, "",
-        {
-            {"node_name",
-             [&](const YAML::Node& n, const std::string& p) { r.String(n, p, &c.node_name); }},
-            {"listen",
-             [&](const YAML::Node& n, const std::string& p) {
-               r.Map(n, p,
-                     {{"unix_socket",
-                       [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.listen.unix_socket);
-                       }},
-                      {"tcp", [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.listen.tcp);
-                       }}});
-             }},
-            {"metrics",
-             [&](const YAML::Node& n, const std::string& p) {
-               r.Map(n, p, {{"address", [&](const YAML::Node& m, const std::string& q) {
-                               r.String(m, q, &c.metrics.address);
-                             }}});
-             }},
-            {"transport",
-             [&](const YAML::Node& n, const std::string& p) {
-               r.Map(n, p,
-                     {{"kind",
-                       [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.transport.kind, {"inproc", "ucx"});
-                       }},
-                      {"address",
-                       [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.transport.address);
-                       }},
-                      {"advertise_host",
-                       [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.transport.advertise_host);
-                       }},
-                      {"ucx_tls",
-                       [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.transport.ucx_tls);
-                       }},
-                      {"ucx_options", [&](const YAML::Node& m, const std::string& q) {
-                         if (m.IsNull()) return;
-                         if (!m.IsMap()) {
-                           r.Error(m, q, "expected a mapping of UCX setting to value");
-                           return;
-                         }
-                         for (const auto& kv : m) {
-                           const std::string key = kv.first.as<std::string>();
-                           std::string value;
-                           r.String(kv.second, q + "." + key, &value);
-                           if (!c.transport.ucx_options.emplace(key, value).second) {
-                             r.Error(kv.first, q + "." + key, "duplicate key");
-                           }
-                         }
-                       }}});
-             }},
-            {"limits",
-             [&](const YAML::Node& n, const std::string& p) {
-               LimitsConfig& l = c.limits;
-               r.Map(n, p,
-                     {
-                         {"max_inflight_transfers",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Uint32(m, q, &l.max_inflight_transfers, 1, 100000);
-                          }},
-                         {"max_inflight_bytes",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bytes(m, q, &l.max_inflight_bytes, 1 << 20, kMaxBytes);
-                          }},
-                         {"staging_bytes",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bytes(m, q, &l.staging_bytes, 1 << 20, kMaxBytes);
-                          }},
-                         {"staging_prefault",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bool(m, q, &l.staging_prefault);
-                          }},
-                         {"staging_lock",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bool(m, q, &l.staging_lock);
-                          }},
-                         {"early_buffer_bytes",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bytes(m, q, &l.early_buffer_bytes, 0, kMaxBytes);
-                          }},
-                         {"early_ttl_s",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Double(m, q, &l.early_ttl_s, 0.001, 86400);
-                          }},
-                         {"default_deadline_s",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Double(m, q, &l.default_deadline_s, 0.001, 86400);
-                          }},
-                         {"max_deadline_s",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Double(m, q, &l.max_deadline_s, 0.001, 86400);
-                          }},
-                         {"result_ttl_s",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Double(m, q, &l.result_ttl_s, 0, 86400);
-                          }},
-                         {"max_message_bytes",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bytes(m, q, &l.max_message_bytes, 1 << 16, 1ull << 31);
-                          }},
-                         {"max_pools",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Uint32(m, q, &l.max_pools, 1, 4096);
-                          }},
-                         {"drain_timeout_s",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Double(m, q, &l.drain_timeout_s, 0, 3600);
-                          }},
-                     });
-             }},
-            {"codec",
-             [&](const YAML::Node& n, const std::string& p) {
-               CodecConfig& k = c.codec;
-               r.Map(n, p,
-                     {
-                         {"backend",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.String(m, q, &k.backend, {"auto", "cpu", "cpu-scalar", "cuda"});
-                          }},
-                         {"budget",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Double(m, q, &k.budget, 0.0, 1.0, true);
-                          }},
-                         {"budget_kind",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.String(m, q, &k.budget_kind, {"element", "wire"});
-                          }},
-                         {"policy",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.String(m, q, &k.policy, kPolicies);
-                          }},
-                         {"scoring",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.String(m, q, &k.scoring, kScoring);
-                          }},
-                         {"quantizer",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.String(m, q, &k.quantizer, {"absmax", "kcn"});
-                          }},
-                         {"on_unreachable",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.String(m, q, &k.on_unreachable, {"drop", "reject"});
-                          }},
-                         {"sink_tokens",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Uint32(m, q, &k.sink_tokens, 0, 4096);
-                          }},
-                         {"chunk_bytes",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Bytes(m, q, &k.chunk_bytes, 64 << 10, 1ull << 32);
-                          }},
-                         {"worker_threads",
-                          [&](const YAML::Node& m, const std::string& q) {
-                            r.Uint32(m, q, &k.worker_threads, 1, 256);
-                          }},
-                     });
-             }},
-            {"models",
-             [&](const YAML::Node& n, const std::string& p) {
-               if (n.IsNull()) return;
-               if (!n.IsMap()) {
-                 r.Error(n, p, "expected a mapping of model name to policy");
-                 return;
+  r.Map(
+      root, "",
+      {
+          {"node_name",
+           [&](const YAML::Node& n, const std::string& p) { r.String(n, p, &c.node_name); }},
+          {"listen",
+           [&](const YAML::Node& n, const std::string& p) {
+             r.Map(n, p,
+                   {{"unix_socket",
+                     [&](const YAML::Node& m, const std::string& q) {
+                       r.String(m, q, &c.listen.unix_socket);
+                     }},
+                    {"tcp", [&](const YAML::Node& m, const std::string& q) {
+                       r.String(m, q, &c.listen.tcp);
+                     }}});
+           }},
+          {"metrics",
+           [&](const YAML::Node& n, const std::string& p) {
+             r.Map(n, p, {{"address", [&](const YAML::Node& m, const std::string& q) {
+                             r.String(m, q, &c.metrics.address);
+                           }}});
+           }},
+          {"transport",
+           [&](const YAML::Node& n, const std::string& p) {
+             r.Map(
+                 n, p,
+                 {{"kind",
+                   [&](const YAML::Node& m, const std::string& q) {
+                     r.String(m, q, &c.transport.kind, {"inproc", "ucx"});
+                   }},
+                  {"address", [&](const YAML::Node& m,
+                                  const std::string& q) { r.String(m, q, &c.transport.address); }},
+                  {"advertise_host",
+                   [&](const YAML::Node& m, const std::string& q) {
+                     r.String(m, q, &c.transport.advertise_host);
+                   }},
+                  {"ucx_tls", [&](const YAML::Node& m,
+                                  const std::string& q) { r.String(m, q, &c.transport.ucx_tls); }},
+                  {"ucx_options", [&](const YAML::Node& m, const std::string& q) {
+                     if (m.IsNull()) return;
+                     if (!m.IsMap()) {
+                       r.Error(m, q, "expected a mapping of UCX setting to value");
+                       return;
+                     }
+                     for (const auto& kv : m) {
+                       const std::string key = kv.first.as<std::string>();
+                       std::string value;
+                       r.String(kv.second, q + "." + key, &value);
+                       if (!c.transport.ucx_options.emplace(key, value).second) {
+                         r.Error(kv.first, q + "." + key, "duplicate key");
+                       }
+                     }
+                   }}});
+           }},
+          {"limits",
+           [&](const YAML::Node& n, const std::string& p) {
+             LimitsConfig& l = c.limits;
+             r.Map(
+                 n, p,
+                 {
+                     {"max_inflight_transfers",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Uint32(m, q, &l.max_inflight_transfers, 1, 100000);
+                      }},
+                     {"max_inflight_bytes",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Bytes(m, q, &l.max_inflight_bytes, 1 << 20, kMaxBytes);
+                      }},
+                     {"staging_bytes",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Bytes(m, q, &l.staging_bytes, 1 << 20, kMaxBytes);
+                      }},
+                     {"staging_prefault",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Bool(m, q, &l.staging_prefault);
+                      }},
+                     {"staging_lock", [&](const YAML::Node& m,
+                                          const std::string& q) { r.Bool(m, q, &l.staging_lock); }},
+                     {"early_buffer_bytes",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Bytes(m, q, &l.early_buffer_bytes, 0, kMaxBytes);
+                      }},
+                     {"early_ttl_s",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Double(m, q, &l.early_ttl_s, 0.001, 86400);
+                      }},
+                     {"default_deadline_s",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Double(m, q, &l.default_deadline_s, 0.001, 86400);
+                      }},
+                     {"max_deadline_s",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Double(m, q, &l.max_deadline_s, 0.001, 86400);
+                      }},
+                     {"result_ttl_s",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Double(m, q, &l.result_ttl_s, 0, 86400);
+                      }},
+                     {"max_message_bytes",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Bytes(m, q, &l.max_message_bytes, 1 << 16, 1ull << 31);
+                      }},
+                     {"max_pools",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Uint32(m, q, &l.max_pools, 1, 4096);
+                      }},
+                     {"drain_timeout_s",
+                      [&](const YAML::Node& m, const std::string& q) {
+                        r.Double(m, q, &l.drain_timeout_s, 0, 3600);
+                      }},
+                 });
+           }},
+          {"codec",
+           [&](const YAML::Node& n, const std::string& p) {
+             CodecConfig& k = c.codec;
+             r.Map(n, p,
+                   {
+                       {"backend",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.String(m, q, &k.backend, {"auto", "cpu", "cpu-scalar", "cuda"});
+                        }},
+                       {"budget",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Double(m, q, &k.budget, 0.0, 1.0, true);
+                        }},
+                       {"budget_kind",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.String(m, q, &k.budget_kind, {"element", "wire"});
+                        }},
+                       {"policy",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.String(m, q, &k.policy, kPolicies);
+                        }},
+                       {"scoring",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.String(m, q, &k.scoring, kScoring);
+                        }},
+                       {"quantizer",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.String(m, q, &k.quantizer, {"absmax", "kcn"});
+                        }},
+                       {"on_unreachable",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.String(m, q, &k.on_unreachable, {"drop", "reject"});
+                        }},
+                       {"sink_tokens",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.sink_tokens, 0, 4096);
+                        }},
+                       {"chunk_bytes",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Bytes(m, q, &k.chunk_bytes, 64 << 10, 1ull << 32);
+                        }},
+                       {"worker_threads",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.worker_threads, 1, 256);
+                        }},
+                   });
+           }},
+          {"models",
+           [&](const YAML::Node& n, const std::string& p) {
+             if (n.IsNull()) return;
+             if (!n.IsMap()) {
+               r.Error(n, p, "expected a mapping of model name to policy");
+               return;
+             }
+             std::set<std::string> seen;
+             for (const auto& kv : n) {
+               ModelPolicyConfig m;
+               m.model = kv.first.as<std::string>();
+               const std::string q = p + "." + m.model;
+               if (!seen.insert(m.model).second) {
+                 r.Error(kv.first, q, "duplicate key");
+                 continue;
                }
-               std::set<std::string> seen;
-               for (const auto& kv : n) {
-                 ModelPolicyConfig m;
-                 m.model = kv.first.as<std::string>();
-                 const std::string q = p + "." + m.model;
-                 if (!seen.insert(m.model).second) {
-                   r.Error(kv.first, q, "duplicate key");
-                   continue;
-                 }
-                 r.Map(kv.second, q,
-                       {{"allow_int4",
-                         [&](const YAML::Node& x, const std::string& y) {
-                           r.Bool(x, y, &m.allow_int4);
-                         }},
-                        {"allow_int8",
-                         [&](const YAML::Node& x, const std::string& y) {
-                           r.Bool(x, y, &m.allow_int8);
-                         }},
-                        {"source", [&](const YAML::Node& x, const std::string& y) {
-                           r.String(x, y, &m.source);
-                         }}});
-                 c.models.push_back(m);
-               }
-             }},
-            {"logging",
-             [&](const YAML::Node& n, const std::string& p) {
-               r.Map(n, p,
-                     {{"level",
-                       [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.logging.level,
-                                  {"trace", "debug", "info", "warn", "error"});
-                       }},
-                      {"format", [&](const YAML::Node& m, const std::string& q) {
-                         r.String(m, q, &c.logging.format, {"text", "json"});
+               r.Map(kv.second, q,
+                     {{"allow_int4", [&](const YAML::Node& x,
+                                         const std::string& y) { r.Bool(x, y, &m.allow_int4); }},
+                      {"allow_int8", [&](const YAML::Node& x,
+                                         const std::string& y) { r.Bool(x, y, &m.allow_int8); }},
+                      {"source", [&](const YAML::Node& x, const std::string& y) {
+                         r.String(x, y, &m.source);
                        }}});
-             }},
-        });
+               c.models.push_back(m);
+             }
+           }},
+          {"logging",
+           [&](const YAML::Node& n, const std::string& p) {
+             r.Map(
+                 n, p,
+                 {{"level",
+                   [&](const YAML::Node& m, const std::string& q) {
+                     r.String(m, q, &c.logging.level, {"trace", "debug", "info", "warn", "error"});
+                   }},
+                  {"format", [&](const YAML::Node& m, const std::string& q) {
+                     r.String(m, q, &c.logging.format, {"text", "json"});
+                   }}});
+           }},
+      });
 }
 
 }  // namespace
 
 absl::StatusOr<uint64_t> ParseByteSize(const std::string& text) {
   static const std::pair<const char*, uint64_t> kUnits[] = {
-      {"KiB", 1ull << 10}, {"MiB", 1ull << 20}, {"GiB", 1ull << 30}, {"TiB", 1ull << 40},
+      {"KiB", 1ull << 10}, {"MiB", 1ull << 20}, {"GiB", 1ull << 30},   {"TiB", 1ull << 40},
       {"KB", 1000ull},     {"MB", 1000000ull},  {"GB", 1000000000ull}, {"TB", 1000000000000ull},
       {"B", 1ull},         {"", 1ull}};
   size_t digits = 0;
@@ -395,8 +387,8 @@ absl::StatusOr<DaemonConfig> ParseConfig(const std::string& yaml, const std::str
   try {
     root = YAML::Load(yaml);
   } catch (const YAML::ParserException& e) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s:%d:%d: syntax error: %s", filename, e.mark.line + 1, e.mark.column + 1, e.msg));
+    return absl::InvalidArgumentError(absl::StrFormat("%s:%d:%d: syntax error: %s", filename,
+                                                      e.mark.line + 1, e.mark.column + 1, e.msg));
   }
   Reader reader(filename);
   try {

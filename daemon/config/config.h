@@ -17,7 +17,7 @@ namespace spectrumkv {
 
 struct ListenConfig {
   std::string unix_socket = "/run/spectrumkv/spectrumkvd.sock";  // "" disables
-  std::string tcp;                                                // host:port, "" disables
+  std::string tcp;                                               // host:port, "" disables
 };
 
 struct MetricsConfig {
@@ -35,29 +35,29 @@ struct TransportConfig {
 };
 
 struct LimitsConfig {
-  uint32_t max_inflight_transfers = 64;          // sends + receives in progress
-  uint64_t max_inflight_bytes = 4ull << 30;      // payload bytes held by in-flight transfers
-  uint64_t staging_bytes = 2ull << 30;           // the fixed staging arena
-  bool staging_prefault = true;                  // touch the arena's pages at start-up
-  bool staging_lock = false;                     // mlock the arena (needs LimitMEMLOCK)
-  uint64_t early_buffer_bytes = 1ull << 30;      // payloads that arrive before their Receive
-  double early_ttl_s = 30.0;                     // how long such payloads are kept
-  double default_deadline_s = 30.0;              // for calls without a deadline
-  double max_deadline_s = 600.0;                 // longer deadlines are shortened to this
-  double result_ttl_s = 300.0;                   // ended transfers kept for GetTransfer/retries
-  uint64_t max_message_bytes = 64ull << 20;      // gRPC receive limit (window queries)
+  uint32_t max_inflight_transfers = 64;      // sends + receives in progress
+  uint64_t max_inflight_bytes = 4ull << 30;  // payload bytes held by in-flight transfers
+  uint64_t staging_bytes = 2ull << 30;       // the fixed staging arena
+  bool staging_prefault = true;              // touch the arena's pages at start-up
+  bool staging_lock = false;                 // mlock the arena (needs LimitMEMLOCK)
+  uint64_t early_buffer_bytes = 1ull << 30;  // payloads that arrive before their Receive
+  double early_ttl_s = 30.0;                 // how long such payloads are kept
+  double default_deadline_s = 30.0;          // for calls without a deadline
+  double max_deadline_s = 600.0;             // longer deadlines are shortened to this
+  double result_ttl_s = 300.0;               // ended transfers kept for GetTransfer/retries
+  uint64_t max_message_bytes = 64ull << 20;  // gRPC receive limit (window queries)
   uint32_t max_pools = 64;
-  double drain_timeout_s = 30.0;                 // SIGTERM: wait this long for transfers to end
+  double drain_timeout_s = 30.0;  // SIGTERM: wait this long for transfers to end
 };
 
 struct CodecConfig {
-  std::string backend = "auto";        // auto, cpu, cpu-scalar, cuda
-  double budget = 0.5;                 // default budget, (0, 1]
-  std::string budget_kind = "element"; // element or wire
+  std::string backend = "auto";         // auto, cpu, cpu-scalar, cuda
+  double budget = 0.5;                  // default budget, (0, 1]
+  std::string budget_kind = "element";  // element or wire
   std::string policy = "3tier";
-  std::string scoring = "key_norm";    // used when a Send gives no scoring inputs
-  std::string quantizer = "absmax";    // absmax or kcn
-  std::string on_unreachable = "drop"; // drop or reject
+  std::string scoring = "key_norm";     // used when a Send gives no scoring inputs
+  std::string quantizer = "absmax";     // absmax or kcn
+  std::string on_unreachable = "drop";  // drop or reject
   uint32_t sink_tokens = 4;
   uint64_t chunk_bytes = 16ull << 20;  // target size of a data chunk (whole layers)
   uint32_t worker_threads = 2;         // codec and transfer work

@@ -10,9 +10,9 @@
 #include <prometheus/text_serializer.h>
 #include <unistd.h>
 
+#include <dirent.h>
 #include <array>
 #include <chrono>
-#include <dirent.h>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -45,9 +45,9 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
 class ProcessCollector final : public prometheus::Collectable {
  public:
   ProcessCollector()
-      : start_time_s_(std::chrono::duration<double>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count()) {}
+      : start_time_s_(
+            std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+                .count()) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     std::vector<prometheus::MetricFamily> out;
@@ -132,11 +132,13 @@ Metrics::Metrics(const BuildInfo& build) : impl_(std::make_unique<Impl>()) {
                    .Name("spectrumkv_wire_bytes_total")
                    .Help("Payload bytes of completed transfers on the wire.")
                    .Register(r);
-  auto& saved = BuildCounter()
-                    .Name("spectrumkv_bytes_saved_total")
-                    .Help("Logical bytes minus wire bytes of completed transfers (per transfer, never "
-                          "negative).")
-                    .Register(r);
+  auto& saved =
+      BuildCounter()
+          .Name("spectrumkv_bytes_saved_total")
+          .Help(
+              "Logical bytes minus wire bytes of completed transfers (per transfer, never "
+              "negative).")
+          .Register(r);
   auto& tokens = BuildCounter()
                      .Name("spectrumkv_tokens_total")
                      .Help("Prompt tokens of completed transfers, by precision tier.")
@@ -159,16 +161,17 @@ Metrics::Metrics(const BuildInfo& build) : impl_(std::make_unique<Impl>()) {
                        .Register(r);
   for (int role = 0; role < 2; ++role) {
     for (int c = 0; c < kNumCodes; ++c) {
-      m.transfers[role][c] = &transfers.Add(
-          {{"role", kRoles[role]},
-           {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
+      m.transfers[role][c] =
+          &transfers.Add({{"role", kRoles[role]},
+                          {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
     }
     m.duration[role] = &duration.Add({{"role", kRoles[role]}}, LatencyBuckets());
   }
   auto& stage = BuildHistogram()
                     .Name("spectrumkv_stage_duration_seconds")
-                    .Help("Duration of each stage of a transfer (score, plan, pack, stage_copy, "
-                          "network, unpack).")
+                    .Help(
+                        "Duration of each stage of a transfer (score, plan, pack, stage_copy, "
+                        "network, unpack).")
                     .Register(r);
   for (int s = 0; s < 6; ++s) m.stage[s] = &stage.Add({{"stage", kStages[s]}}, LatencyBuckets());
   auto& rejected = BuildCounter()
@@ -185,15 +188,13 @@ Metrics::Metrics(const BuildInfo& build) : impl_(std::make_unique<Impl>()) {
   m.inflight_bytes = gauge("spectrumkv_inflight_bytes", "Payload bytes held by transfers.");
   m.inflight_bytes_limit =
       gauge("spectrumkv_inflight_bytes_limit", "Admission limit on payload bytes held.");
-  m.early_bytes = gauge("spectrumkv_early_payload_bytes",
-                        "Bytes of payloads buffered before their Receive.");
+  m.early_bytes =
+      gauge("spectrumkv_early_payload_bytes", "Bytes of payloads buffered before their Receive.");
   m.pools = gauge("spectrumkv_pools", "Registered KV pools.");
   m.ready = gauge("spectrumkv_ready", "1 when the daemon accepts transfers.");
   m.draining = gauge("spectrumkv_draining", "1 while the daemon drains.");
-  auto& peers = BuildGauge()
-                    .Name("spectrumkv_peers")
-                    .Help("Peer daemons by connection state.")
-                    .Register(r);
+  auto& peers =
+      BuildGauge().Name("spectrumkv_peers").Help("Peer daemons by connection state.").Register(r);
   m.peers_up = &peers.Add({{"state", "up"}});
   m.peers_down = &peers.Add({{"state", "down"}});
   m.checksum_failures = &BuildCounter()

@@ -57,9 +57,8 @@ PoolRegistry::PoolRegistry(uint32_t max_pools, CudaIpcImporter cuda_importer)
 
 absl::StatusOr<std::shared_ptr<Pool>> PoolRegistry::Register(PoolSpec spec) {
   if (!IsValidPoolId(spec.pool_id)) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("pool_id \"%s\" must be 1-128 characters of [A-Za-z0-9._-]",
-                        spec.pool_id.substr(0, 200)));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "pool_id \"%s\" must be 1-128 characters of [A-Za-z0-9._-]", spec.pool_id.substr(0, 200)));
   }
   if (spec.regions.empty()) return absl::InvalidArgumentError("regions: at least one is needed");
   if (spec.regions.size() > 4096) return absl::InvalidArgumentError("regions: more than 4096");

@@ -18,8 +18,7 @@ class ShmRegion {
   // INVALID_ARGUMENT for a bad name, a range outside the object or a zero size; NOT_FOUND if
   // the object does not exist; PERMISSION_DENIED if it cannot be opened read-write.
   static absl::StatusOr<std::unique_ptr<ShmRegion>> Map(const std::string& name,
-                                                        uint64_t offset_bytes,
-                                                        uint64_t size_bytes);
+                                                        uint64_t offset_bytes, uint64_t size_bytes);
   ~ShmRegion();
   ShmRegion(const ShmRegion&) = delete;
   ShmRegion& operator=(const ShmRegion&) = delete;

@@ -48,7 +48,7 @@ void StagingBuffer::Release() {
 }
 
 absl::StatusOr<std::unique_ptr<StagingArena>> StagingArena::Create(uint64_t capacity_bytes,
-                                                                    bool prefault, bool lock) {
+                                                                   bool prefault, bool lock) {
   if (capacity_bytes == 0) return absl::InvalidArgumentError("staging arena of 0 bytes");
   const uint64_t capacity = RoundUp(capacity_bytes);
   const int flags = MAP_PRIVATE | MAP_ANONYMOUS | (prefault || lock ? MAP_POPULATE : MAP_NORESERVE);
@@ -60,9 +60,9 @@ absl::StatusOr<std::unique_ptr<StagingArena>> StagingArena::Create(uint64_t capa
   if (lock && mlock(p, capacity) != 0) {
     const int err = errno;
     munmap(p, capacity);
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "cannot lock a %u-byte staging arena: %s (raise LimitMEMLOCK)", capacity,
-        std::strerror(err)));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("cannot lock a %u-byte staging arena: %s (raise LimitMEMLOCK)", capacity,
+                        std::strerror(err)));
   }
   return std::unique_ptr<StagingArena>(new StagingArena(static_cast<uint8_t*>(p), capacity));
 }

@@ -87,8 +87,7 @@ std::optional<SteadyClock::time_point> KvTransferService::Deadline(
   const auto deadline = ctx->deadline();
   const auto now = std::chrono::system_clock::now();
   if (deadline > now + std::chrono::hours(24 * 365)) return std::nullopt;  // none set
-  return SteadyClock::now() +
-         std::chrono::duration_cast<SteadyClock::duration>(deadline - now);
+  return SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(deadline - now);
 }
 
 grpc::ServerUnaryReactor* KvTransferService::RegisterPool(grpc::CallbackServerContext* ctx,
@@ -104,8 +103,8 @@ grpc::ServerUnaryReactor* KvTransferService::RegisterPool(grpc::CallbackServerCo
   }
   resp->set_total_bytes((*pool)->total_bytes());
   metrics_.SetPools(pools_.size());
-  spdlog::info("registered pool {} ({} bytes, {} layers)", req->pool_id(),
-               (*pool)->total_bytes(), (*pool)->layout().shape.num_layers);
+  spdlog::info("registered pool {} ({} bytes, {} layers)", req->pool_id(), (*pool)->total_bytes(),
+               (*pool)->layout().shape.num_layers);
   return Done(ctx, absl::OkStatus());
 }
 
@@ -137,26 +136,25 @@ grpc::ServerUnaryReactor* KvTransferService::Send(grpc::CallbackServerContext* c
                                                   v1::SendResponse* resp) {
   absl::StatusOr<std::shared_ptr<Pool>> pool = pools_.Get(req->pool_id());
   if (!pool.ok()) {
-    return Done(ctx, absl::NotFoundError(absl::StrFormat(
-                         "Send request %s shard %u peer %s: %s", req->request_id(), req->shard(),
-                         req->peer(), pool.status().message())));
+    return Done(ctx, absl::NotFoundError(absl::StrFormat("Send request %s shard %u peer %s: %s",
+                                                         req->request_id(), req->shard(),
+                                                         req->peer(), pool.status().message())));
   }
   absl::StatusOr<SendArgs> args = SendArgsFromProto(*req, config_.codec, (*pool)->layout());
   if (!args.ok()) {
-    return Done(ctx, absl::InvalidArgumentError(absl::StrFormat(
-                         "Send request %s shard %u peer %s: %s", req->request_id(), req->shard(),
-                         req->peer(), args.status().message())));
+    return Done(ctx, absl::InvalidArgumentError(
+                         absl::StrFormat("Send request %s shard %u peer %s: %s", req->request_id(),
+                                         req->shard(), req->peer(), args.status().message())));
   }
   auto* reactor = new TransferReactor(manager_, args->key, TransferRole::kSend);
-  const uint64_t waiter = manager_.Send(
-      std::move(*args), manager_.DeadlineFrom(Deadline(ctx)),
-      [reactor, resp](absl::StatusOr<SendResult> r) {
-        if (r.ok()) {
-          resp->set_transfer_id(r->transfer_id);
-          StatsToProto(r->stats, resp->mutable_stats());
-        }
-        reactor->Finish(ToGrpc(r.status()));
-      });
+  const uint64_t waiter = manager_.Send(std::move(*args), manager_.DeadlineFrom(Deadline(ctx)),
+                                        [reactor, resp](absl::StatusOr<SendResult> r) {
+                                          if (r.ok()) {
+                                            resp->set_transfer_id(r->transfer_id);
+                                            StatsToProto(r->stats, resp->mutable_stats());
+                                          }
+                                          reactor->Finish(ToGrpc(r.status()));
+                                        });
   reactor->Started(waiter);
   return reactor;
 }
@@ -166,9 +164,9 @@ grpc::ServerUnaryReactor* KvTransferService::Receive(grpc::CallbackServerContext
                                                      v1::ReceiveResponse* resp) {
   absl::StatusOr<ReceiveArgs> args = ReceiveArgsFromProto(*req);
   if (!args.ok()) {
-    return Done(ctx, absl::InvalidArgumentError(absl::StrFormat(
-                         "Receive request %s shard %u: %s", req->request_id(), req->shard(),
-                         args.status().message())));
+    return Done(ctx, absl::InvalidArgumentError(absl::StrFormat("Receive request %s shard %u: %s",
+                                                                req->request_id(), req->shard(),
+                                                                args.status().message())));
   }
   auto* reactor = new TransferReactor(manager_, args->key, TransferRole::kReceive);
   const uint64_t waiter = manager_.Receive(
@@ -180,8 +178,7 @@ grpc::ServerUnaryReactor* KvTransferService::Receive(grpc::CallbackServerContext
           resp->set_peer(r->peer);
           if (r->per_layer) {
             for (const auto& layer : r->dropped) {
-              resp->add_per_layer_dropped()->mutable_positions()->Add(layer.begin(),
-                                                                      layer.end());
+              resp->add_per_layer_dropped()->mutable_positions()->Add(layer.begin(), layer.end());
             }
           } else if (!r->dropped.empty()) {
             resp->mutable_dropped_positions()->Add(r->dropped[0].begin(), r->dropped[0].end());
@@ -237,8 +234,8 @@ grpc::ServerUnaryReactor* KvTransferService::GetModelPolicy(grpc::CallbackServer
                                                             v1::ModelPolicy* resp) {
   const std::optional<ModelTierPolicy> p = models_.Get(req->model());
   if (!p) {
-    return Done(ctx, absl::NotFoundError(
-                         absl::StrFormat("no tier policy for model \"%s\"", req->model())));
+    return Done(
+        ctx, absl::NotFoundError(absl::StrFormat("no tier policy for model \"%s\"", req->model())));
   }
   PolicyToProto(*p, resp);
   return Done(ctx, absl::OkStatus());

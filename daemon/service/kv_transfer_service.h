@@ -34,11 +34,9 @@ class KvTransferService final : public v1::KvTransfer::CallbackService {
                                       v1::ListPoolsResponse* resp) override;
   grpc::ServerUnaryReactor* Send(grpc::CallbackServerContext* ctx, const v1::SendRequest* req,
                                  v1::SendResponse* resp) override;
-  grpc::ServerUnaryReactor* Receive(grpc::CallbackServerContext* ctx,
-                                    const v1::ReceiveRequest* req,
+  grpc::ServerUnaryReactor* Receive(grpc::CallbackServerContext* ctx, const v1::ReceiveRequest* req,
                                     v1::ReceiveResponse* resp) override;
-  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
-                                   const v1::CancelRequest* req,
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx, const v1::CancelRequest* req,
                                    v1::CancelResponse* resp) override;
   grpc::ServerUnaryReactor* GetTransfer(grpc::CallbackServerContext* ctx,
                                         const v1::GetTransferRequest* req,

@@ -65,8 +65,7 @@ absl::StatusOr<PoolSpec> PoolSpecFromProto(const v1::RegisterPoolRequest& p) {
         }
         if (h.cuda_ipc().device() < 0) return Invalid(field + ".cuda_ipc.device", "negative");
         spec.regions.push_back(CudaIpcSpec{h.cuda_ipc().ipc_handle(), h.cuda_ipc().device(),
-                                           h.cuda_ipc().offset_bytes(),
-                                           h.cuda_ipc().size_bytes()});
+                                           h.cuda_ipc().offset_bytes(), h.cuda_ipc().size_bytes()});
         break;
       case v1::MemoryHandle::KIND_NOT_SET:
         return Invalid(field, "set host_shm or cuda_ipc");
@@ -220,9 +219,9 @@ absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const Codec
     }
   } else if (mode == ScoringMode::kExternal) {
     if (static_cast<uint64_t>(s.token_scores_size()) != p.num_tokens()) {
-      return Invalid("scoring.token_scores",
-                     absl::StrFormat("%d scores for %u tokens", s.token_scores_size(),
-                                     p.num_tokens()));
+      return Invalid(
+          "scoring.token_scores",
+          absl::StrFormat("%d scores for %u tokens", s.token_scores_size(), p.num_tokens()));
     }
     a.external_scores.assign(s.token_scores().begin(), s.token_scores().end());
   }

@@ -36,8 +36,8 @@ absl::StatusOr<Policy> ModelPolicies::Resolve(const std::string& model, Policy r
   if (!p) return requested;
   if (!p->allow_int8) {
     if (requested == Policy::kPdTrim) return requested;
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "model %s allows neither INT8 nor INT4; only pdtrim can be used", model));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("model %s allows neither INT8 nor INT4; only pdtrim can be used", model));
   }
   if (!p->allow_int4) {
     switch (requested) {

@@ -181,7 +181,8 @@ TransferManager::TransferManager(TransferManagerOptions options, PoolRegistry& p
       models_(models) {
   metrics_.SetLimits(options_.max_inflight_transfers, options_.max_inflight_bytes);
   absl::MutexLock lock(&mu_);
-  sweep_timer_ = timers_.Schedule(SteadyClock::now() + std::chrono::seconds(1), [this] { Sweep(); });
+  sweep_timer_ =
+      timers_.Schedule(SteadyClock::now() + std::chrono::seconds(1), [this] { Sweep(); });
   PublishGauges();
 }
 
@@ -222,9 +223,8 @@ absl::Status TransferManager::AdmitTransfer(const TransferKey& key, const char* 
   }
   if (active_ >= options_.max_inflight_transfers) {
     metrics_.AdmissionRejected(RejectReason::kTransfers);
-    return absl::ResourceExhaustedError(
-        absl::StrFormat("%s %s: %u transfers in flight, the configured maximum", role,
-                        Describe(key, ""), active_));
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "%s %s: %u transfers in flight, the configured maximum", role, Describe(key, ""), active_));
   }
   return absl::OkStatus();
 }
@@ -247,9 +247,9 @@ uint64_t TransferManager::Send(SendArgs args, SteadyClock::time_point deadline, 
     if (it != sends_.end()) {
       std::shared_ptr<SendTransfer> t = it->second;
       if (t->args.fingerprint != args.fingerprint) {
-        const absl::Status s = absl::AlreadyExistsError(absl::StrFormat(
-            "Send %s: the request id is in use by a different request",
-            Describe(args.key, args.peer)));
+        const absl::Status s = absl::AlreadyExistsError(
+            absl::StrFormat("Send %s: the request id is in use by a different request",
+                            Describe(args.key, args.peer)));
         d.Add([done, s] { done(s); });
       } else if (t->terminal()) {
         const absl::Status s = t->status;
@@ -355,8 +355,8 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   PlanOptions po = a.plan;
   po.policy = policy;
   po.scoring = static_cast<uint8_t>(a.scoring);
-  SPECTRUMKV_ASSIGN_OR_RETURN(
-      TierPlan plan, PlanTiers(pool->layout().shape, pool->layout().dtype, a.num_tokens, scores, po));
+  SPECTRUMKV_ASSIGN_OR_RETURN(TierPlan plan, PlanTiers(pool->layout().shape, pool->layout().dtype,
+                                                       a.num_tokens, scores, po));
   auto t2 = SteadyClock::now();
   t.stats.times.plan_s = Since(t1, t2);
   t.stats.policy = std::string(PolicyName(policy));
@@ -390,8 +390,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   WritePrelude(plan.layout, plan.tiers, payload);
 
   // Offer, then pack and send chunk by chunk: packing chunk k+1 overlaps sending chunk k.
-  const std::vector<DataChunkHeader> chunks =
-      PlanChunks(plan.layout, t.id, options_.chunk_bytes);
+  const std::vector<DataChunkHeader> chunks = PlanChunks(plan.layout, t.id, options_.chunk_bytes);
   v1::PeerMessage offer_msg;
   v1::PeerOffer* offer = offer_msg.mutable_offer();
   offer->set_request_id(a.key.request_id);
@@ -462,8 +461,8 @@ void TransferManager::FinishSend(const std::shared_ptr<SendTransfer>& t, absl::S
   d.Run();
 }
 
-void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t,
-                                       absl::Status status, bool tell_peer, Deferred& d) {
+void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, absl::Status status,
+                                       bool tell_peer, Deferred& d) {
   if (t->terminal()) return;
   const auto now = SteadyClock::now();
   t->state = status.ok() ? SendTransfer::State::kDone : SendTransfer::State::kFailed;
@@ -533,9 +532,9 @@ uint64_t TransferManager::Receive(ReceiveArgs args, SteadyClock::time_point dead
       t = it->second;
       if (t->claimed) {
         if (t->args.fingerprint != args.fingerprint) {
-          fail_now(absl::AlreadyExistsError(absl::StrFormat(
-              "Receive %s: the request id is in use by a different request",
-              Describe(args.key, t->peer))));
+          fail_now(absl::AlreadyExistsError(
+              absl::StrFormat("Receive %s: the request id is in use by a different request",
+                              Describe(args.key, t->peer))));
         } else if (t->terminal()) {
           const absl::Status s = t->status;
           const ReceiveResult r = t->result;
@@ -673,9 +672,9 @@ void TransferManager::HandleOffer(const std::string& peer, const v1::PeerOffer& 
     if (t->bound) {
       if (t->peer == peer && t->wire_id == offer.transfer_id()) return;  // duplicate offer
       if (!t->terminal()) {
-        reject(absl::AlreadyExistsError(absl::StrFormat(
-            "request %s shard %u is already being received from %s", key.request_id, key.shard,
-            t->peer)));
+        reject(absl::AlreadyExistsError(
+            absl::StrFormat("request %s shard %u is already being received from %s", key.request_id,
+                            key.shard, t->peer)));
         return;
       }
       if (t->claimed) {  // the Receive already ended: tell the new sender how
@@ -758,8 +757,8 @@ absl::StatusOr<std::span<uint8_t>> TransferManager::OnDataBegin(const std::strin
   uint64_t end;
   if (h.index >= t->num_chunks || t->chunk_seen[h.index] || h.size == 0 ||
       __builtin_add_overflow(h.offset, h.size, &end) || end > t->total_bytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "chunk %u [%u, +%u) does not fit transfer %u", h.index, h.offset, h.size, h.transfer_id));
+    return absl::InvalidArgumentError(absl::StrFormat("chunk %u [%u, +%u) does not fit transfer %u",
+                                                      h.index, h.offset, h.size, h.transfer_id));
   }
   t->chunk_seen[h.index] = true;
   ++t->data_outstanding;
@@ -783,9 +782,9 @@ void TransferManager::OnDataEnd(const std::string& peer, const DataChunkHeader& 
       ReleaseRecvIfIdle(t);
     } else if (!status.ok()) {
       FinishRecvLocked(t,
-                       absl::UnavailableError(absl::StrFormat(
-                           "Receive %s: chunk %u was not received: %s",
-                           Describe(t->key, peer), h.index, status.message())),
+                       absl::UnavailableError(
+                           absl::StrFormat("Receive %s: chunk %u was not received: %s",
+                                           Describe(t->key, peer), h.index, status.message())),
                        true, d);
     } else {
       ++t->chunks_received;
@@ -810,9 +809,9 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
     absl::StatusOr<ParsedPrelude> parsed =
         c.offset == 0 ? ParsePrelude(t->buffer.span().subspan(0, c.size), t->total_bytes)
                       : absl::InvalidArgumentError("the prelude chunk is not at offset 0");
-    if (parsed.ok() && (parsed->layout.total_bytes != t->total_bytes ||
-                        parsed->layout.prelude_bytes != c.size ||
-                        t->num_chunks > parsed->layout.layers.size() + 1)) {
+    if (parsed.ok() &&
+        (parsed->layout.total_bytes != t->total_bytes || parsed->layout.prelude_bytes != c.size ||
+         t->num_chunks > parsed->layout.layers.size() + 1)) {
       parsed = absl::InvalidArgumentError("the prelude disagrees with the offer's sizes");
     }
     if (!parsed.ok()) {
@@ -826,9 +825,8 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
   if (!t->claimed) return;  // an early payload: keep it until its Receive arrives
   if (!t->destination_checked) {
     // First time with both a prelude and a destination: they must agree.
-    const absl::Status s =
-        CheckBufferMatches(t->pool->View(t->args.blocks, t->args.num_tokens),
-                           t->prelude->layout.desc, "destination");
+    const absl::Status s = CheckBufferMatches(t->pool->View(t->args.blocks, t->args.num_tokens),
+                                              t->prelude->layout.desc, "destination");
     if (!s.ok()) {
       FinishRecvLocked(t, WithContext(s, context), true, d);
       return;
@@ -912,8 +910,8 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
   d.Run();
 }
 
-void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t,
-                                       absl::Status status, bool tell_peer, Deferred& d) {
+void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status,
+                                       bool tell_peer, Deferred& d) {
   if (t->terminal()) return;
   const auto now = SteadyClock::now();
   t->state = status.ok() ? RecvTransfer::State::kDone : RecvTransfer::State::kFailed;
@@ -1063,20 +1061,20 @@ void TransferManager::OnControl(const std::string& peer, const v1::PeerMessage& 
         if (c.to_sender()) {
           auto it = sends_by_id_.find(c.transfer_id());
           if (it == sends_by_id_.end()) break;
-          FinishSendLocked(it->second,
-                           absl::Status(sc, absl::StrFormat(
-                                                "Send %s: cancelled by the receiver: %s",
-                                                Describe(it->second->args.key, peer), c.reason())),
-                           false, d);
+          FinishSendLocked(
+              it->second,
+              absl::Status(sc, absl::StrFormat("Send %s: cancelled by the receiver: %s",
+                                               Describe(it->second->args.key, peer), c.reason())),
+              false, d);
         } else {
           auto it = recvs_by_wire_.find({peer, c.transfer_id()});
           if (it == recvs_by_wire_.end()) break;
-          FinishRecvLocked(it->second,
-                           absl::Status(sc, absl::StrFormat("Receive %s: cancelled by the "
-                                                            "sender: %s",
-                                                            Describe(it->second->key, peer),
-                                                            c.reason())),
-                           false, d);
+          FinishRecvLocked(
+              it->second,
+              absl::Status(sc, absl::StrFormat("Receive %s: cancelled by the "
+                                               "sender: %s",
+                                               Describe(it->second->key, peer), c.reason())),
+              false, d);
         }
         break;
       }
@@ -1093,19 +1091,19 @@ void TransferManager::OnPeerDown(const std::string& peer, const absl::Status& re
     absl::MutexLock lock(&mu_);
     for (auto& [key, t] : sends_) {
       if (t->terminal() || t->args.peer != peer) continue;
-      FinishSendLocked(t,
-                       absl::UnavailableError(absl::StrFormat(
-                           "Send %s: the peer went down: %s", Describe(key, peer),
-                           reason.message())),
-                       false, d);
+      FinishSendLocked(
+          t,
+          absl::UnavailableError(absl::StrFormat("Send %s: the peer went down: %s",
+                                                 Describe(key, peer), reason.message())),
+          false, d);
     }
     for (auto& [key, t] : recvs_) {
       if (t->terminal() || !t->bound || t->peer != peer) continue;
-      FinishRecvLocked(t,
-                       absl::UnavailableError(absl::StrFormat(
-                           "Receive %s: the peer went down: %s", Describe(key, peer),
-                           reason.message())),
-                       false, d);
+      FinishRecvLocked(
+          t,
+          absl::UnavailableError(absl::StrFormat("Receive %s: the peer went down: %s",
+                                                 Describe(key, peer), reason.message())),
+          false, d);
     }
   }
   d.Run();
@@ -1118,9 +1116,8 @@ void TransferManager::Detach(const TransferKey& key, TransferRole role, uint64_t
   Deferred d;
   {
     absl::MutexLock lock(&mu_);
-    const absl::Status cancelled = absl::CancelledError(
-        absl::StrFormat("request %s shard %u: the client cancelled the call", key.request_id,
-                        key.shard));
+    const absl::Status cancelled = absl::CancelledError(absl::StrFormat(
+        "request %s shard %u: the client cancelled the call", key.request_id, key.shard));
     if (role == TransferRole::kSend) {
       auto it = sends_.find(key);
       if (it == sends_.end()) return;
@@ -1167,8 +1164,8 @@ absl::StatusOr<bool> TransferManager::Cancel(const TransferKey& key, const std::
       if (!it->second->terminal()) {
         cancelled = true;
         std::shared_ptr<RecvTransfer> t = it->second;
-        const absl::Status s = absl::CancelledError(
-            absl::StrFormat("Receive %s: %s", Describe(key, t->peer), why));
+        const absl::Status s =
+            absl::CancelledError(absl::StrFormat("Receive %s: %s", Describe(key, t->peer), why));
         FinishRecvLocked(t, s, false, d);
         if (t->bound) {
           d.Add([this, t, s] { SendCancel(t->peer, t->wire_id, t->key, s, true); });
@@ -1235,9 +1232,8 @@ void TransferManager::Drain(std::chrono::milliseconds timeout) {
     absl::MutexLock lock(&mu_);
     draining_ = true;
     mu_.AwaitWithTimeout(absl::Condition(
-                             +[](TransferManager* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(m->mu_) {
-                               return m->active_ == 0;
-                             },
+                             +[](TransferManager* m)
+                                  ABSL_EXCLUSIVE_LOCKS_REQUIRED(m->mu_) { return m->active_ == 0; },
                              this),
                          absl::FromChrono(timeout));
   }

@@ -72,14 +72,14 @@ struct SendArgs {
   std::vector<uint32_t> blocks;
   uint32_t num_tokens = 0;
   std::string peer;
-  std::string model;        // empty: the pool's model
-  PlanOptions plan;         // resolved against the daemon defaults by the caller
+  std::string model;  // empty: the pool's model
+  PlanOptions plan;   // resolved against the daemon defaults by the caller
   ScoringMode scoring = ScoringMode::kKeyNorm;
   std::vector<float> window_queries;  // attention
   uint32_t window = 0, num_q_heads = 0, pool_kernel = 5;
   double recency_decay = 0;
   std::vector<float> external_scores;  // external
-  std::string fingerprint;  // identity of the request content (duplicate detection)
+  std::string fingerprint;             // identity of the request content (duplicate detection)
 };
 
 struct SendResult {
@@ -144,8 +144,8 @@ struct TransferManagerOptions {
 class TransferManager final : public TransportHandler {
  public:
   TransferManager(TransferManagerOptions options, PoolRegistry& pools, CodecSet codecs,
-                  Transport& transport, StagingArena& staging, Metrics& metrics,
-                  Executor& executor, TimerQueue& timers, ModelPolicies& models);
+                  Transport& transport, StagingArena& staging, Metrics& metrics, Executor& executor,
+                  TimerQueue& timers, ModelPolicies& models);
   ~TransferManager() override;
 
   // Deadlines are clamped to max_deadline_s; nullopt means default_deadline_s.
@@ -193,10 +193,9 @@ class TransferManager final : public TransportHandler {
   // the offer (false when the failure came from the peer).
   void FinishSend(const std::shared_ptr<SendTransfer>& t, absl::Status status,
                   bool tell_peer = true);
-  void FinishSendLocked(const std::shared_ptr<SendTransfer>& t, absl::Status status,
-                        bool tell_peer, Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReleaseSendIfIdle(const std::shared_ptr<SendTransfer>& t)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FinishSendLocked(const std::shared_ptr<SendTransfer>& t, absl::Status status, bool tell_peer,
+                        Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseSendIfIdle(const std::shared_ptr<SendTransfer>& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Receiver steps.
   void HandleOffer(const std::string& peer, const v1::PeerOffer& offer, Deferred& d)
@@ -207,10 +206,9 @@ class TransferManager final : public TransportHandler {
   void Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last);
-  void FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status,
-                        bool tell_peer, Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReleaseRecvIfIdle(const std::shared_ptr<RecvTransfer>& t)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status, bool tell_peer,
+                        Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseRecvIfIdle(const std::shared_ptr<RecvTransfer>& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   void SendAck(const std::string& peer, uint64_t transfer_id, const absl::Status& status,
                double network_s, double unpack_s);

@@ -33,7 +33,7 @@ struct DataChunkHeader {
   uint32_t index = 0;        // chunk number, 0 = prelude
   uint32_t first_layer = 0;  // layers [first_layer, last_layer) of the payload
   uint32_t last_layer = 0;
-  uint64_t offset = 0;       // byte offset in the payload
+  uint64_t offset = 0;  // byte offset in the payload
   uint64_t size = 0;
 };
 

@@ -39,6 +39,27 @@ class Rows {
 
 const char* KindName(bool value) { return value ? "V" : "K"; }
 
+// While one token's rows are processed, the rows of the token kPrefetchAhead places further in
+// the list are prefetched: a gather from a paged cache otherwise waits on DRAM for every row
+// (measured: pack ran at 3.5 GB/s of FP16 input, a third of memcpy, stalled on row loads).
+constexpr size_t kPrefetchAhead = 2;
+
+void PrefetchToken(const Rows& rows, std::span<const uint32_t> tokens, size_t i, uint32_t heads,
+                   uint32_t row_bytes, bool for_write) {
+  if (i + kPrefetchAhead >= tokens.size()) return;
+  const uint32_t t = tokens[i + kPrefetchAhead];
+  for (uint32_t h = 0; h < heads; ++h) {
+    const char* p = reinterpret_cast<const char*>(rows.Row(t, h));
+    for (uint32_t b = 0; b < row_bytes; b += 64) {
+      if (for_write) {
+        __builtin_prefetch(p + b, 1, 0);
+      } else {
+        __builtin_prefetch(p + b, 0, 0);
+      }
+    }
+  }
+}
+
 void ZeroGap(uint8_t* out, uint64_t from, uint64_t to) {
   if (to > from) std::memset(out + from, 0, to - from);
 }
@@ -291,8 +312,12 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
       const PartLayout& part = value ? sec.value : sec.key;
       const Rows rows(src, l, value);
       // FP16 rows, bit-exact.
+      const uint32_t row_bytes = dim * 2;
       uint8_t* dst = out + part.fp16_rows;
-      for (uint32_t t : lists[Tier::kFp16]) {
+      const std::vector<uint32_t>& fp16_tokens = lists[Tier::kFp16];
+      for (size_t i = 0; i < fp16_tokens.size(); ++i) {
+        const uint32_t t = fp16_tokens[i];
+        PrefetchToken(rows, fp16_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, dst += uint64_t{dim} * 2) {
           std::memcpy(dst, rows.Row(t, h), uint64_t{dim} * 2);
         }
@@ -301,7 +326,10 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
       // INT8 rows and scales.
       auto* codes8 = reinterpret_cast<int8_t*>(out + part.int8_rows);
       auto* scales8 = reinterpret_cast<uint16_t*>(out + part.int8_scales);
-      for (uint32_t t : lists[Tier::kInt8]) {
+      const std::vector<uint32_t>& int8_tokens = lists[Tier::kInt8];
+      for (size_t i = 0; i < int8_tokens.size(); ++i) {
+        const uint32_t t = int8_tokens[i];
+        PrefetchToken(rows, int8_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
           if (!k_.quantize_int8(dtype, rows.Row(t, h), dim, codes8, scales8)) {
             return absl::InvalidArgumentError(
@@ -317,7 +345,9 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
       uint8_t* codes4 = out + part.int4_rows;
       auto* scales4 = reinterpret_cast<uint16_t*>(out + part.int4_scales);
       const bool kcn = desc.key_channel_norm() && !value;
-      for (uint32_t t : int4_tokens) {
+      for (size_t i = 0; i < int4_tokens.size(); ++i) {
+        const uint32_t t = int4_tokens[i];
+        PrefetchToken(rows, int4_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
           const uint16_t* row = rows.Row(t, h);
           const bool ok =
@@ -376,15 +406,22 @@ absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<cons
     for (bool value : {false, true}) {
       const PartLayout& part = value ? sec.value : sec.key;
       const Rows rows(dst, l, value);
+      const uint32_t row_bytes = dim * 2;
       const uint8_t* src = in + part.fp16_rows;
-      for (uint32_t t : lists[Tier::kFp16]) {
+      const std::vector<uint32_t>& fp16_tokens = lists[Tier::kFp16];
+      for (size_t i = 0; i < fp16_tokens.size(); ++i) {
+        const uint32_t t = fp16_tokens[i];
+        PrefetchToken(rows, fp16_tokens, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, src += uint64_t{dim} * 2) {
           std::memcpy(rows.Row(t, h), src, uint64_t{dim} * 2);
         }
       }
       const auto* codes8 = reinterpret_cast<const int8_t*>(in + part.int8_rows);
       const auto* scales8 = reinterpret_cast<const uint16_t*>(in + part.int8_scales);
-      for (uint32_t t : lists[Tier::kInt8]) {
+      const std::vector<uint32_t>& int8_tokens = lists[Tier::kInt8];
+      for (size_t i = 0; i < int8_tokens.size(); ++i) {
+        const uint32_t t = int8_tokens[i];
+        PrefetchToken(rows, int8_tokens, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
           k_.dequantize_int8(dtype, codes8, *scales8, dim, rows.Row(t, h));
         }
@@ -392,7 +429,10 @@ absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<cons
       const uint8_t* codes4 = in + part.int4_rows;
       const auto* scales4 = reinterpret_cast<const uint16_t*>(in + part.int4_scales);
       const bool kcn = desc.key_channel_norm() && !value;
-      for (uint32_t t : lists[Tier::kInt4]) {
+      const std::vector<uint32_t>& int4_list = lists[Tier::kInt4];
+      for (size_t i = 0; i < int4_list.size(); ++i) {
+        const uint32_t t = int4_list[i];
+        PrefetchToken(rows, int4_list, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
           if (kcn) {
             k_.dequantize_int4_kcn(dtype, codes4, *scales4, &f.offset[uint64_t{h} * dim],

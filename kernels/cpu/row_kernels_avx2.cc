@@ -53,13 +53,11 @@ inline uint16_t AbsMaxBits(const uint16_t* src, uint32_t dim) {
   return static_cast<uint16_t>(~_mm_extract_epi16(_mm_minpos_epu16(inv), 0));
 }
 
-// 8 integer codes (as int32) of 8 floats.
-inline __m256i Codes8(__m256 x, __m256 inv, __m256 qmax) {
-  __m256 y = _mm256_mul_ps(x, inv);
-  y = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  y = _mm256_min_ps(_mm256_max_ps(y, _mm256_sub_ps(_mm256_setzero_ps(), qmax)), qmax);
-  return _mm256_cvttps_epi32(y);
-}
+// 8 integer codes (as int32) of 8 floats: round half to even (the MXCSR default, as
+// nearbyint), no clamp. The scale is rounded up (quant::MakeScale), so |x * inv| is at most
+// qmax * (1 + 2^-23) and never rounds past qmax: the scalar definition's clamp never binds, and
+// skipping it here changes no bit (the self-test and tests compare against the scalar kernels).
+inline __m256i Codes8(__m256 x, __m256 inv) { return _mm256_cvtps_epi32(_mm256_mul_ps(x, inv)); }
 
 // 32 int8 codes in element order from four vectors of 8 int32 codes.
 inline __m256i Pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
@@ -81,12 +79,13 @@ inline __m128i Nibbles32(__m256i codes) {
 // nibbles (kInt4=true). The scale must be non-zero and its reciprocal finite.
 template <bool kInt4, typename Loader>
 void QuantizeRow(Loader load, uint32_t dim, const quant::RowScale& s, float qmax_f, void* out) {
-  const __m256 inv = _mm256_set1_ps(s.inv), qmax = _mm256_set1_ps(qmax_f);
+  (void)qmax_f;
+  const __m256 inv = _mm256_set1_ps(s.inv);
   uint8_t* dst = static_cast<uint8_t*>(out);
   uint32_t i = 0;
   for (; i + 32 <= dim; i += 32) {
-    const __m256i codes = Pack32(Codes8(load(i), inv, qmax), Codes8(load(i + 8), inv, qmax),
-                                 Codes8(load(i + 16), inv, qmax), Codes8(load(i + 24), inv, qmax));
+    const __m256i codes = Pack32(Codes8(load(i), inv), Codes8(load(i + 8), inv),
+                                 Codes8(load(i + 16), inv), Codes8(load(i + 24), inv));
     if constexpr (kInt4) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i / 2), Nibbles32(codes));
     } else {
@@ -95,7 +94,7 @@ void QuantizeRow(Loader load, uint32_t dim, const quant::RowScale& s, float qmax
   }
   for (; i < dim; i += 8) {  // dim is a multiple of 8
     alignas(32) int32_t c[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c), Codes8(load(i), inv, qmax));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), Codes8(load(i), inv));
     for (int k = 0; k < 8; k += 2) {
       if constexpr (kInt4) {
         dst[(i + k) / 2] = quant::PackNibbles(c[k], c[k + 1]);
@@ -123,12 +122,27 @@ void QuantizeScalarFloats(const float* x, uint32_t dim, const quant::RowScale& s
   }
 }
 
+// quant::MakeScale with single instructions for fp16 (F16C converts with round-up directly);
+// the same bits, as the self-test checks.
+inline quant::RowScale MakeScaleFast(DType dtype, uint16_t amax_bits, float qmax) {
+  if (dtype != DType::kFloat16) return quant::MakeScale(dtype, ToFloat(dtype, amax_bits), qmax);
+  quant::RowScale s;
+  const float amax = _cvtsh_ss(amax_bits);
+  s.bits = _cvtss_sh(amax / qmax, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  s.value = _cvtsh_ss(s.bits);
+  if (s.value > 0.0f) {
+    s.inv = 1.0f / s.value;
+    s.divide = !std::isfinite(s.inv);
+  }
+  return s;
+}
+
 template <bool kInt4>
 bool QuantizeAbsmax(DType dtype, const uint16_t* src, uint32_t dim, void* out, uint16_t* scale) {
   const uint16_t amax = AbsMaxBits(src, dim);
   if (amax >= NonFiniteAbsBits(dtype)) return false;
   const float qmax = kInt4 ? quant::kInt4Max : quant::kInt8Max;
-  const quant::RowScale s = quant::MakeScale(dtype, ToFloat(dtype, amax), qmax);
+  const quant::RowScale s = MakeScaleFast(dtype, amax, qmax);
   *scale = s.bits;
   if (s.value == 0.0f || s.divide) {
     float x[kMaxNormalizedDim];

@@ -48,10 +48,10 @@ class DaemonTest : public ::testing::Test {
     std::filesystem::create_directories(*dir_);
     std::ofstream(*dir_ + "/daemon.yaml") << kConfig;
     daemon_ = new Subprocess();
-    ASSERT_TRUE(daemon_->Start({SPECTRUMKV_DAEMON_BIN, "--config", *dir_ + "/daemon.yaml",
-                                "--listen-unix", *dir_ + "/d.sock", "--transport-address",
-                                absl::StrFormat("itest-%d", getpid())},
-                               *dir_ + "/daemon.log"));
+    ASSERT_TRUE(daemon_->Start(
+        {SPECTRUMKV_DAEMON_BIN, "--config", *dir_ + "/daemon.yaml", "--listen-unix",
+         *dir_ + "/d.sock", "--transport-address", absl::StrFormat("itest-%d", getpid())},
+        *dir_ + "/daemon.log"));
     client_ = Client::Connect("unix:" + *dir_ + "/d.sock").release();
     for (int i = 0; i < 200; ++i) {
       auto h = client_->Health(1);
@@ -226,7 +226,8 @@ TEST_F(DaemonTest, TransferErrorsHaveTheirCodes) {
             absl::StatusCode::kDeadlineExceeded);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3));
   // Duplicate ids with different content.
-  auto pending = std::async(std::launch::async, [&] { return client_->Receive(recv_req("e7"), 10); });
+  auto pending =
+      std::async(std::launch::async, [&] { return client_->Receive(recv_req("e7"), 10); });
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   v1::ReceiveRequest other = recv_req("e7");
   other.set_num_tokens(63);
@@ -245,13 +246,13 @@ TEST_F(DaemonTest, TransferErrorsHaveTheirCodes) {
   EXPECT_EQ(client_->Cancel(c, 5).status().code(), absl::StatusCode::kNotFound);
   // Client-side cancellation of the call: the daemon lets go of the transfer.
   {
-    auto channel = grpc::CreateChannel("unix:" + *dir_ + "/d.sock",
-                                       grpc::InsecureChannelCredentials());
+    auto channel =
+        grpc::CreateChannel("unix:" + *dir_ + "/d.sock", grpc::InsecureChannelCredentials());
     auto stub = v1::KvTransfer::NewStub(channel);
     grpc::ClientContext ctx;
     v1::ReceiveResponse resp;
-    auto call = std::async(std::launch::async,
-                           [&] { return stub->Receive(&ctx, recv_req("e8"), &resp); });
+    auto call =
+        std::async(std::launch::async, [&] { return stub->Receive(&ctx, recv_req("e8"), &resp); });
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     ctx.TryCancel();
     EXPECT_EQ(call.get().error_code(), grpc::StatusCode::CANCELLED);
@@ -313,11 +314,11 @@ TEST_F(DaemonTest, MetricsPassPromtool) {
 
 TEST_F(DaemonTest, FakeFrontendMovesALlamaShapedKv) {
   std::string out;
-  const int code = RunCommand(
-      {SPECTRUMKV_CLI_BIN, "fake-frontend", "--sender", "unix:" + *dir_ + "/d.sock", "--model",
-       "llama3-8b", "--tokens", "512", "--budgets", "1.0", "0.5", "0.3", "--check-metrics",
-       "--timeout-s", "60"},
-      240, &out);
+  const int code =
+      RunCommand({SPECTRUMKV_CLI_BIN, "fake-frontend", "--sender", "unix:" + *dir_ + "/d.sock",
+                  "--model", "llama3-8b", "--tokens", "512", "--budgets", "1.0", "0.5", "0.3",
+                  "--check-metrics", "--timeout-s", "60"},
+                 240, &out);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("logical, wire and saved bytes agree on both sides"), std::string::npos)
       << out;
@@ -340,8 +341,8 @@ TEST_F(DaemonTest, CliCommandsAndExitCodes) {
             0)
       << out;
   EXPECT_NE(out.find("qwen2.5-7b  int4 no"), std::string::npos) << out;
-  EXPECT_EQ(RunCommand({SPECTRUMKV_CLI_BIN, "cancel", "--daemon", target, "--request-id", "zz"},
-                       20, &out),
+  EXPECT_EQ(RunCommand({SPECTRUMKV_CLI_BIN, "cancel", "--daemon", target, "--request-id", "zz"}, 20,
+                       &out),
             1)
       << out;
   EXPECT_EQ(RunCommand({SPECTRUMKV_CLI_BIN, "send", "--daemon", target}, 20, &out), 64) << out;
@@ -355,12 +356,12 @@ TEST(DaemonConfigCheckTest, CheckConfigExitCodes) {
   std::ofstream(dir + "/ok.yaml") << kConfig;
   std::ofstream(dir + "/bad.yaml") << "limits:\n  max_pools: many\ncodec:\n  polcy: 3tier\n";
   std::string out;
-  EXPECT_EQ(RunCommand({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/ok.yaml", "--check-config"},
-                       20, &out),
-            0)
+  EXPECT_EQ(
+      RunCommand({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/ok.yaml", "--check-config"}, 20, &out),
+      0)
       << out;
-  EXPECT_EQ(RunCommand({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/bad.yaml", "--check-config"},
-                       20, &out),
+  EXPECT_EQ(RunCommand({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/bad.yaml", "--check-config"}, 20,
+                       &out),
             78);
   EXPECT_NE(out.find("bad.yaml:2:14: limits.max_pools"), std::string::npos) << out;
   EXPECT_NE(out.find("bad.yaml:4:3: codec.polcy: unknown key"), std::string::npos) << out;

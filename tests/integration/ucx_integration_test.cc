@@ -61,7 +61,7 @@ limits:
   drain_timeout_s: 2
 codec: {chunk_bytes: 8MiB, worker_threads: 2}
 )",
-                                                                   name, socket, port);
+                                                                 name, socket, port);
     ASSERT_TRUE(process.Start({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/" + name + ".yaml"},
                               dir + "/" + name + ".log"));
     client = Client::Connect("unix:" + socket);
@@ -103,9 +103,9 @@ class UcxDaemonsTest : public ::testing::Test {
   }
 
   static int FakeFrontend(std::vector<std::string> extra, std::string* out, double timeout = 300) {
-    std::vector<std::string> argv = {SPECTRUMKV_CLI_BIN,   "fake-frontend", "--sender",
-                                     "unix:" + prefill_->socket, "--receiver",
-                                     "unix:" + decode_->socket, "--check-metrics"};
+    std::vector<std::string> argv = {
+        SPECTRUMKV_CLI_BIN, "fake-frontend",           "--sender",       "unix:" + prefill_->socket,
+        "--receiver",       "unix:" + decode_->socket, "--check-metrics"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     return RunCommand(argv, timeout, out);
   }
@@ -120,14 +120,14 @@ Daemon* UcxDaemonsTest::prefill_ = nullptr;
 Daemon* UcxDaemonsTest::decode_ = nullptr;
 
 TEST_F(UcxDaemonsTest, EveryPolicyWithALayoutChange) {
-  for (const char* policy : {"3tier", "2tier", "sinkprotect", "uniform_int8", "uniform_int4",
-                             "pdtrim", "random_tier"}) {
+  for (const char* policy :
+       {"3tier", "2tier", "sinkprotect", "uniform_int8", "uniform_int4", "pdtrim", "random_tier"}) {
     std::string out;
-    const int code = FakeFrontend({"--model", "qwen2.5-7b", "--tokens", "300", "--src-layout",
-                                   "vllm-nhd", "--src-block-size", "16", "--dst-layout", "trtllm",
-                                   "--dst-block-size", "64", "--budgets", "0.3", "0.6",
-                                   "--policy", policy},
-                                  &out);
+    const int code =
+        FakeFrontend({"--model", "qwen2.5-7b", "--tokens", "300", "--src-layout", "vllm-nhd",
+                      "--src-block-size", "16", "--dst-layout", "trtllm", "--dst-block-size", "64",
+                      "--budgets", "0.3", "0.6", "--policy", policy},
+                     &out);
     EXPECT_EQ(code, 0) << policy << "\n" << out;
     EXPECT_NE(out.find("agree on both sides"), std::string::npos) << policy << "\n" << out;
   }
@@ -151,9 +151,9 @@ TEST_F(UcxDaemonsTest, SixtyFourConcurrentTransfers) {
 TEST_F(UcxDaemonsTest, OneGibibyteTransfer) {
   std::string out;
   // llama3-8b at 8192 tokens is 1.07 GB of FP16 KV; b = 1.0 sends all of it.
-  const int code = FakeFrontend({"--model", "llama3-8b", "--tokens", "8192", "--budgets", "1.0",
-                                 "--timeout-s", "240"},
-                                &out, 600);
+  const int code = FakeFrontend(
+      {"--model", "llama3-8b", "--tokens", "8192", "--budgets", "1.0", "--timeout-s", "240"}, &out,
+      600);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("1073.7"), std::string::npos) << out;
 }

@@ -34,7 +34,8 @@ class FaultTransport final : public Transport {
                    SendCallback done) override {
     if (drop_acks && message.has_ack()) {
       // Pretend it went out.
-      inner_.SendControl("inproc://nobody", message, [done](absl::Status) { done(absl::OkStatus()); });
+      inner_.SendControl("inproc://nobody", message,
+                         [done](absl::Status) { done(absl::OkStatus()); });
       return;
     }
     inner_.SendControl(peer, message, std::move(done));

@@ -49,16 +49,15 @@ bool SplitHostPort(const std::string& s, std::string* host, uint16_t* port) {
   return true;
 }
 
-absl::Status Resolve(const std::string& host, uint16_t port, bool passive,
-                     sockaddr_storage* out, socklen_t* len) {
+absl::Status Resolve(const std::string& host, uint16_t port, bool passive, sockaddr_storage* out,
+                     socklen_t* len) {
   addrinfo hints{}, *res = nullptr;
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = passive ? AI_PASSIVE : 0;
   const int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
   if (rc != 0 || res == nullptr) {
-    return absl::UnavailableError(
-        absl::StrFormat("cannot resolve %s: %s", host, gai_strerror(rc)));
+    return absl::UnavailableError(absl::StrFormat("cannot resolve %s: %s", host, gai_strerror(rc)));
   }
   std::memcpy(out, res->ai_addr, res->ai_addrlen);
   *len = res->ai_addrlen;
@@ -146,10 +145,10 @@ struct UcxTransport::Impl {
   struct Op {
     bool data = false;
     std::string peer;
-    DataChunkHeader chunk;            // data
-    std::string header;               // encoded when the endpoint is known
-    std::string control;              // serialized PeerMessage (control)
-    std::span<const uint8_t> payload; // data: the caller keeps it valid until done
+    DataChunkHeader chunk;             // data
+    std::string header;                // encoded when the endpoint is known
+    std::string control;               // serialized PeerMessage (control)
+    std::span<const uint8_t> payload;  // data: the caller keeps it valid until done
     SendCallback done;
   };
   // A message that arrived ahead of its turn: its rendezvous descriptor or a copy of its bytes.
@@ -269,9 +268,10 @@ struct UcxTransport::Impl {
     if (it != outbound.end()) return it->second;
     std::string host;
     uint16_t port = 0;
-    if (peer.rfind(kScheme, 0) != 0 || !SplitHostPort(peer.substr(sizeof(kScheme) - 1), &host, &port)) {
-      *error = absl::InvalidArgumentError(absl::StrFormat(
-          "peer \"%s\" is not a UCX address (ucx://host:port)", peer));
+    if (peer.rfind(kScheme, 0) != 0 ||
+        !SplitHostPort(peer.substr(sizeof(kScheme) - 1), &host, &port)) {
+      *error = absl::InvalidArgumentError(
+          absl::StrFormat("peer \"%s\" is not a UCX address (ucx://host:port)", peer));
       return nullptr;
     }
     sockaddr_storage addr;
@@ -310,8 +310,8 @@ struct UcxTransport::Impl {
                              op.data ? &op.chunk : nullptr);
     auto* req = new SendRequest{this, std::move(op)};
     ucp_request_param_t rp{};
-    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                      UCP_OP_ATTR_FIELD_FLAGS;
+    rp.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     rp.cb.send = &OnSendDone;
     rp.user_data = req;
     rp.flags = UCP_AM_SEND_FLAG_REPLY;
@@ -369,8 +369,8 @@ struct UcxTransport::Impl {
     }
     endpoints.erase(e);
     ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK |
-                     UCP_OP_ATTR_FIELD_USER_DATA;
+    p.op_attr_mask =
+        UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
     p.cb.send = &OnClosed;
     p.user_data = e;
@@ -595,8 +595,8 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
   std::string host;
   uint16_t port = 0;
   if (!SplitHostPort(options.listen_address, &host, &port)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "transport.address \"%s\" is not host:port", options.listen_address));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("transport.address \"%s\" is not host:port", options.listen_address));
   }
   // UCX settings reach UCP and its transports (UCT) alike only through the environment, which
   // UCX reads when the context is created: set them before ucp_init. A restarted daemon must be

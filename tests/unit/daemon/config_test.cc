@@ -71,8 +71,9 @@ logging: {level: debug, format: json}
 }
 
 TEST(ConfigTest, ErrorsNameFileLineAndKeyPath) {
-  const char* yaml = "limits:\n  max_inflight_transfers: 0\n  max_inflight_bytse: 1GiB\n"
-                     "codec:\n  policy: 5tier\n  budget: 1.5\n";
+  const char* yaml =
+      "limits:\n  max_inflight_transfers: 0\n  max_inflight_bytse: 1GiB\n"
+      "codec:\n  policy: 5tier\n  budget: 1.5\n";
   auto c = ParseConfig(yaml, "bad.yaml");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);

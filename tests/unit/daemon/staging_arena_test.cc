@@ -18,7 +18,7 @@ TEST(StagingArenaTest, AllocatesFreesAndCoalesces) {
   ASSERT_TRUE(a.ok() && b.ok() && c.ok());
   EXPECT_EQ(arena->Allocate(300 << 10).status().code(), absl::StatusCode::kResourceExhausted);
   std::memset(b->data(), 0xAB, b->size());  // the memory is usable
-  *b = StagingBuffer();                       // free the middle
+  *b = StagingBuffer();                     // free the middle
   EXPECT_EQ(arena->Allocate(400 << 10).status().code(), absl::StatusCode::kResourceExhausted);
   *a = StagingBuffer();  // a + b coalesce
   auto d = arena->Allocate(600 << 10);

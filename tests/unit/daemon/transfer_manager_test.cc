@@ -49,8 +49,8 @@ class Node {
         faults_(inproc_),
         executor_(2, "test"),
         manager_(std::make_unique<TransferManager>(options, pools_, CodecSet{codec_.get(), nullptr},
-                                                   faults_, *staging_, metrics_, executor_,
-                                                   timers_, models_)) {
+                                                   faults_, *staging_, metrics_, executor_, timers_,
+                                                   models_)) {
     EXPECT_TRUE(faults_.Start(manager_.get()).ok());
   }
   ~Node() { Stop(); }
@@ -72,8 +72,8 @@ class Node {
     ps.pool_id = id;
     ps.layout = shm_.back()->layout();
     for (size_t i = 0; i < shm_.back()->names().size(); ++i) {
-      ps.regions.push_back(HostShmSpec{shm_.back()->names()[i], 0,
-                                       shm_.back()->regions()[i].size_bytes});
+      ps.regions.push_back(
+          HostShmSpec{shm_.back()->names()[i], 0, shm_.back()->regions()[i].size_bytes});
     }
     EXPECT_TRUE(pools_.Register(ps).ok());
     tables_[id] = kvgen::ShuffledBlockTable(spec.num_blocks, block_size, tokens, pools_made_);
@@ -412,8 +412,7 @@ TEST_F(TransferManagerTest, BadRequestsFailWithTheirCodes) {
   a_.manager().Receive(MakeReceive("y4", b_, "no-such-pool"), In(5), r1.cb());
   EXPECT_EQ(r1.Get().status().code(), absl::StatusCode::kNotFound);
   // A destination whose shape differs from the payload's: INVALID_ARGUMENT on both sides.
-  const std::string other =
-      b_.AddPool(PoolLayoutKind::kVllmNhd, 16, ModelShape{4, 1, 64}, kTokens);
+  const std::string other = b_.AddPool(PoolLayoutKind::kVllmNhd, 16, ModelShape{4, 1, 64}, kTokens);
   Pending<ReceiveResult> r2;
   Pending<SendResult> s5;
   b_.manager().Receive(MakeReceive("y5", b_, other), In(5), r2.cb());
