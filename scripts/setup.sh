@@ -7,6 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config git
   libabsl-dev libisal-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
+  python3-torch python3-numpy
 )
 
 missing=()

@@ -152,10 +152,13 @@ absl::StatusOr<std::unique_ptr<DenseView>> MakeView(const skv_dense_kv& kv, bool
 }
 
 // ScoreOptions from the C options. `queries`/`external` spans point into the caller's arrays.
-absl::StatusOr<ScoreOptions> MakeScoreOptions(const skv_options& o, const skv_dense_kv& kv) {
+// With `scores_given` only the mode is read (the scores were computed before).
+absl::StatusOr<ScoreOptions> MakeScoreOptions(const skv_options& o, const skv_dense_kv& kv,
+                                              bool scores_given) {
   ScoreOptions s;
   SPECTRUMKV_ASSIGN_OR_RETURN(
       s.mode, ParseName<ScoringMode>(o.scoring, "scoring", "key_norm", ParseScoringMode));
+  if (scores_given) return s;
   if (s.mode == ScoringMode::kAttention) {
     if (o.window_queries == nullptr) {
       return absl::InvalidArgumentError("options.window_queries: null with scoring attention");
@@ -229,7 +232,8 @@ absl::Status Score(skv_codec* codec, const skv_dense_kv* kv, const skv_options* 
   SPECTRUMKV_RETURN_IF_ERROR(CheckCommon(codec, kv, options));
   if (scores == nullptr) return absl::InvalidArgumentError("scores: null");
   SPECTRUMKV_ASSIGN_OR_RETURN(std::unique_ptr<DenseView> view, MakeView(*kv, false));
-  SPECTRUMKV_ASSIGN_OR_RETURN(const ScoreOptions score_options, MakeScoreOptions(*options, *kv));
+  SPECTRUMKV_ASSIGN_OR_RETURN(const ScoreOptions score_options,
+                              MakeScoreOptions(*options, *kv, false));
   return codec->selection.codec->Score(view->Buffer(view->src_region, kv->num_tokens),
                                        score_options, std::span<float>(scores, kv->num_tokens));
 }
@@ -238,7 +242,9 @@ absl::Status RoundTrip(skv_codec* codec, const skv_dense_kv* kv, const skv_optio
                        skv_outputs* out) {
   SPECTRUMKV_RETURN_IF_ERROR(CheckCommon(codec, kv, options));
   SPECTRUMKV_ASSIGN_OR_RETURN(std::unique_ptr<DenseView> view, MakeView(*kv, true));
-  SPECTRUMKV_ASSIGN_OR_RETURN(const ScoreOptions score_options, MakeScoreOptions(*options, *kv));
+  SPECTRUMKV_ASSIGN_OR_RETURN(
+      const ScoreOptions score_options,
+      MakeScoreOptions(*options, *kv, options->precomputed_scores != nullptr));
   SPECTRUMKV_ASSIGN_OR_RETURN(const PlanOptions plan_options,
                               MakePlanOptions(*options, score_options.mode));
   Codec& c = *codec->selection.codec;
