@@ -116,15 +116,16 @@ class WordTokenizer:
 
 # -- needles ---------------------------------------------------------------------------------------
 
-# The five needles (the paper used five; these use words of the WikiText vocabulary). Each needle
-# is "<key> a b c d ." and the question, appended at the end of the prompt, repeats the key so the
+# The five needles (the paper used five; these use words of the WikiText vocabulary, and each key
+# ends in its own noun so keys differ in the words next to the answer). Each needle is
+# "<key> a b c d ." and the question, appended at the end of the prompt, repeats the key so the
 # answer follows it: "<eos> what is <key without 'the'> ? <key>" -> "a b c d".
 NEEDLE_KEYS = (
     ("the secret code is", "words"),
     ("the magic number is", "digits"),
     ("the hidden word is", "words"),
     ("the special key is", "words"),
-    ("the reference code is", "digits"),
+    ("the reference name is", "digits"),
 )
 ANSWER_TOKENS = 4
 DIGITS = [str(d) for d in range(10)]

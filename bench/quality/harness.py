@@ -87,7 +87,7 @@ class Method:
                     scoring=scoring, precomputed_scores=scores[scoring], seed=seed, sinks=sinks)
 
 
-def method_grid(policies: Sequence[str], budgets: Sequence[float], kinds: Sequence[str],
+def method_grid(policies: Sequence[str], budgets, kinds: Sequence[str],
                 scorings: Sequence[str], quantizers: Sequence[str]) -> List[Method]:
     """Every (policy, scoring, quantizer, budget, kind) that means something: pdtrim ignores
     scores and quantizers, random_tier ignores scores, 2tier has no INT4 (so no quantizer choice),
@@ -99,7 +99,7 @@ def method_grid(policies: Sequence[str], budgets: Sequence[float], kinds: Sequen
         elif p == "uniform_int4":
             out += [Method(p, quantizer=q) for q in quantizers]
     for kind in kinds:
-        for b in budgets:
+        for b in (budgets[kind] if isinstance(budgets, dict) else budgets):
             for p in policies:
                 if p == "pdtrim":
                     out.append(Method(p, budget=b, budget_kind=kind))
@@ -112,8 +112,12 @@ def method_grid(policies: Sequence[str], budgets: Sequence[float], kinds: Sequen
     return out
 
 
-def parse_budgets(text: str) -> List[float]:
-    """"0.25:0.75:0.05" (inclusive range) or "0.3,0.5"."""
+def parse_budgets(text: str):
+    """"0.25:0.75:0.05" (inclusive range) or "0.3,0.5"; or per budget kind,
+    "wire=0.25:0.75:0.05;element=0.3,0.5" (a dict)."""
+    if "=" in text:
+        return {k.strip(): parse_budgets(v) for k, v in
+                (part.split("=", 1) for part in text.split(";") if part.strip())}
     if ":" in text:
         lo, hi, step = (float(x) for x in text.split(":"))
         count = int(round((hi - lo) / step)) + 1

@@ -186,13 +186,14 @@ class Body(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    """LlamaForCausalLM-compatible model. `dropout` applies to embeddings, attention
-    probabilities and residual branches in training mode only."""
+    """LlamaForCausalLM-compatible model. `dropout` applies to embeddings and residual branches,
+    `attn_dropout` to attention probabilities, in training mode only."""
 
-    def __init__(self, config: Config, dropout: float = 0.0):
+    def __init__(self, config: Config, dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         self.config = config
         self.dropout = dropout
+        self.attn_dropout = attn_dropout
         self.model = Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -245,7 +246,8 @@ class TinyLlama(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h, kv, q = layer.self_attn(layer.input_layernorm(x), cos, sin,
                                        past[i] if past is not None else None, mask, causal,
-                                       capture_queries, drop)
+                                       capture_queries,
+                                       self.attn_dropout if self.training else 0.0)
             if drop:
                 h = F.dropout(h, drop)
             x = x + h
