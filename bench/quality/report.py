@@ -75,6 +75,27 @@ def plot_ppl(ppl, kind, path, title):
     plt.close(fig)
 
 
+def plot_kl(ppl, kind, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, p, s, q in MAIN:
+        rows = pick(ppl["methods"], p, s, q, kind)
+        if rows:
+            ax.plot([r[f"{kind}_budget"] for r in rows], [max(r["kl"], 1e-6) for r in rows],
+                    marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"realized {kind} budget")
+    ax.set_ylabel("mean token KL(p_full || p_method) (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_niah(niah, kind, path, title, fp_acc):
     import matplotlib
     matplotlib.use("Agg")
@@ -151,6 +172,18 @@ def ppl_table(ppl, kind, budgets=(0.3, 0.5, 0.7)):
     return "\n".join(lines)
 
 
+def kl_table(ppl, kind, budgets=(0.25, 0.3, 0.4, 0.5, 0.6, 0.7)):
+    lines = ["| method | " + " | ".join(f"b={b}" for b in budgets) + " |",
+             "|" + "---|" * (len(budgets) + 1)]
+    for label, p, s, q in MAIN:
+        cells = []
+        for b in budgets:
+            r = pick(ppl["methods"], p, s, q, kind, b)
+            cells.append(f"{r[0]['kl']:.4f}" if r else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def scoring_table(ppl, niah, kind, budget):
     lines = ["| policy | scoring | quantizer | ΔPPL (%) | KL | NIAH (%) |", "|---|---|---|---|---|---|"]
     for p in ("3tier", "sinkprotect", "2tier"):
@@ -201,9 +234,12 @@ def acceptance(ppl, niah, probes):
             if t and d:
                 a, b = t[0]["delta_ppl_pct"], d[0]["delta_ppl_pct"]
                 ok = b > 0 and a <= b / 10
-                out.append(f"- ΔPPL at {kind} b = 0.5: 3tier (attention, absmax) {a:+.3f}% vs "
-                           f"pdtrim {b:+.3f}%: {'HOLDS' if ok else 'DOES NOT HOLD'} "
-                           f"(needs 3tier ≤ pdtrim/10 = {b / 10:+.3f}%).")
+                out.append(f"- ΔPPL at {kind} b = 0.5: 3tier (attention, absmax) {a:+.3f}% "
+                           f"(±{t[0]['delta_se_pct']:.3f}) vs pdtrim {b:+.3f}% "
+                           f"(±{d[0]['delta_se_pct']:.3f}): {'HOLDS' if ok else 'DOES NOT HOLD'} "
+                           f"(needs 3tier ≤ pdtrim/10 = {b / 10:+.3f}%). Token KL: 3tier "
+                           f"{t[0]['kl']:.4f} vs pdtrim {d[0]['kl']:.4f} nats "
+                           f"({d[0]['kl'] / max(t[0]['kl'], 1e-12):.0f}x).")
         if niah:
             best = best_spectrum(niah, kind, 0.3)
             d = pick(niah["methods"], "pdtrim", "none", "none", kind, 0.3)
@@ -293,7 +329,11 @@ def main(argv=None):
                      f"Reference model, PD-faithful ΔPPL vs {kind} budget "
                      f"({ppl_ref['windows']} windows × {ppl_ref['scored_tokens_per_window']} "
                      f"tokens, {device})")
-            md += [f"\n### ΔPPL, {kind} budgets (reference model)\n", ppl_table(ppl_ref, kind)]
+            plot_kl(ppl_ref, kind, os.path.join(args.figures, f"kl_{kind}.png"),
+                    f"Reference model, token KL vs full precision, {kind} budget ({device})")
+            md += [f"\n### ΔPPL, {kind} budgets (reference model)\n", ppl_table(ppl_ref, kind),
+                   f"\n### Token KL (nats), {kind} budgets (reference model)\n",
+                   kl_table(ppl_ref, kind)]
     if niah_ref:
         for kind in ("wire", "element"):
             plot_niah(niah_ref, kind, os.path.join(args.figures, f"niah_{kind}.png"),

@@ -13,12 +13,17 @@ Training rows are --seq-len tokens of valid.txt (its first 95%; the last 5% is h
 monitoring). A fraction --needle-frac of rows also hold 1-4 needles "<key> a b c d ." with
 distinct keys at random places, each followed later by its question "<eos> what is the
 <subject> ? <key>" and the answer, so the model learns to retrieve from anywhere in its context
-(the NIAH protocol's skill); a fraction --copy-frac repeat a random span (induction). The
-checkpoint kept is the one with the lowest held-out loss among evaluations whose held-out
-needle accuracy is at least 0.9 (else the one with the best needle accuracy).
+(the NIAH protocol's skill); a fraction --copy-frac repeat a random span (induction). The LM
+loss is taken on the plain rows, the answer loss (x --answer-weight) on the answers and second
+copies. The first --short-frac of the steps use --short-seq-len rows (same tokens per step): a
+length curriculum under which retrieval forms within ~1000 steps (without it, and with the LM
+loss on every row, it had not formed after 2400 steps). The checkpoint kept is the one with the
+lowest held-out loss among evaluations whose held-out needle accuracy is at least 0.9 (else the
+one with the best needle accuracy).
 
-Example (about 4 minutes on one H100):
-  python3 bench/quality/train_reference.py --out bench/quality/checkpoints/reference
+The reported model (docs/QUALITY.md) is, on one H200 in 198 s:
+  python3 bench/quality/train_reference.py --steps 2581 --out bench/quality/checkpoints/reference
+(run_all.py passes --time-budget-min 3.5 instead, which chose 2581 steps on that card.)
 """
 
 import argparse

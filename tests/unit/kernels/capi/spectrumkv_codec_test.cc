@@ -240,6 +240,36 @@ TEST_F(CapiTest, InPlaceAndPrecomputedScores) {
   ASSERT_EQ(skv_round_trip(codec_, &kv, &o, nullptr, error, sizeof(error)), SKV_OK) << error;
   EXPECT_EQ(in_place.data, fresh.data);
   EXPECT_NE(in_place.data, src.data);  // INT8/INT4 rows did change
+
+  // Attention scores computed once, then reused without the queries; the header still says
+  // the plan was attention-scored.
+  const uint32_t window = 4, q_heads = 4;
+  std::vector<float> queries(uint64_t{kShape.num_layers} * window * q_heads * kShape.head_dim);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  for (float& q : queries) q = gauss(rng_);
+  skv_options_init(&o);
+  o.scoring = "attention";
+  o.window_queries = queries.data();
+  o.window = window;
+  o.num_q_heads = q_heads;
+  kv = Desc(src, nullptr);
+  ASSERT_EQ(skv_score(codec_, &kv, &o, scores.data(), error, sizeof(error)), SKV_OK) << error;
+  o.window_queries = nullptr;
+  Dense with_queries(kShape, DType::kBFloat16, n), reused(kShape, DType::kBFloat16, n);
+  std::vector<uint8_t> payload(1 << 20);
+  skv_outputs out{};
+  out.payload = payload.data();
+  out.payload_capacity = payload.size();
+  kv = Desc(src, reused.data.data());
+  EXPECT_EQ(skv_round_trip(codec_, &kv, &o, &out, error, sizeof(error)), SKV_INVALID_ARGUMENT);
+  o.precomputed_scores = scores.data();
+  ASSERT_EQ(skv_round_trip(codec_, &kv, &o, &out, error, sizeof(error)), SKV_OK) << error;
+  EXPECT_EQ(payload[14], static_cast<uint8_t>(ScoringMode::kAttention));  // header scoring byte
+  o.precomputed_scores = nullptr;
+  o.window_queries = queries.data();
+  kv = Desc(src, with_queries.data.data());
+  ASSERT_EQ(skv_round_trip(codec_, &kv, &o, nullptr, error, sizeof(error)), SKV_OK) << error;
+  EXPECT_EQ(reused.data, with_queries.data);
 }
 
 TEST_F(CapiTest, ErrorsAreCodesWithMessages) {
