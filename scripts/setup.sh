@@ -10,6 +10,7 @@ PACKAGES=(
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libyaml-cpp-dev prometheus-cpp-dev libspdlog-dev libfmt-dev prometheus
   libucx-dev ucx-utils iproute2
+  python3-torch python3-numpy
 )
 
 missing=()
