@@ -33,6 +33,7 @@
 #include "daemon/transfer/transfer_manager.h"
 #include "daemon/transport/inproc_transport.h"
 #include "daemon/transport/ucx/ucx_transport.h"
+#include "kernels/cpu/cpu_codec.h"
 #include "kernels/registry/codec_registry.h"
 
 namespace spectrumkv {
@@ -182,6 +183,9 @@ int Run(int argc, char** argv) {
   } else {
     host_codec = std::move(selected->codec);
   }
+  if (auto* cpu = dynamic_cast<CpuCodec*>(host_codec.get())) {
+    cpu->set_score_threads(config.codec.worker_threads);
+  }
   const std::string backend_name(device_codec ? device_codec->name() : host_codec->name());
   spdlog::info("codec backend {}: {}", backend_name, selected->reason);
 
@@ -240,6 +244,7 @@ int Run(int argc, char** argv) {
   options.max_deadline_s = config.limits.max_deadline_s;
   options.result_ttl_s = config.limits.result_ttl_s;
   options.chunk_bytes = config.codec.chunk_bytes;
+  options.pack_threads = config.codec.worker_threads;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
       options, pools, CodecSet{host_codec.get(), device_codec.get()}, *transport, **staging,

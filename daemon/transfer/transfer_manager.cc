@@ -84,7 +84,7 @@ struct TransferManager::SendTransfer {
   bool pool_counted = false;
   StagingBuffer buffer;
   uint64_t reserved_bytes = 0;  // counted in inflight_bytes_
-  bool runner_busy = false;     // a codec task uses pool and buffer
+  uint32_t runners = 0;         // codec tasks using pool and buffer
   uint32_t sends_outstanding = 0;
   bool offered = false;
   SteadyClock::time_point first_send;
@@ -299,16 +299,73 @@ void TransferManager::RunSend(std::shared_ptr<SendTransfer> t) {
     absl::MutexLock lock(&mu_);
     if (t->terminal()) return;
     t->state = SendTransfer::State::kScoring;
-    t->runner_busy = true;
+    t->runners = 1;
   }
-  absl::Status s = PrepareSend(t);
+  FinishRunner(t, PrepareSend(t));
+}
+
+void TransferManager::FinishRunner(const std::shared_ptr<SendTransfer>& t,
+                                   const absl::Status& status) {
   {
     absl::MutexLock lock(&mu_);
-    t->runner_busy = false;
-    if (s.ok() && !t->terminal()) t->state = SendTransfer::State::kAwaitingAck;
+    --t->runners;
+    if (status.ok() && !t->terminal() && t->runners == 0 &&
+        t->state == SendTransfer::State::kSending) {
+      t->state = SendTransfer::State::kAwaitingAck;
+    }
     ReleaseSendIfIdle(t);
   }
-  if (!s.ok()) FinishSend(t, WithContext(s, "Send " + Describe(t->args.key, t->args.peer)));
+  if (!status.ok()) {
+    FinishSend(t, WithContext(status, "Send " + Describe(t->args.key, t->args.peer)));
+  }
+}
+
+// One payload's packing, shared by the workers that pack its chunks.
+struct TransferManager::PackJob {
+  std::shared_ptr<SendTransfer> t;
+  Codec* codec = nullptr;
+  KvBuffer src;
+  TierPlan plan;
+  std::vector<DataChunkHeader> chunks;
+  std::span<uint8_t> payload;
+  std::atomic<size_t> next{1};  // chunk 0, the prelude, is sent first by the starter
+};
+
+absl::Status TransferManager::PackLoop(PackJob& job) {
+  SendTransfer& t = *job.t;
+  for (;;) {
+    const size_t i = job.next.fetch_add(1);
+    if (i >= job.chunks.size()) return absl::OkStatus();
+    const DataChunkHeader& c = job.chunks[i];
+    {
+      absl::MutexLock lock(&mu_);
+      if (t.terminal()) return absl::OkStatus();
+    }
+    const auto p0 = SteadyClock::now();
+    SPECTRUMKV_RETURN_IF_ERROR(
+        job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, job.payload));
+    const double dt = Since(p0, SteadyClock::now());
+    {
+      absl::MutexLock lock(&mu_);
+      t.stats.times.pack_s += dt;
+      if (t.terminal()) return absl::OkStatus();
+      ++t.sends_outstanding;
+    }
+    std::shared_ptr<SendTransfer> self = job.t;
+    transport_.SendData(
+        t.args.peer, c, job.payload.subspan(c.offset, c.size), [this, self](absl::Status s) {
+          {
+            absl::MutexLock lock(&mu_);
+            --self->sends_outstanding;
+            ReleaseSendIfIdle(self);
+          }
+          if (!s.ok()) {
+            FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                                 "Send %s: payload send failed: %s",
+                                 Describe(self->args.key, self->args.peer), s.message())));
+          }
+        });
+  }
 }
 
 absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& self) {
@@ -335,6 +392,27 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   const std::string model = a.model.empty() ? pool->model() : a.model;
   SPECTRUMKV_ASSIGN_OR_RETURN(const Policy policy, models_.Resolve(model, a.plan.policy));
 
+  PlanOptions po = a.plan;
+  po.policy = policy;
+  po.scoring = static_cast<uint8_t>(a.scoring);
+  const ModelShape& shape = pool->layout().shape;
+  const DType dtype = pool->layout().dtype;
+
+  // A plan that does not depend on the ranking (one tier for every token: an uncompressed
+  // transfer, a uniform policy within budget) needs no scoring pass over the KV.
+  std::vector<float> scores(a.num_tokens, 0.0f);
+  auto t0 = SteadyClock::now();
+  absl::StatusOr<TierPlan> unranked = PlanTiers(shape, dtype, a.num_tokens, scores, po);
+  const auto uniform = [](const TierPlan& p) {
+    for (const TierCounts& c : p.layout.map_counts) {
+      int used = 0;
+      for (uint32_t n : c.n) used += n > 0;
+      if (used > 1) return false;
+    }
+    return true;
+  };
+  const bool need_scores = !unranked.ok() || !uniform(*unranked);
+
   // Score.
   ScoreOptions so;
   so.mode = a.scoring;
@@ -344,19 +422,18 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   so.pool_kernel = a.pool_kernel;
   so.recency_decay = a.recency_decay;
   so.external_scores = a.external_scores;
-  std::vector<float> scores(a.num_tokens);
-  auto t0 = SteadyClock::now();
-  SPECTRUMKV_RETURN_IF_ERROR(codec->Score(src, so, scores));
+  if (need_scores) SPECTRUMKV_RETURN_IF_ERROR(codec->Score(src, so, scores));
   auto t1 = SteadyClock::now();
-  t.stats.times.score_s = Since(t0, t1);
+  t.stats.times.score_s = need_scores ? Since(t0, t1) : 0.0;
   if (terminal()) return absl::OkStatus();
 
   // Plan.
-  PlanOptions po = a.plan;
-  po.policy = policy;
-  po.scoring = static_cast<uint8_t>(a.scoring);
-  SPECTRUMKV_ASSIGN_OR_RETURN(TierPlan plan, PlanTiers(pool->layout().shape, pool->layout().dtype,
-                                                       a.num_tokens, scores, po));
+  TierPlan plan;
+  if (need_scores) {
+    SPECTRUMKV_ASSIGN_OR_RETURN(plan, PlanTiers(shape, dtype, a.num_tokens, scores, po));
+  } else {
+    plan = std::move(*unranked);
+  }
   auto t2 = SteadyClock::now();
   t.stats.times.plan_s = Since(t1, t2);
   t.stats.policy = std::string(PolicyName(policy));
@@ -418,37 +495,46 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
                            Describe(self->args.key, self->args.peer), s.message())));
     }
   });
-  double pack_s = 0;
-  for (const DataChunkHeader& c : chunks) {
-    if (c.index > 0) {
-      const auto p0 = SteadyClock::now();
-      SPECTRUMKV_RETURN_IF_ERROR(
-          codec->PackLayers(src, plan, c.first_layer, c.last_layer, payload));
-      pack_s += Since(p0, SteadyClock::now());
-    }
+  // The prelude first, then the chunks, packed by up to pack_threads workers in parallel, each
+  // sent as soon as it is packed: packing overlaps sending.
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    t.first_send = SteadyClock::now();
+    ++t.sends_outstanding;
+  }
+  transport_.SendData(
+      a.peer, chunks[0], payload.subspan(0, chunks[0].size), [this, self](absl::Status s) {
+        {
+          absl::MutexLock lock(&mu_);
+          --self->sends_outstanding;
+          ReleaseSendIfIdle(self);
+        }
+        if (!s.ok()) {
+          FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                               "Send %s: payload send failed: %s",
+                               Describe(self->args.key, self->args.peer), s.message())));
+        }
+      });
+  auto job = std::make_shared<PackJob>();
+  job->t = self;
+  job->codec = codec;
+  job->src = src;
+  job->plan = std::move(plan);
+  job->chunks = chunks;
+  job->payload = payload;
+  const size_t helpers = std::min<size_t>(options_.pack_threads > 0 ? options_.pack_threads - 1 : 0,
+                                          chunks.size() > 2 ? chunks.size() - 2 : 0);
+  for (size_t h = 0; h < helpers; ++h) {
     {
       absl::MutexLock lock(&mu_);
-      if (t.terminal()) break;
-      if (t.sends_outstanding == 0 && c.index == 0) t.first_send = SteadyClock::now();
-      ++t.sends_outstanding;
-      t.stats.times.pack_s = pack_s;
+      ++t.runners;
     }
-    transport_.SendData(a.peer, c, payload.subspan(c.offset, c.size), [this, self](absl::Status s) {
-      {
-        absl::MutexLock lock(&mu_);
-        --self->sends_outstanding;
-        ReleaseSendIfIdle(self);
-      }
-      if (!s.ok()) {
-        FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                             "Send %s: payload send failed: %s",
-                             Describe(self->args.key, self->args.peer), s.message())));
-      }
-    });
+    if (!executor_.Post([this, job] { FinishRunner(job->t, PackLoop(*job)); })) {
+      FinishRunner(self, absl::UnavailableError("the daemon is shutting down"));
+    }
   }
-  absl::MutexLock lock(&mu_);
-  t.stats.times.pack_s = pack_s;
-  return absl::OkStatus();
+  return PackLoop(*job);
 }
 
 void TransferManager::FinishSend(const std::shared_ptr<SendTransfer>& t, absl::Status status,
@@ -504,7 +590,7 @@ void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, a
 }
 
 void TransferManager::ReleaseSendIfIdle(const std::shared_ptr<SendTransfer>& t) {
-  if (!t->terminal() || t->runner_busy || t->sends_outstanding > 0) return;
+  if (!t->terminal() || t->runners > 0 || t->sends_outstanding > 0) return;
   t->buffer = StagingBuffer();
   inflight_bytes_ -= t->reserved_bytes;
   t->reserved_bytes = 0;
@@ -1265,7 +1351,7 @@ void TransferManager::Sweep() {
       std::chrono::duration<double>(options_.result_ttl_s));
   for (auto it = sends_.begin(); it != sends_.end();) {
     const auto& t = it->second;
-    if (t->terminal() && t->reserved_bytes == 0 && !t->runner_busy && t->sends_outstanding == 0 &&
+    if (t->terminal() && t->reserved_bytes == 0 && t->runners == 0 && t->sends_outstanding == 0 &&
         now - t->ended_at > ttl) {
       sends_by_id_.erase(t->id);
       it = sends_.erase(it);

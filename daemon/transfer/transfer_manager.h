@@ -138,6 +138,7 @@ struct TransferManagerOptions {
   double max_deadline_s = 600;
   double result_ttl_s = 300;
   uint64_t chunk_bytes = 16ull << 20;
+  uint32_t pack_threads = 1;  // executor workers that pack one payload's chunks in parallel
   uint64_t incarnation = 0;
 };
 
@@ -189,6 +190,11 @@ class TransferManager final : public TransportHandler {
   // Sender steps (executor).
   void RunSend(std::shared_ptr<SendTransfer> t);
   absl::Status PrepareSend(const std::shared_ptr<SendTransfer>& self);
+  struct PackJob;
+  // Packs and sends chunks of `job` until none is left; run by up to pack_threads workers.
+  absl::Status PackLoop(PackJob& job);
+  // A pack worker is done (status of its chunks).
+  void FinishRunner(const std::shared_ptr<SendTransfer>& t, const absl::Status& status);
   // Ends a send (no-op if it already ended). `tell_peer`: send a PeerCancel if it failed after
   // the offer (false when the failure came from the peer).
   void FinishSend(const std::shared_ptr<SendTransfer>& t, absl::Status status,

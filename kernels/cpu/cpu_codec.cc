@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -186,18 +187,28 @@ absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
   std::fill(scores.begin(), scores.end(), 0.0f);
 
   if (options.mode == ScoringMode::kKeyNorm) {
-    for (uint32_t l = 0; l < shape.num_layers; ++l) {
-      for (bool value : {false, true}) {
-        const Rows rows(kv, l, value);
-        for (uint32_t t = 0; t < n; ++t) {
-          float sum = 0.0f;
-          for (uint32_t h = 0; h < heads; ++h) {
-            sum += std::sqrt(k_.sum_squares(dtype, rows.Row(t, h), dim));
+    // Token ranges per thread: each token's sum runs in the same order whatever the count.
+    auto score_range = [&](uint32_t begin, uint32_t end) {
+      for (uint32_t l = 0; l < shape.num_layers; ++l) {
+        for (bool value : {false, true}) {
+          const Rows rows(kv, l, value);
+          for (uint32_t t = begin; t < end; ++t) {
+            float sum = 0.0f;
+            for (uint32_t h = 0; h < heads; ++h) {
+              sum += std::sqrt(k_.sum_squares(dtype, rows.Row(t, h), dim));
+            }
+            scores[t] += sum;
           }
-          scores[t] += sum;
         }
       }
+    };
+    const uint32_t threads = std::min<uint32_t>(score_threads_, std::max<uint32_t>(1, n / 256));
+    std::vector<std::thread> pool;
+    for (uint32_t i = 1; i < threads; ++i) {
+      pool.emplace_back(score_range, uint64_t{n} * i / threads, uint64_t{n} * (i + 1) / threads);
     }
+    score_range(0, n / threads);
+    for (std::thread& th : pool) th.join();
     const float norm = 1.0f / static_cast<float>(shape.num_layers * heads);
     for (float& s : scores) s *= norm;
     return absl::OkStatus();

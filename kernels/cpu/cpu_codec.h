@@ -23,6 +23,10 @@ class CpuCodec final : public Codec {
   // Runs the self-test of `kernels` against the scalar reference on fixed pseudo-random rows.
   static bool SelfTest(const RowKernels& kernels);
 
+  // Threads that share a key_norm scoring pass (by token ranges: the result does not depend on
+  // the count). 1 by default; the daemon uses its worker count.
+  void set_score_threads(uint32_t threads) { score_threads_ = threads == 0 ? 1 : threads; }
+
   std::string_view name() const override { return name_; }
   MemoryKind memory_kind() const override { return MemoryKind::kHost; }
 
@@ -37,6 +41,7 @@ class CpuCodec final : public Codec {
  private:
   const RowKernels& k_;
   std::string name_;
+  uint32_t score_threads_ = 1;
 };
 
 }  // namespace spectrumkv
