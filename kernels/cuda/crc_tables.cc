@@ -17,6 +17,7 @@ void BuildStaticTables(StaticTables* t) {
     for (uint32_t v = 0; v < 256; ++v) t->digits[d][v] = XPowBytes(uint64_t{v} << (8 * d));
   }
   BuildStreamTables(kVerifyStepBytes - 16, 16, t->verify);
+  NibbleTables(t->verify, t->verify_nibbles);
   for (uint32_t lane = 0; lane < 32; ++lane) t->verify_corr[lane] = XPowNegBytes(16 * lane);
 }
 
@@ -33,6 +34,11 @@ void BuildDimTables(uint32_t head_dim, DimTables* t) {
         t->corr[kind][j][lane] = off < 0 ? 0 : XPowNegBytes(static_cast<uint64_t>(off));
       }
     }
+  }
+  BuildStreamTables(g.rows_per_step >= 2 ? 2 * g.rows_per_step - 4 : 0, 4, t->scale);
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    const uint32_t pair = lane / g.lanes_per_row / 2;
+    t->scale_corr[lane] = ScalePairLeader(g, lane) ? XPowNegBytes(4 * pair) : 0;
   }
 }
 

@@ -33,11 +33,16 @@ struct RowGeometry {
   uint32_t chunks_per_lane = 0;
 };
 
+// A lane holds up to four chunks of a row (32 elements), so that the per-row work (address,
+// scale, reductions) is shared by as many elements as registers allow.
 SPECTRUMKV_HD RowGeometry GeometryFor(uint32_t head_dim) {
   RowGeometry g;
   g.chunks = head_dim / 8;
-  uint32_t lanes = 1;
-  while (lanes < g.chunks && lanes < 32) lanes *= 2;
+  uint32_t pow2 = 1;
+  while (pow2 < g.chunks) pow2 *= 2;
+  uint32_t lanes = pow2 / 4;
+  if (lanes < 1) lanes = 1;
+  if (lanes > 32) lanes = 32;
   g.lanes_per_row = lanes;
   g.rows_per_step = 32 / lanes;
   g.chunks_per_lane = (g.chunks + lanes - 1) / lanes;
@@ -57,16 +62,27 @@ struct StaticTables {
   uint32_t t[4][256];                  // t[k][b] = T_k[b]
   uint32_t digits[kShiftDigits][256];  // x^(8 * v * 256^d)
   uint32_t verify[16][256];            // T_{496 + 15 - i}: 16-byte chunks, 512-byte steps
+  uint32_t verify_nibbles[32][16];     // the same as nibble tables (NibbleTables)
   uint32_t verify_corr[32];            // x^(-8 * 16 * lane)
 };
 
-// Tables for the row streams of one head_dim.
+// Tables for the row streams of one head_dim. The scales of a warp step (2 bytes per row) are
+// folded in pairs: the leader lane of an even row of the step takes the next row's scale and
+// streams the 4 bytes (where rows_per_step >= 2; with one row per step, lane 0 feeds the scales
+// in order with StaticTables::t).
 struct DimTables {
   uint32_t fp16[16][256];                           // T_{gap + 15 - i}
   uint32_t int8[8][256];                            // T_{gap + 7 - i}
   uint32_t int4[4][256];                            // T_{gap + 3 - i}
   uint32_t corr[kRowKinds][kMaxChunksPerLane][32];  // x^(-8 * offset of lane's chunk j)
+  uint32_t scale[4][256];                           // T_{2 * rows_per_step - 4 + 3 - i}
+  uint32_t scale_corr[32];  // x^(-8 * 4 * pair) for pair leaders, 0 for other lanes
 };
+
+// True if `lane` leads a pair of scales in a warp step.
+SPECTRUMKV_HD bool ScalePairLeader(const RowGeometry& g, uint32_t lane) {
+  return g.rows_per_step >= 2 && lane % g.lanes_per_row == 0 && (lane / g.lanes_per_row) % 2 == 0;
+}
 
 // T_k[b] for every b and k in [first, first + count), written to out[i] for k = first + count -
 // 1 - i (the order the stream step wants).
@@ -95,6 +111,30 @@ SPECTRUMKV_HD uint32_t StreamStep(uint32_t r, const uint32_t* w, const uint32_t*
            tabs[(4 * k + 2) * 256 + ((x >> 16) & 0xFFu)] ^ tabs[(4 * k + 3) * 256 + (x >> 24)];
   }
   return acc;
+}
+
+// StreamStep<4> with nibble tables laid out for conflict-free shared-memory lookups by 32 lanes:
+// nib[((p * 16 + v) * 32) + lane] is the table of nibble position p (0..31 of a 16-byte chunk,
+// low nibble of byte p / 2 first) at value v, replicated once per lane so that each lane reads
+// its own bank. Twice the lookups of the byte tables, none of their bank conflicts.
+SPECTRUMKV_HD uint32_t StreamStepNibbles(uint32_t r, const uint32_t* w, const uint32_t* nib,
+                                         uint32_t lane) {
+  uint32_t acc = 0;
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t x = k == 0 ? w[0] ^ r : w[k];
+    for (int n = 0; n < 8; ++n) {
+      acc ^= nib[((8 * k + n) * 16 + ((x >> (4 * n)) & 0xFu)) * 32 + lane];
+    }
+  }
+  return acc;
+}
+
+// The compact form of those nibble tables (one copy): out[p][v] from byte tables tabs[i][256]
+// of a 16-byte chunk.
+inline void NibbleTables(const uint32_t (*tabs)[256], uint32_t (*out)[16]) {
+  for (int p = 0; p < 32; ++p) {
+    for (uint32_t v = 0; v < 16; ++v) out[p][v] = tabs[p / 2][(p % 2) ? (v << 4) : v];
+  }
 }
 
 // Feeds 4 contiguous bytes (word w) into register r with the static tables t[0..3].

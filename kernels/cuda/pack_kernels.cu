@@ -16,8 +16,10 @@ constexpr uint32_t kKcnTokensPerItem = 256;
 // Shared-memory word offsets of the pack tables (DimTables: FP16 at 0, INT8 at 4096, INT4 at
 // 6144, then the lane corrections, then StaticTables::t).
 constexpr uint32_t kCorrOffset = 7168;
-constexpr uint32_t kStaticTOffset = 7552;
-constexpr uint32_t kPackSmemWords = 8576;
+constexpr uint32_t kScaleOffset = 7552;
+constexpr uint32_t kScaleCorrOffset = 8576;
+constexpr uint32_t kStaticTOffset = 8608;
+constexpr uint32_t kPackSmemWords = 9632;
 static_assert(sizeof(cuda_crc::DimTables) == kStaticTOffset * 4, "DimTables layout");
 
 // Order-preserving encoding of floats as unsigned integers (-0 sorts below +0).
@@ -161,16 +163,28 @@ __global__ void KcnFactorsKernel(const DevCall call, const uint32_t* lo_enc, con
 // ---------------------------------------------------------------------------------------------
 // The pack itself.
 
-struct Chunks {
-  uint4 v[cuda_crc::kMaxChunksPerLane];
-};
+// Eight elements of a chunk as floats.
+template <bool kBf16>
+__device__ __forceinline__ void ToFloats(const uint4& v, float (&x)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = ToF<kBf16>((Word(v, e / 2) >> (16 * (e % 2))) & 0xFFFFu);
+}
+
+// y * inv (or y / s when 1/s overflowed) rounded to an integer, as the bit pattern of
+// y + 1.5 * 2^23: its low byte is the two's-complement code. No clamp is needed: the scale is
+// rounded up, so |y| <= qmax * (1 + 2^-22) and rounds to at most qmax; a zero scale has inv 0.
+__device__ __forceinline__ uint32_t RoundedBits(float x, const DevScale& s) {
+  const float y = s.divide ? __fdiv_rn(x, s.value) : __fmul_rn(x, s.inv);
+  return __float_as_uint(__fadd_rn(y, kRoundMagic));
+}
 
 // Writes rows [a, b) of one (layer, part, kind) array and folds their CRC into call.crc.
+// The rows are walked in warp steps aligned to b; rows before a in the first step are zeros that
+// are neither read nor written (see crc_tables.h).
 template <bool kBf16, int kCpl, int kKind>
 __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a, uint64_t b,
                           const uint32_t* smem, const RowGeometry& g, uint32_t lane) {
   constexpr uint32_t kCBytes = kKind == 0 ? 16 : (kKind == 1 ? 8 : 4);
-  constexpr int kQmax = kKind == 1 ? 127 : 7;
   const DevLayer& layer = call.layers[seg.slot];
   const DevPart& part = layer.part[seg.part];
   uint8_t* rows_out = call.payload + part.rows[kKind];
@@ -182,7 +196,6 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
   const uint64_t steps = (b - a + rpi - 1) / rpi;
   const int64_t first = static_cast<int64_t>(b) - static_cast<int64_t>(steps * rpi);
   const bool kcn = kKind == 2 && seg.part == 0 && call.kcn;
-  const uint64_t kcn_base = uint64_t{seg.slot} * heads * call.head_dim;
   const uint32_t* tabs = smem + (kKind == 0 ? 0 : (kKind == 1 ? 4096 : 6144));
   const bool aligned = call.kv_aligned;
 
@@ -191,111 +204,92 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
   uint32_t crc[kCpl];
 #pragma unroll
   for (int j = 0; j < kCpl; ++j) crc[j] = 0;
-  uint32_t scale_crc = 0, pending = 0;
-  bool has_pending = false;
+  uint32_t scale_crc = 0;
 
-  // Software pipeline: the chunks of the next step are loaded before this step is processed.
   int64_t row = first + sub;
-  bool active = row >= static_cast<int64_t>(a);
-  uint32_t token = 0, head = 0;
-  Chunks cur;
-  {
-    const uint8_t* src = active ? cursor.Seek(static_cast<uint64_t>(row), rpi) : nullptr;
-    token = cursor.token();
-    head = cursor.head();
+  for (uint64_t it = 0; it < steps; ++it, row += rpi) {
+    const bool active = row >= static_cast<int64_t>(a);
+    const uint64_t urow = static_cast<uint64_t>(row);
+    const uint8_t* src = active ? cursor.Seek(urow, rpi) : nullptr;
+    uint4 v[kCpl];
 #pragma unroll
     for (int j = 0; j < kCpl; ++j) {
       const uint32_t chunk = lir + j * lpr;
-      cur.v[j] = (active && chunk < g.chunks) ? LoadChunk(src + chunk * 16, aligned)
-                                              : make_uint4(0, 0, 0, 0);
-    }
-  }
-  for (uint64_t it = 0; it < steps; ++it) {
-    const int64_t next_row = row + rpi;
-    const bool next_active = it + 1 < steps && next_row >= static_cast<int64_t>(a);
-    uint32_t next_token = token, next_head = head;
-    Chunks nxt;
-    {
-      const uint8_t* src =
-          next_active ? cursor.Seek(static_cast<uint64_t>(next_row), rpi) : nullptr;
-      if (next_active) {
-        next_token = cursor.token();
-        next_head = cursor.head();
-      }
-#pragma unroll
-      for (int j = 0; j < kCpl; ++j) {
-        const uint32_t chunk = lir + j * lpr;
-        nxt.v[j] = (next_active && chunk < g.chunks) ? LoadChunk(src + chunk * 16, aligned)
-                                                     : make_uint4(0, 0, 0, 0);
-      }
+      v[j] = (active && chunk < g.chunks) ? LoadChunk(src + chunk * 16, aligned)
+                                          : make_uint4(0, 0, 0, 0);
     }
 
-    const uint64_t urow = static_cast<uint64_t>(row);
     if constexpr (kKind == 0) {
 #pragma unroll
       for (int j = 0; j < kCpl; ++j) {
         const uint32_t chunk = lir + j * lpr;
         if (active && chunk < g.chunks) {
-          *reinterpret_cast<uint4*>(rows_out + urow * row_bytes + chunk * 16) = cur.v[j];
+          *reinterpret_cast<uint4*>(rows_out + urow * row_bytes + chunk * 16) = v[j];
         }
-        const uint32_t w[4] = {cur.v[j].x, cur.v[j].y, cur.v[j].z, cur.v[j].w};
+        const uint32_t w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
         crc[j] = cuda_crc::StreamStep<4>(crc[j], w, tabs);
       }
     } else {
       uint32_t amax_bits = 0;
 #pragma unroll
-      for (int j = 0; j < kCpl; ++j) amax_bits = max(amax_bits, AbsMaxBits(cur.v[j]));
+      for (int j = 0; j < kCpl; ++j) amax_bits = max(amax_bits, AbsMaxBits(v[j]));
       for (uint32_t o = lpr / 2; o > 0; o /= 2) {
         amax_bits = max(amax_bits, __shfl_xor_sync(kFullMask, amax_bits, o));
       }
       if (active && lir == 0 && amax_bits >= NonFiniteAbs<kBf16>()) {
-        ReportBadRow(call, layer.layer, seg.part, token, head);
+        ReportBadRow(call, layer.layer, seg.part, cursor.token(), cursor.head());
       }
-      float x[kCpl][8];
-#pragma unroll
-      for (int j = 0; j < kCpl; ++j) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          x[j][e] = ToF<kBf16>((Word(cur.v[j], e / 2) >> (16 * (e % 2))) & 0xFFFFu);
-        }
-      }
-      float amax;
+      const float* kcn_m = nullptr;
+      const float* kcn_inv = nullptr;
+      float amax = ToF<kBf16>(amax_bits);
       if (kcn) {
+        // The normalised row's |max|; the normalised values are recomputed below rather than
+        // kept, to keep registers for the common path.
+        const uint64_t at = (uint64_t{seg.slot} * heads + cursor.head()) * call.head_dim;
+        kcn_m = call.kcn_offset + at;
+        kcn_inv = call.kcn_inv_factor + at;
         float fa = 0.0f;
 #pragma unroll
         for (int j = 0; j < kCpl; ++j) {
           const uint32_t chunk = lir + j * lpr;
           if (!(active && chunk < g.chunks)) continue;
-          const float* m = call.kcn_offset + kcn_base + uint64_t{head} * call.head_dim + chunk * 8;
-          const float* inv =
-              call.kcn_inv_factor + kcn_base + uint64_t{head} * call.head_dim + chunk * 8;
+          float x[8];
+          ToFloats<kBf16>(v[j], x);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            x[j][e] = __fmul_rn(__fsub_rn(x[j][e], m[e]), inv[e]);
-            fa = fmaxf(fa, fabsf(x[j][e]));
+            const float xn =
+                __fmul_rn(__fsub_rn(x[e], kcn_m[chunk * 8 + e]), kcn_inv[chunk * 8 + e]);
+            fa = fmaxf(fa, fabsf(xn));
           }
         }
         for (uint32_t o = lpr / 2; o > 0; o /= 2) {
           fa = fmaxf(fa, __shfl_xor_sync(kFullMask, fa, o));
         }
         amax = fa;
-      } else {
-        amax = ToF<kBf16>(amax_bits);
       }
-      const DevScale s = MakeScaleDev<kBf16>(amax, static_cast<float>(kQmax));
+      const DevScale s = MakeScaleDev<kBf16>(amax, kKind == 1 ? 127.0f : 7.0f);
 #pragma unroll
       for (int j = 0; j < kCpl; ++j) {
         const uint32_t chunk = lir + j * lpr;
         const bool has = active && chunk < g.chunks;
-        int code[8];
+        float x[8];
+        ToFloats<kBf16>(v[j], x);
+        if (kcn && has) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) code[e] = has ? QuantizeDev(x[j][e], s, kQmax) : 0;
+          for (int e = 0; e < 8; ++e) {
+            x[e] = __fmul_rn(__fsub_rn(x[e], kcn_m[chunk * 8 + e]), kcn_inv[chunk * 8 + e]);
+          }
+        }
+        uint32_t r[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) r[e] = RoundedBits(x[e], s);
         if constexpr (kKind == 1) {
           uint32_t w[2];
-          w[0] = (code[0] & 0xFF) | ((code[1] & 0xFF) << 8) | ((code[2] & 0xFF) << 16) |
-                 (static_cast<uint32_t>(code[3] & 0xFF) << 24);
-          w[1] = (code[4] & 0xFF) | ((code[5] & 0xFF) << 8) | ((code[6] & 0xFF) << 16) |
-                 (static_cast<uint32_t>(code[7] & 0xFF) << 24);
+          w[0] =
+              __byte_perm(__byte_perm(r[0], r[1], 0x0040), __byte_perm(r[2], r[3], 0x0040), 0x5410);
+          w[1] =
+              __byte_perm(__byte_perm(r[4], r[5], 0x0040), __byte_perm(r[6], r[7], 0x0040), 0x5410);
+          if (!has) w[0] = w[1] = 0;
           if (has) {
             *reinterpret_cast<uint2*>(rows_out + urow * row_bytes + chunk * 8) =
                 make_uint2(w[0], w[1]);
@@ -304,7 +298,8 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
         } else {
           uint32_t w[1] = {0};
 #pragma unroll
-          for (int e = 0; e < 8; ++e) w[0] |= static_cast<uint32_t>(code[e] & 0xF) << (4 * e);
+          for (int e = 0; e < 8; ++e) w[0] |= (r[e] & 0xFu) << (4 * e);
+          if (!has) w[0] = 0;
           if (has) *reinterpret_cast<uint32_t*>(rows_out + urow * row_bytes + chunk * 4) = w[0];
           crc[j] = cuda_crc::StreamStep<1>(crc[j], w, tabs);
         }
@@ -312,32 +307,19 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
       if (active && lir == 0) {
         *reinterpret_cast<uint16_t*>(scales_out + 2 * urow) = static_cast<uint16_t>(s.bits);
       }
-      // The scales of a step are contiguous: lane 0 feeds those of the range, in order.
-      for (uint32_t k = 0; k < rpi; ++k) {
-        const uint32_t sk = __shfl_sync(kFullMask, s.bits, k * lpr);
-        const int64_t rk = first + static_cast<int64_t>(it * rpi + k);
-        if (lane == 0 && rk >= static_cast<int64_t>(a)) {
-          if (has_pending) {
-            scale_crc =
-                cuda_crc::Feed4(scale_crc, pending | (sk << 16),
-                                reinterpret_cast<const uint32_t(*)[256]>(smem + kStaticTOffset));
-            has_pending = false;
-          } else {
-            pending = sk;
-            has_pending = true;
-          }
-        }
+      // The scales of a step are contiguous, 2 bytes a row (zero for rows before a).
+      if (rpi >= 2) {
+        const uint32_t partner = __shfl_down_sync(kFullMask, s.bits, lpr);
+        const uint32_t w[1] = {s.bits | (partner << 16)};
+        scale_crc = cuda_crc::StreamStep<1>(scale_crc, w, smem + kScaleOffset);
+      } else if (lane == 0) {
+        scale_crc = cuda_crc::Feed2(
+            scale_crc, s.bits, reinterpret_cast<const uint32_t(*)[256]>(smem + kStaticTOffset));
       }
     }
-
-    row = next_row;
-    active = next_active;
-    token = next_token;
-    head = next_head;
-    cur = nxt;
   }
 
-  // Move each lane's stream to the range's end, combine, and move the range to the section end.
+  // Move each lane's streams to the range's end, combine, and move the range to the section end.
   uint32_t val = 0;
 #pragma unroll
   for (int j = 0; j < kCpl; ++j) {
@@ -345,11 +327,11 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
         smem[kCorrOffset + (kKind * cuda_crc::kMaxChunksPerLane + j) * 32 + lane], crc[j]);
   }
   val = WarpXor(val);
-  if (lane == 0 && has_pending) {
-    scale_crc = cuda_crc::Feed2(scale_crc, pending,
-                                reinterpret_cast<const uint32_t(*)[256]>(smem + kStaticTOffset));
+  uint32_t scales_raw = 0;
+  if constexpr (kKind != 0) {
+    scales_raw = rpi >= 2 ? WarpXor(cuda_crc::MulMod(smem[kScaleCorrOffset + lane], scale_crc))
+                          : __shfl_sync(kFullMask, scale_crc, 0);
   }
-  const uint32_t scales_raw = __shfl_sync(kFullMask, scale_crc, 0);
   const uint64_t after_rows = layer.crc_offset - (part.rows[kKind] + b * row_bytes);
   const uint64_t after_scales = layer.crc_offset - (part.scales[kKind] + 2 * b);
   const uint32_t mine = lane == 0 ? val : scales_raw;
@@ -360,7 +342,7 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
 }
 
 template <bool kBf16, int kCpl>
-__global__ void __launch_bounds__(kPackThreads, 3) PackKernel(const DevCall call) {
+__global__ void __launch_bounds__(kPackThreads, 2) PackKernel(const DevCall call) {
   extern __shared__ uint32_t smem[];
   const auto* dim = reinterpret_cast<const uint32_t*>(call.dim_tables);
   const auto* stat = &call.static_tables->t[0][0];

@@ -34,27 +34,31 @@ __global__ void __launch_bounds__(kScoreThreads)
   const uint64_t warps = (uint64_t{gridDim.x} * blockDim.x) >> 5;
   for (uint64_t t = (uint64_t{blockIdx.x} * blockDim.x + threadIdx.x) >> 5; t < tokens;
        t += warps) {
+    // The token's block and slot are the same for every layer (one block table per request).
+    const uint64_t block = call->block_table[t / call->block_size];
+    const uint64_t slot = t % call->block_size;
     float acc = 0.0f;
-#pragma unroll 4
+#pragma unroll 2
     for (uint32_t i = 0; i < iterations; ++i) {
       const uint32_t lp = i / head_steps;  // layer * 2 + part
       const uint32_t head = (i % head_steps) * rpi + sub;
       const DevPlacement& p = call->kv[lp];
+      const uint8_t* row =
+          p.base + block * p.block_stride + slot * p.token_stride + uint64_t{head} * p.head_stride;
+      uint4 v[kCpl];
+#pragma unroll
+      for (int j = 0; j < kCpl; ++j) {
+        const uint32_t chunk = lir + j * lpr;
+        v[j] = (head < heads && chunk < g.chunks) ? LoadChunk(row + chunk * 16, aligned)
+                                                  : make_uint4(0, 0, 0, 0);
+      }
       float ss = 0.0f;
-      if (head < heads) {
-        const uint8_t* row =
-            TokenBase(p, call->block_table, call->block_size, static_cast<uint32_t>(t)) +
-            uint64_t{head} * p.head_stride;
 #pragma unroll
-        for (int j = 0; j < kCpl; ++j) {
-          const uint32_t chunk = lir + j * lpr;
-          if (chunk >= g.chunks) continue;
-          const uint4 v = LoadChunk(row + chunk * 16, aligned);
+      for (int j = 0; j < kCpl; ++j) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float x = ToF<kBf16>((Word(v, e / 2) >> (16 * (e % 2))) & 0xFFFFu);
-            ss = __fadd_rn(ss, __fmul_rn(x, x));
-          }
+        for (int e = 0; e < 8; ++e) {
+          const float x = ToF<kBf16>((Word(v[j], e / 2) >> (16 * (e % 2))) & 0xFFFFu);
+          ss = __fadd_rn(ss, __fmul_rn(x, x));
         }
       }
       for (uint32_t o = lpr / 2; o > 0; o /= 2) ss += __shfl_xor_sync(kFullMask, ss, o);
@@ -399,16 +403,29 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         split_q + ((uint64_t{lh} * kSplits + s) * g.nq_pad + q_begin + q) * g.dp + c8 * 8);
     *reinterpret_cast<uint4*>(smem + (s * nqc + q) * g.pitch + c8 * 16) = v;
   }
-  float* wstats = reinterpret_cast<float*>(smem + kSplits * nqc * g.pitch);  // [warp][q][2]
+  // Pass 1: per-warp (max, sum) of each query. Pass 2: (max, 1/sum) of each query.
+  float* qstats = reinterpret_cast<float*>(smem + kSplits * nqc * g.pitch);
+  // The last token each query attends to (causal), -1 for padding queries.
+  int* last = reinterpret_cast<int*>(qstats + 2 * kAttnWarps * nqc);
+  for (uint32_t i = threadIdx.x; i < nqc; i += blockDim.x) {
+    const uint32_t q = q_begin + i;
+    last[i] = q < g.nq ? static_cast<int>(a.tokens - a.window + q % a.window) : -1;
+  }
   if constexpr (kPass == 1) {
     for (uint32_t i = threadIdx.x; i < kAttnWarps * nqc; i += blockDim.x) {
-      wstats[2 * i] = -INFINITY;
-      wstats[2 * i + 1] = 0.0f;
+      qstats[2 * i] = -INFINITY;
+      qstats[2 * i + 1] = 0.0f;
+    }
+  } else {
+    const float* final_stats = reinterpret_cast<const float*>(scratch + g.off_final);
+    for (uint32_t i = threadIdx.x; i < 2 * nqc; i += blockDim.x) {
+      qstats[i] = final_stats[(uint64_t{lh} * g.nq_pad + q_begin) * 2 + i];
     }
   }
   __syncthreads();
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const float* final_stats = reinterpret_cast<const float*>(scratch + g.off_final);
+  // Tokens at or below this attend to every real query.
+  const uint64_t all_queries = a.tokens - a.window;
 
   const uint64_t t_begin = uint64_t{split} * g.tokens_per_split;
   const uint64_t t_end = min(t_begin + g.tokens_per_split, uint64_t{a.tokens});
@@ -437,6 +454,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         }
       }
     }
+    const bool full_tile = t0 + kTile <= t_end && t0 + kTile - 1 <= all_queries;
     float tok_acc[kMt][2];
 #pragma unroll
     for (int m = 0; m < kMt; ++m) tok_acc[m][0] = tok_acc[m][1] = 0.0f;
@@ -476,53 +494,61 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         }
       }
       // acc[m][2 r + col]: token t0 + 16 m + group_id + 8 r, query q_begin + nt * 8 + 2 tig + col.
-      if constexpr (kPass == 1) {
+      // valid[col] bit 2 m + r: that token attends to that query.
+      uint32_t valid[2];
 #pragma unroll
-        for (int col = 0; col < 2; ++col) {
-          const uint32_t q = q_begin + nt * 8 + 2 * tig + col;
-          float mx = -INFINITY;
+      for (int col = 0; col < 2; ++col) {
+        const int lq = last[nt * 8 + 2 * tig + col];
+        if (full_tile) {
+          valid[col] = lq >= 0 ? 0xFFu : 0u;
+        } else {
+          valid[col] = 0;
 #pragma unroll
           for (int m = 0; m < kMt; ++m) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               const uint64_t tok = t0 + 16 * m + group_id + 8 * r;
-              if (tok < t_end && QueryValid(q, static_cast<uint32_t>(tok), a, g.nq)) {
-                mx = fmaxf(mx, acc[m][2 * r + col]);
-              }
+              if (tok < t_end && static_cast<int64_t>(tok) <= lq) valid[col] |= 1u << (2 * m + r);
+            }
+          }
+        }
+      }
+      if constexpr (kPass == 1) {
+#pragma unroll
+        for (int col = 0; col < 2; ++col) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              if (valid[col] & (1u << (2 * m + r))) mx = fmaxf(mx, acc[m][2 * r + col]);
             }
           }
           for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
           float sum = 0.0f;
-          if (mx != -INFINITY) {
 #pragma unroll
-            for (int m = 0; m < kMt; ++m) {
+          for (int m = 0; m < kMt; ++m) {
 #pragma unroll
-              for (int r = 0; r < 2; ++r) {
-                const uint64_t tok = t0 + 16 * m + group_id + 8 * r;
-                if (tok < t_end && QueryValid(q, static_cast<uint32_t>(tok), a, g.nq)) {
-                  sum += __expf(acc[m][2 * r + col] - mx);
-                }
-              }
+            for (int r = 0; r < 2; ++r) {
+              if (valid[col] & (1u << (2 * m + r))) sum += __expf(acc[m][2 * r + col] - mx);
             }
           }
           for (int o = 4; o < 32; o <<= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
           if (group_id == 0) {
-            float* st = wstats + 2 * (warp * nqc + nt * 8 + 2 * tig + col);
+            float* st = qstats + 2 * (warp * nqc + nt * 8 + 2 * tig + col);
             MergeStats(st[0], st[1], mx, sum);
           }
         }
       } else {
 #pragma unroll
         for (int col = 0; col < 2; ++col) {
-          const uint32_t q = q_begin + nt * 8 + 2 * tig + col;
-          const float* st = final_stats + (uint64_t{lh} * g.nq_pad + q) * 2;
-          const float mq = st[0], inv = st[1];
+          const float mq = qstats[2 * (nt * 8 + 2 * tig + col)];
+          const float inv = qstats[2 * (nt * 8 + 2 * tig + col) + 1];
 #pragma unroll
           for (int m = 0; m < kMt; ++m) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const uint64_t tok = t0 + 16 * m + group_id + 8 * r;
-              if (tok < t_end && QueryValid(q, static_cast<uint32_t>(tok), a, g.nq)) {
+              if (valid[col] & (1u << (2 * m + r))) {
                 tok_acc[m][r] += __expf(acc[m][2 * r + col] - mq) * inv;
               }
             }
@@ -557,7 +583,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (uint32_t q = threadIdx.x; q < nqc; q += blockDim.x) {
       float m = -INFINITY, s = 0.0f;
       for (uint32_t w = 0; w < kAttnWarps; ++w) {
-        MergeStats(m, s, wstats[2 * (w * nqc + q)], wstats[2 * (w * nqc + q) + 1]);
+        MergeStats(m, s, qstats[2 * (w * nqc + q)], qstats[2 * (w * nqc + q) + 1]);
       }
       float* out = stats + ((uint64_t{lh} * g.token_splits + split) * g.nq_pad + q_begin + q) * 2;
       out[0] = m;
@@ -570,7 +596,8 @@ template <bool kBf16, int kMaxKb, int kMt, int kPass>
 cudaError_t LaunchTensorPass(const AttentionArgs& a, const AttnGeometry& g, uint8_t* scratch,
                              float* scores, bool partials, cudaStream_t stream) {
   constexpr int kSplits = kBf16 ? 3 : 2;
-  const size_t smem = size_t{kSplits} * g.qchunk * g.pitch + size_t{kAttnWarps} * g.qchunk * 8;
+  const size_t smem = size_t{kSplits} * g.qchunk * g.pitch + size_t{kAttnWarps} * g.qchunk * 8 +
+                      size_t{g.qchunk} * 4;
   auto kernel = TensorAttentionKernel<kBf16, kMaxKb, kMt, kPass>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));

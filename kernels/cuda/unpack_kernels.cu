@@ -12,13 +12,18 @@ using cuda_crc::RowGeometry;
 constexpr int kThreads = 256;
 
 // Each warp checksums one chunk of kVerifyChunkBytes of a range: 32 lanes x 16 bytes per step,
-// four steps loaded before they are folded.
-__global__ void __launch_bounds__(kThreads)
+// four steps loaded before they are folded. The nibble tables are replicated per lane (64 KB)
+// so that the lookups never conflict on a shared-memory bank.
+constexpr int kCrcThreads = 512;
+constexpr uint32_t kCrcSmemBytes = 32 * 16 * 32 * 4;
+
+__global__ void __launch_bounds__(kCrcThreads)
     CrcRangesKernel(const uint8_t* payload, const DevCrcRange* ranges, uint32_t num_ranges,
                     uint64_t num_items, uint32_t* crc, const cuda_crc::StaticTables* tables) {
-  __shared__ uint32_t tabs[16 * 256];
-  for (uint32_t i = threadIdx.x; i < 16 * 256; i += blockDim.x)
-    tabs[i] = (&tables->verify[0][0])[i];
+  extern __shared__ uint32_t nib[];
+  for (uint32_t i = threadIdx.x; i < 32 * 16 * 32; i += blockDim.x) {
+    nib[i] = (&tables->verify_nibbles[0][0])[i / 32];
+  }
   __syncthreads();
   const uint32_t lane = threadIdx.x & 31;
   const uint64_t warps = (uint64_t{gridDim.x} * blockDim.x) >> 5;
@@ -45,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-        c = cuda_crc::StreamStep<4>(c, w, tabs);
+        c = cuda_crc::StreamStepNibbles(c, w, nib, lane);
       }
     }
     uint32_t val = WarpXor(cuda_crc::MulMod(corr, c));
@@ -100,6 +105,24 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
   for (uint64_t row = a + sub; row < b; row += rpi) {
     uint8_t* dst = cursor.Seek(row, rpi);
     const uint32_t head = cursor.head();
+    // Every load of the step first (codes, scale, kcn factors), then the arithmetic and stores.
+    uint4 in[kCpl];
+#pragma unroll
+    for (int j = 0; j < kCpl; ++j) {
+      const uint32_t chunk = lir + j * lpr;
+      in[j] = make_uint4(0, 0, 0, 0);
+      if (chunk >= g.chunks) continue;
+      const uint8_t* p = rows_in + row * row_bytes + chunk * kCBytes;
+      if constexpr (kKind == 0) {
+        in[j] = *reinterpret_cast<const uint4*>(p);
+      } else if constexpr (kKind == 1) {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        in[j].x = w.x;
+        in[j].y = w.y;
+      } else {
+        in[j].x = *reinterpret_cast<const uint32_t*>(p);
+      }
+    }
     float s = 0.0f;
     if constexpr (kKind != 0) {
       s = ToF<kBf16>(*reinterpret_cast<const uint16_t*>(scales_in + 2 * row));
@@ -108,25 +131,21 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
     for (int j = 0; j < kCpl; ++j) {
       const uint32_t chunk = lir + j * lpr;
       if (chunk >= g.chunks) continue;
-      const uint8_t* in = rows_in + row * row_bytes + chunk * kCBytes;
       uint4 out;
       if constexpr (kKind == 0) {
-        out = *reinterpret_cast<const uint4*>(in);
+        out = in[j];
       } else {
-        int code[8];
-        if constexpr (kKind == 1) {
-          const uint2 w = *reinterpret_cast<const uint2*>(in);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            code[e] = static_cast<int>(w.x << (24 - 8 * e)) >> 24;
-            code[e + 4] = static_cast<int>(w.y << (24 - 8 * e)) >> 24;
-          }
-        } else {
-          const uint32_t w = *reinterpret_cast<const uint32_t*>(in);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) code[e] = static_cast<int>(w << (28 - 4 * e)) >> 28;
-        }
         float y[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          int code;
+          if constexpr (kKind == 1) {
+            code = static_cast<int>(Word(in[j], e / 4) << (24 - 8 * (e % 4))) >> 24;
+          } else {
+            code = static_cast<int>(in[j].x << (28 - 4 * e)) >> 28;
+          }
+          y[e] = __fmul_rn(CodeToF(code), s);
+        }
         if (kcn) {
           const uint64_t at = uint64_t{head} * call.head_dim + chunk * 8;
           const uint4 mv = *reinterpret_cast<const uint4*>(kcn_m + at);
@@ -135,11 +154,8 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
           for (int e = 0; e < 8; ++e) {
             const float m = ToF<kBf16>((Word(mv, e / 2) >> (16 * (e % 2))) & 0xFFFFu);
             const float f = ToF<kBf16>((Word(fv, e / 2) >> (16 * (e % 2))) & 0xFFFFu);
-            y[e] = __fadd_rn(__fmul_rn(__fmul_rn(CodeToF(code[e]), s), f), m);
+            y[e] = __fadd_rn(__fmul_rn(y[e], f), m);
           }
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) y[e] = __fmul_rn(CodeToF(code[e]), s);
         }
         out.x = PackRne2<kBf16>(y[0], y[1]);
         out.y = PackRne2<kBf16>(y[2], y[3]);
@@ -198,8 +214,11 @@ cudaError_t LaunchCrcRanges(const DevCall& call, const DevCrcRange* ranges, uint
                             uint64_t num_items, uint32_t* crc, int grid_blocks,
                             cudaStream_t stream) {
   if (num_items == 0) return cudaSuccess;
-  CrcRangesKernel<<<grid_blocks, kThreads, 0, stream>>>(call.payload, ranges, num_ranges, num_items,
-                                                        crc, call.static_tables);
+  const cudaError_t e = cudaFuncSetAttribute(
+      CrcRangesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kCrcSmemBytes);
+  if (e != cudaSuccess) return e;
+  CrcRangesKernel<<<grid_blocks, kCrcThreads, kCrcSmemBytes, stream>>>(
+      call.payload, ranges, num_ranges, num_items, crc, call.static_tables);
   return cudaGetLastError();
 }
 

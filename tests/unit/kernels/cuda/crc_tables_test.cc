@@ -84,8 +84,10 @@ uint32_t ReplayRange(const RowGeometry& g, const DimTables& dt, const StaticTabl
   const int64_t first = static_cast<int64_t>(b) - static_cast<int64_t>(steps * rpi);
   const uint32_t* tabs = kind == 0 ? &dt.fp16[0][0] : (kind == 1 ? &dt.int8[0][0] : &dt.int4[0][0]);
   uint32_t crc[32][kMaxChunksPerLane] = {};
-  uint32_t scale_crc = 0, pending = 0;
-  bool has_pending = false;
+  uint32_t scale_crc[32] = {};
+  auto scale_of = [&](int64_t r) -> uint32_t {
+    return r < static_cast<int64_t>(a) ? 0u : scales[2 * r] | (uint32_t{scales[2 * r + 1]} << 8);
+  };
   for (uint64_t it = 0; it < steps; ++it) {
     for (uint32_t lane = 0; lane < 32; ++lane) {
       const int64_t row = first + static_cast<int64_t>(it * rpi) + lane / lpr;
@@ -99,21 +101,14 @@ uint32_t ReplayRange(const RowGeometry& g, const DimTables& dt, const StaticTabl
         if (c == 8) crc[lane][j] = StreamStep<2>(crc[lane][j], w, tabs);
         if (c == 4) crc[lane][j] = StreamStep<1>(crc[lane][j], w, tabs);
       }
-    }
-    if (kind != 0) {
-      for (uint32_t k = 0; k < rpi; ++k) {
-        const int64_t rk = first + static_cast<int64_t>(it * rpi + k);
-        if (rk < static_cast<int64_t>(a)) continue;
-        const uint32_t sk = scales[2 * rk] | (uint32_t{scales[2 * rk + 1]} << 8);
-        if (has_pending) {
-          scale_crc = Feed4(scale_crc, pending | (sk << 16), st.t);
-          has_pending = false;
-        } else {
-          pending = sk;
-          has_pending = true;
-        }
+      if (kind != 0 && rpi >= 2) {
+        // Every lane streams (its row's scale | the next row's); only leaders count.
+        const uint32_t w[1] = {scale_of(row) |
+                               (lane / lpr + 1 < rpi ? scale_of(row + 1) << 16 : 0)};
+        scale_crc[lane] = StreamStep<1>(scale_crc[lane], w, &dt.scale[0][0]);
       }
     }
+    if (kind != 0 && rpi == 1) scale_crc[0] = Feed2(scale_crc[0], scale_of(first + it), st.t);
   }
   uint32_t val = 0;
   for (uint32_t lane = 0; lane < 32; ++lane) {
@@ -122,8 +117,13 @@ uint32_t ReplayRange(const RowGeometry& g, const DimTables& dt, const StaticTabl
   }
   uint32_t out = ShiftBytes(val, after, &st.digits[0][0]);
   if (kind != 0) {
-    if (has_pending) scale_crc = Feed2(scale_crc, pending, st.t);
-    out ^= ShiftBytes(scale_crc, scales_after, &st.digits[0][0]);
+    uint32_t sv = 0;
+    if (rpi >= 2) {
+      for (uint32_t lane = 0; lane < 32; ++lane) sv ^= MulMod(dt.scale_corr[lane], scale_crc[lane]);
+    } else {
+      sv = scale_crc[0];
+    }
+    out ^= ShiftBytes(sv, scales_after, &st.digits[0][0]);
   }
   return out;
 }
@@ -169,6 +169,8 @@ TEST(CrcStreamTest, VerifierChunksComposeToTheSectionCrc) {
   std::mt19937_64 rng(seed);
   StaticTables st;
   BuildStaticTables(&st);
+  std::vector<uint32_t> replicated(32 * 16 * 32);
+  for (size_t i = 0; i < replicated.size(); ++i) replicated[i] = (&st.verify_nibbles[0][0])[i / 32];
   for (int trial = 0; trial < 20; ++trial) {
     const uint64_t bytes = 16 * (1 + rng() % 3000);
     const uint64_t chunk_bytes = 512 * (1 + rng() % 8);
@@ -188,7 +190,9 @@ TEST(CrcStreamTest, VerifierChunksComposeToTheSectionCrc) {
                               static_cast<int64_t>(s * kVerifyStepBytes);
           uint32_t w[4] = {0, 0, 0, 0};
           if (off >= static_cast<int64_t>(c0)) std::memcpy(w, data.data() + off, 16);
-          c = StreamStep<4>(c, w, &st.verify[0][0]);
+          const uint32_t by_bytes = StreamStep<4>(c, w, &st.verify[0][0]);
+          c = StreamStepNibbles(c, w, &replicated[0], lane);
+          ASSERT_EQ(c, by_bytes);
         }
         val ^= MulMod(st.verify_corr[lane], c);
       }

@@ -182,7 +182,9 @@ TEST_F(CudaCodecTest, TwoByteAlignedRows) {
   ASSERT_TRUE(Unpack(payload, ours.View(n), 0, 2).ok());
   ASSERT_TRUE(UnpackPayload(reference_, payload, theirs.View(n), payload.size()).ok());
   EXPECT_EQ(ours.memory, theirs.memory);
-  // Scores on the CUDA-core attention path (the tensor-core path needs 16-byte rows).
+  // Scores on the CUDA-core attention path (the tensor-core path needs 16-byte rows), on KV of
+  // moderate magnitudes (see FillGaussian).
+  FillGaussian(src.View(n), rng_, 2.0f);
   std::vector<float> queries(2 * 8 * 6 * 64);
   std::normal_distribution<float> g;
   for (float& q : queries) q = g(rng_);
@@ -304,7 +306,7 @@ TEST_F(CudaCodecTest, AttentionScoresOnBothPaths) {
   };
   for (const AttnCase& c : cases) {
     TestPool src = MakePool(PoolLayoutKind::kVllmNhd, c.shape, c.dtype, 16, c.n, rng_());
-    FillRandom(src.View(), rng_);
+    FillGaussian(src.View(), rng_, 2.0f);
     std::vector<float> queries(uint64_t{c.shape.num_layers} * c.window * c.group *
                                c.shape.num_kv_heads * c.shape.head_dim);
     std::normal_distribution<float> g;
