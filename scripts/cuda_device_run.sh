@@ -28,7 +28,6 @@ if has ncu; then
   # One launch of each main kernel at 16K llama3-8b tokens: bandwidth, issue and stall picture.
   timeout 150 ncu --kernel-name regex:"PackKernel|UnpackKernel|CrcRanges|TensorAttention|KeyNorm" \
     --launch-count 6 --section SpeedOfLight --section Occupancy --section WarpStateStats \
-    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     "$bin/codec_cuda_bench" --models llama3-8b --tokens 16384 --budgets 0.5 \
     --scorings key_norm attention --small-tokens 0 --warmup 0 --reps 1 --no-self-test \
     > "$out/ncu.log" 2>&1
@@ -42,5 +41,5 @@ if has sanitizer; then
   timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$bin/codec_conformance_test" --gtest_filter=*cuda > "$out/memcheck_conformance.log" 2>&1
   echo "memcheck conformance rc=$?"
-  tail -4 "$out/memcheck_cuda_test.log" "$out/memcheck_conformance.log"
+  tail -n 4 "$out/memcheck_cuda_test.log" "$out/memcheck_conformance.log"
 fi

@@ -17,7 +17,6 @@ void BuildStaticTables(StaticTables* t) {
     for (uint32_t v = 0; v < 256; ++v) t->digits[d][v] = XPowBytes(uint64_t{v} << (8 * d));
   }
   BuildStreamTables(kVerifyStepBytes - 16, 16, t->verify);
-  NibbleTables(t->verify, t->verify_nibbles);
   for (uint32_t lane = 0; lane < 32; ++lane) t->verify_corr[lane] = XPowNegBytes(16 * lane);
 }
 

@@ -62,7 +62,6 @@ struct StaticTables {
   uint32_t t[4][256];                  // t[k][b] = T_k[b]
   uint32_t digits[kShiftDigits][256];  // x^(8 * v * 256^d)
   uint32_t verify[16][256];            // T_{496 + 15 - i}: 16-byte chunks, 512-byte steps
-  uint32_t verify_nibbles[32][16];     // the same as nibble tables (NibbleTables)
   uint32_t verify_corr[32];            // x^(-8 * 16 * lane)
 };
 
@@ -111,30 +110,6 @@ SPECTRUMKV_HD uint32_t StreamStep(uint32_t r, const uint32_t* w, const uint32_t*
            tabs[(4 * k + 2) * 256 + ((x >> 16) & 0xFFu)] ^ tabs[(4 * k + 3) * 256 + (x >> 24)];
   }
   return acc;
-}
-
-// StreamStep<4> with nibble tables laid out for conflict-free shared-memory lookups by 32 lanes:
-// nib[((p * 16 + v) * 32) + lane] is the table of nibble position p (0..31 of a 16-byte chunk,
-// low nibble of byte p / 2 first) at value v, replicated once per lane so that each lane reads
-// its own bank. Twice the lookups of the byte tables, none of their bank conflicts.
-SPECTRUMKV_HD uint32_t StreamStepNibbles(uint32_t r, const uint32_t* w, const uint32_t* nib,
-                                         uint32_t lane) {
-  uint32_t acc = 0;
-  for (int k = 0; k < 4; ++k) {
-    const uint32_t x = k == 0 ? w[0] ^ r : w[k];
-    for (int n = 0; n < 8; ++n) {
-      acc ^= nib[((8 * k + n) * 16 + ((x >> (4 * n)) & 0xFu)) * 32 + lane];
-    }
-  }
-  return acc;
-}
-
-// The compact form of those nibble tables (one copy): out[p][v] from byte tables tabs[i][256]
-// of a 16-byte chunk.
-inline void NibbleTables(const uint32_t (*tabs)[256], uint32_t (*out)[16]) {
-  for (int p = 0; p < 32; ++p) {
-    for (uint32_t v = 0; v < 16; ++v) out[p][v] = tabs[p / 2][(p % 2) ? (v << 4) : v];
-  }
 }
 
 // Feeds 4 contiguous bytes (word w) into register r with the static tables t[0..3].

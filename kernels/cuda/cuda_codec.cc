@@ -587,7 +587,7 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
     auto* status = reinterpret_cast<uint32_t*>(dev + off_status);
     auto* ok = reinterpret_cast<uint32_t*>(dev + off_ok);
     SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(crc, 0, 4 * uint64_t{slots}, stream));
-    const int crc_grid = GridFor(d.crc_items, multiprocessors_ * 3, 16);
+    const int crc_grid = GridFor(d.crc_items, multiprocessors_ * 8, 8);
     SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchCrcRanges(
         call, reinterpret_cast<const DevCrcRange*>(dev + off_ranges),
         static_cast<uint32_t>(d.crc_ranges.size()), d.crc_items, crc, crc_grid, stream));

@@ -178,12 +178,30 @@ __device__ __forceinline__ uint32_t RoundedBits(float x, const DevScale& s) {
   return __float_as_uint(__fadd_rn(y, kRoundMagic));
 }
 
+// 16 bytes from global to shared memory without passing through registers; `bytes` 0 writes
+// zeros (nothing is read).
+__device__ __forceinline__ void CpAsync16(void* smem_dst, const void* src, uint32_t bytes) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void CpAsyncWaitAllButOne() {
+  asm volatile("cp.async.wait_group 1;\n" ::);
+}
+__device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Per warp: two stages of [chunk j][lane] 16-byte slots, plus the (token, head) of each stage's
+// row per lane, in shared memory after the tables.
+constexpr uint32_t kStageWordsPerWarp = 2 * cuda_crc::kMaxChunksPerLane * 32 * 4 + 2 * 32 * 2;
+constexpr uint32_t kPackStageWords = (kPackThreads / 32) * kStageWordsPerWarp;
+
 // Writes rows [a, b) of one (layer, part, kind) array and folds their CRC into call.crc.
 // The rows are walked in warp steps aligned to b; rows before a in the first step are zeros that
 // are neither read nor written (see crc_tables.h).
 template <bool kBf16, int kCpl, int kKind>
 __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a, uint64_t b,
-                          const uint32_t* smem, const RowGeometry& g, uint32_t lane) {
+                          const uint32_t* smem, uint32_t* stage, const RowGeometry& g,
+                          uint32_t lane) {
   constexpr uint32_t kCBytes = kKind == 0 ? 16 : (kKind == 1 ? 8 : 4);
   const DevLayer& layer = call.layers[seg.slot];
   const DevPart& part = layer.part[seg.part];
@@ -206,18 +224,47 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
   for (int j = 0; j < kCpl; ++j) crc[j] = 0;
   uint32_t scale_crc = 0;
 
+  // Two steps are in flight while one is processed: the rows of step it + 2 are copied into
+  // shared memory (cp.async; plain loads for rows that are not 16-byte aligned) while step it is
+  // quantized. Each lane reads back only its own slots, so no barrier is needed.
+  uint4* slots = reinterpret_cast<uint4*>(stage);
+  uint32_t* meta = stage + 2 * cuda_crc::kMaxChunksPerLane * 32 * 4;  // [stage][token, head][lane]
+  auto issue = [&](uint64_t it_issue) {
+    const uint32_t st = static_cast<uint32_t>(it_issue & 1);
+    const int64_t r = first + static_cast<int64_t>(it_issue * rpi) + sub;
+    const bool act = it_issue < steps && r >= static_cast<int64_t>(a);
+    const uint8_t* src = act ? cursor.Seek(static_cast<uint64_t>(r), rpi) : nullptr;
+    meta[(st * 2) * 32 + lane] = cursor.token();
+    meta[(st * 2 + 1) * 32 + lane] = cursor.head();
+#pragma unroll
+    for (int j = 0; j < kCpl; ++j) {
+      const uint32_t chunk = lir + j * lpr;
+      const bool has = act && chunk < g.chunks;
+      uint4* dst = slots + (st * cuda_crc::kMaxChunksPerLane + j) * 32 + lane;
+      if (aligned) {
+        CpAsync16(dst, has ? static_cast<const void*>(src + chunk * 16) : call.lists,
+                  has ? 16u : 0u);
+      } else {
+        *dst = has ? LoadChunk(src + chunk * 16, false) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    CpAsyncCommit();
+  };
+  issue(0);
+  issue(1);
+
   int64_t row = first + sub;
   for (uint64_t it = 0; it < steps; ++it, row += rpi) {
     const bool active = row >= static_cast<int64_t>(a);
     const uint64_t urow = static_cast<uint64_t>(row);
-    const uint8_t* src = active ? cursor.Seek(urow, rpi) : nullptr;
+    const uint32_t st = static_cast<uint32_t>(it & 1);
+    CpAsyncWaitAllButOne();
     uint4 v[kCpl];
 #pragma unroll
-    for (int j = 0; j < kCpl; ++j) {
-      const uint32_t chunk = lir + j * lpr;
-      v[j] = (active && chunk < g.chunks) ? LoadChunk(src + chunk * 16, aligned)
-                                          : make_uint4(0, 0, 0, 0);
-    }
+    for (int j = 0; j < kCpl; ++j) v[j] = slots[(st * cuda_crc::kMaxChunksPerLane + j) * 32 + lane];
+    const uint32_t token = meta[(st * 2) * 32 + lane];
+    const uint32_t head = meta[(st * 2 + 1) * 32 + lane];
+    issue(it + 2);
 
     if constexpr (kKind == 0) {
 #pragma unroll
@@ -237,7 +284,7 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
         amax_bits = max(amax_bits, __shfl_xor_sync(kFullMask, amax_bits, o));
       }
       if (active && lir == 0 && amax_bits >= NonFiniteAbs<kBf16>()) {
-        ReportBadRow(call, layer.layer, seg.part, cursor.token(), cursor.head());
+        ReportBadRow(call, layer.layer, seg.part, token, head);
       }
       const float* kcn_m = nullptr;
       const float* kcn_inv = nullptr;
@@ -245,7 +292,7 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
       if (kcn) {
         // The normalised row's |max|; the normalised values are recomputed below rather than
         // kept, to keep registers for the common path.
-        const uint64_t at = (uint64_t{seg.slot} * heads + cursor.head()) * call.head_dim;
+        const uint64_t at = (uint64_t{seg.slot} * heads + head) * call.head_dim;
         kcn_m = call.kcn_offset + at;
         kcn_inv = call.kcn_inv_factor + at;
         float fa = 0.0f;
@@ -319,6 +366,10 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
     }
   }
 
+  // The copies issued past the last step (zero fills) must land before the next range reuses
+  // the slots.
+  CpAsyncWaitAll();
+
   // Move each lane's streams to the range's end, combine, and move the range to the section end.
   uint32_t val = 0;
 #pragma unroll
@@ -343,7 +394,7 @@ __device__ void PackRange(const DevCall& call, const DevSegment& seg, uint64_t a
 
 template <bool kBf16, int kCpl>
 __global__ void __launch_bounds__(kPackThreads, 2) PackKernel(const DevCall call) {
-  extern __shared__ uint32_t smem[];
+  extern __shared__ __align__(16) uint32_t smem[];
   const auto* dim = reinterpret_cast<const uint32_t*>(call.dim_tables);
   const auto* stat = &call.static_tables->t[0][0];
   for (uint32_t i = threadIdx.x; i < kStaticTOffset; i += blockDim.x) smem[i] = dim[i];
@@ -351,6 +402,7 @@ __global__ void __launch_bounds__(kPackThreads, 2) PackKernel(const DevCall call
   __syncthreads();
   const RowGeometry g = cuda_crc::GeometryFor(call.head_dim);
   const uint32_t lane = threadIdx.x & 31;
+  uint32_t* stage = smem + kPackSmemWords + (threadIdx.x >> 5) * kStageWordsPerWarp;
   const uint64_t warps = (uint64_t{gridDim.x} * blockDim.x) >> 5;
   for (uint64_t r = (uint64_t{blockIdx.x} * blockDim.x + threadIdx.x) >> 5; r < call.num_ranges;
        r += warps) {
@@ -359,13 +411,13 @@ __global__ void __launch_bounds__(kPackThreads, 2) PackKernel(const DevCall call
     const uint64_t b = min(a + call.range_rows, seg.rows);
     switch (seg.kind) {
       case 0:
-        PackRange<kBf16, kCpl, 0>(call, seg, a, b, smem, g, lane);
+        PackRange<kBf16, kCpl, 0>(call, seg, a, b, smem, stage, g, lane);
         break;
       case 1:
-        PackRange<kBf16, kCpl, 1>(call, seg, a, b, smem, g, lane);
+        PackRange<kBf16, kCpl, 1>(call, seg, a, b, smem, stage, g, lane);
         break;
       default:
-        PackRange<kBf16, kCpl, 2>(call, seg, a, b, smem, g, lane);
+        PackRange<kBf16, kCpl, 2>(call, seg, a, b, smem, stage, g, lane);
         break;
     }
   }
@@ -424,7 +476,7 @@ __global__ void PackFinalizeKernel(const DevCall call) {
 template <bool kBf16>
 cudaError_t LaunchPackT(const DevCall& call, int grid_blocks, cudaStream_t stream) {
   const cuda_crc::RowGeometry g = cuda_crc::GeometryFor(call.head_dim);
-  const size_t smem = kPackSmemWords * 4;
+  const size_t smem = (kPackSmemWords + kPackStageWords) * 4;
   auto launch = [&](auto kernel) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -501,8 +553,14 @@ cudaError_t LaunchPackFinalize(const DevCall& call, cudaStream_t stream) {
 
 int PackBlocksPerSm() {
   int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, PackKernel<false, 1>, kPackThreads,
-                                                    kPackSmemWords * 4) != cudaSuccess) {
+  if (cudaFuncSetAttribute(PackKernel<false, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>((kPackSmemWords + kPackStageWords) * 4)) !=
+      cudaSuccess) {
+    return 1;
+  }
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, PackKernel<false, 4>, kPackThreads,
+                                                    (kPackSmemWords + kPackStageWords) * 4) !=
+      cudaSuccess) {
     return 1;
   }
   return blocks > 0 ? blocks : 1;

@@ -460,9 +460,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int m = 0; m < kMt; ++m) tok_acc[m][0] = tok_acc[m][1] = 0.0f;
 
     for (uint32_t nt = 0; nt < nqc / 8; ++nt) {
-      float acc[kMt][4];
+      // One accumulator per query part: independent MMA chains; summed (high part first) after.
+      float part_acc[kMt][kSplits][4];
 #pragma unroll
-      for (int m = 0; m < kMt; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
+      for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+        for (int sp = 0; sp < kSplits; ++sp) {
+          part_acc[m][sp][0] = part_acc[m][sp][1] = part_acc[m][sp][2] = part_acc[m][sp][3] = 0.0f;
+        }
+      }
 #pragma unroll
       for (int kb = 0; kb < kMaxKb; ++kb) {
         if (kb >= static_cast<int>(nkb)) break;
@@ -488,9 +494,19 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
             const uint32_t a2 = Word(ka[m][kb][0], 2 * s + 1), a3 = Word(ka[m][kb][1], 2 * s + 1);
 #pragma unroll
             for (int sp = 0; sp < kSplits; ++sp) {
-              Mma<kBf16>(acc[m], a0, a1, a2, a3, b[sp][0], b[sp][1]);
+              Mma<kBf16>(part_acc[m][sp], a0, a1, a2, a3, b[sp][0], b[sp][1]);
             }
           }
+        }
+      }
+      float acc[kMt][4];
+#pragma unroll
+      for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = part_acc[m][0][e] + part_acc[m][1][e];
+          if constexpr (kSplits == 3) v += part_acc[m][2][e];
+          acc[m][e] = v;
         }
       }
       // acc[m][2 r + col]: token t0 + 16 m + group_id + 8 r, query q_begin + nt * 8 + 2 tig + col.

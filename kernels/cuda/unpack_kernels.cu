@@ -12,18 +12,15 @@ using cuda_crc::RowGeometry;
 constexpr int kThreads = 256;
 
 // Each warp checksums one chunk of kVerifyChunkBytes of a range: 32 lanes x 16 bytes per step,
-// four steps loaded before they are folded. The nibble tables are replicated per lane (64 KB)
-// so that the lookups never conflict on a shared-memory bank.
-constexpr int kCrcThreads = 512;
-constexpr uint32_t kCrcSmemBytes = 32 * 16 * 32 * 4;
-
-__global__ void __launch_bounds__(kCrcThreads)
+// four steps loaded before they are folded. Byte tables in shared memory: their bank conflicts
+// make this kernel bound by shared-memory lookups (per-lane nibble tables, conflict-free but
+// twice the lookups, measured slower on H200).
+__global__ void __launch_bounds__(kThreads)
     CrcRangesKernel(const uint8_t* payload, const DevCrcRange* ranges, uint32_t num_ranges,
                     uint64_t num_items, uint32_t* crc, const cuda_crc::StaticTables* tables) {
-  extern __shared__ uint32_t nib[];
-  for (uint32_t i = threadIdx.x; i < 32 * 16 * 32; i += blockDim.x) {
-    nib[i] = (&tables->verify_nibbles[0][0])[i / 32];
-  }
+  __shared__ uint32_t tabs[16 * 256];
+  for (uint32_t i = threadIdx.x; i < 16 * 256; i += blockDim.x)
+    tabs[i] = (&tables->verify[0][0])[i];
   __syncthreads();
   const uint32_t lane = threadIdx.x & 31;
   const uint64_t warps = (uint64_t{gridDim.x} * blockDim.x) >> 5;
@@ -50,7 +47,7 @@ __global__ void __launch_bounds__(kCrcThreads)
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-        c = cuda_crc::StreamStepNibbles(c, w, nib, lane);
+        c = cuda_crc::StreamStep<4>(c, w, tabs);
       }
     }
     uint32_t val = WarpXor(cuda_crc::MulMod(corr, c));
@@ -102,17 +99,15 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
   RowCursor cursor(layer.kv[seg.part], call.lists + layer.list_offset[kKind], call.block_table,
                    call.block_size, call.heads);
 
-  for (uint64_t row = a + sub; row < b; row += rpi) {
-    uint8_t* dst = cursor.Seek(row, rpi);
-    const uint32_t head = cursor.head();
-    // Every load of the step first (codes, scale, kcn factors), then the arithmetic and stores.
-    uint4 in[kCpl];
+  // Loads the codes (or FP16 chunks) and the scale of one row; the next row's are loaded before
+  // the current one is dequantized and stored.
+  auto load = [&](uint64_t r, uint4 (&in)[kCpl], float& s) {
 #pragma unroll
     for (int j = 0; j < kCpl; ++j) {
       const uint32_t chunk = lir + j * lpr;
       in[j] = make_uint4(0, 0, 0, 0);
       if (chunk >= g.chunks) continue;
-      const uint8_t* p = rows_in + row * row_bytes + chunk * kCBytes;
+      const uint8_t* p = rows_in + r * row_bytes + chunk * kCBytes;
       if constexpr (kKind == 0) {
         in[j] = *reinterpret_cast<const uint4*>(p);
       } else if constexpr (kKind == 1) {
@@ -123,9 +118,28 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
         in[j].x = *reinterpret_cast<const uint32_t*>(p);
       }
     }
-    float s = 0.0f;
+    s = 0.0f;
     if constexpr (kKind != 0) {
-      s = ToF<kBf16>(*reinterpret_cast<const uint16_t*>(scales_in + 2 * row));
+      s = ToF<kBf16>(*reinterpret_cast<const uint16_t*>(scales_in + 2 * r));
+    }
+  };
+  uint64_t row = a + sub;
+  if (row >= b) return;
+  uint4 in[kCpl];
+  float s;
+  uint8_t* dst = cursor.Seek(row, rpi);
+  uint32_t head = cursor.head();
+  load(row, in, s);
+  for (; row < b; row += rpi) {
+    const uint64_t next = row + rpi;
+    uint4 in_next[kCpl];
+    float s_next = 0.0f;
+    uint8_t* dst_next = dst;
+    uint32_t head_next = head;
+    if (next < b) {
+      dst_next = cursor.Seek(next, rpi);
+      head_next = cursor.head();
+      load(next, in_next, s_next);
     }
 #pragma unroll
     for (int j = 0; j < kCpl; ++j) {
@@ -164,11 +178,18 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
       }
       StoreChunk(dst + chunk * 16, out, aligned);
     }
+    if (next < b) {
+#pragma unroll
+      for (int j = 0; j < kCpl; ++j) in[j] = in_next[j];
+      s = s_next;
+      dst = dst_next;
+      head = head_next;
+    }
   }
 }
 
 template <bool kBf16, int kCpl>
-__global__ void __launch_bounds__(kThreads) UnpackKernel(const DevCall call) {
+__global__ void __launch_bounds__(kThreads, 3) UnpackKernel(const DevCall call) {
   const RowGeometry g = cuda_crc::GeometryFor(call.head_dim);
   const uint32_t lane = threadIdx.x & 31;
   const uint64_t warps = (uint64_t{gridDim.x} * blockDim.x) >> 5;
@@ -214,11 +235,8 @@ cudaError_t LaunchCrcRanges(const DevCall& call, const DevCrcRange* ranges, uint
                             uint64_t num_items, uint32_t* crc, int grid_blocks,
                             cudaStream_t stream) {
   if (num_items == 0) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(
-      CrcRangesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kCrcSmemBytes);
-  if (e != cudaSuccess) return e;
-  CrcRangesKernel<<<grid_blocks, kCrcThreads, kCrcSmemBytes, stream>>>(
-      call.payload, ranges, num_ranges, num_items, crc, call.static_tables);
+  CrcRangesKernel<<<grid_blocks, kThreads, 0, stream>>>(call.payload, ranges, num_ranges,
+                                                        num_items, crc, call.static_tables);
   return cudaGetLastError();
 }
 
