@@ -101,7 +101,7 @@ __device__ void UnpackRange(const DevCall& call, const DevSegment& seg, uint64_t
 
   // Loads the codes (or FP16 chunks) and the scale of one row; the next row's are loaded before
   // the current one is dequantized and stored.
-  auto load = [&](uint64_t r, uint4 (&in)[kCpl], float& s) {
+  auto load = [&](uint64_t r, uint4(&in)[kCpl], float& s) {
 #pragma unroll
     for (int j = 0; j < kCpl; ++j) {
       const uint32_t chunk = lir + j * lpr;
@@ -235,8 +235,8 @@ cudaError_t LaunchCrcRanges(const DevCall& call, const DevCrcRange* ranges, uint
                             uint64_t num_items, uint32_t* crc, int grid_blocks,
                             cudaStream_t stream) {
   if (num_items == 0) return cudaSuccess;
-  CrcRangesKernel<<<grid_blocks, kThreads, 0, stream>>>(call.payload, ranges, num_ranges,
-                                                        num_items, crc, call.static_tables);
+  CrcRangesKernel<<<grid_blocks, kThreads, 0, stream>>>(call.payload, ranges, num_ranges, num_items,
+                                                        crc, call.static_tables);
   return cudaGetLastError();
 }
 
