@@ -17,6 +17,13 @@ if(NOT SPECTRUMKV_CUDA STREQUAL "OFF")
     endif()
     enable_language(CUDA)
     find_package(CUDAToolkit REQUIRED)
+    # CMake 3.25 predates nvcc's C++20 support: teach it the flag so that targets mixing CUDA
+    # with our C++20 code can be built.
+    if(NOT DEFINED CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+      set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+      list(APPEND CMAKE_CUDA_COMPILE_FEATURES cuda_std_20)
+    endif()
     set(SPECTRUMKV_HAVE_CUDA ON)
   elseif(SPECTRUMKV_CUDA STREQUAL "ON")
     message(FATAL_ERROR "SPECTRUMKV_CUDA=ON but no CUDA compiler was found")

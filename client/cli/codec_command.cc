@@ -265,7 +265,9 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
     kvgen::FillSynthetic(src, syn);
   }
 
-  SPECTRUMKV_ASSIGN_OR_RETURN(BackendSelection selection, CreateCodec(backend));
+  // The pools here are host memory: a device backend is not an option.
+  SPECTRUMKV_ASSIGN_OR_RETURN(BackendSelection selection,
+                              CreateCodec(backend, CodecRequirements{.host_memory_only = true}));
   Codec& codec = *selection.codec;
   report.backend = std::string(codec.name());
   report.backend_reason = selection.reason;

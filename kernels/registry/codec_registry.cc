@@ -1,8 +1,54 @@
 #include "kernels/registry/codec_registry.h"
 
+#include "absl/strings/str_cat.h"
 #include "kernels/cpu/cpu_codec.h"
 
+#ifdef SPECTRUMKV_HAVE_CUDA
+#include "kernels/cuda/cuda_codec.h"
+#include "kernels/cuda/device.h"
+#endif
+
 namespace spectrumkv {
+namespace {
+
+#ifdef SPECTRUMKV_HAVE_CUDA
+// The CUDA codec if a device exists and the known-answer self-test passes; UNAVAILABLE with the
+// reason otherwise (no device or driver, an unsupported GPU, a failed self-test).
+absl::StatusOr<BackendSelection> TryCuda() {
+  absl::Status device = cuda::CheckDevice();
+  if (!device.ok()) {
+    return absl::UnavailableError(absl::StrCat("no usable CUDA device: ", device.message()));
+  }
+  auto codec = CudaCodec::Create();
+  if (!codec.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("the CUDA codec cannot start: ", codec.status().message()));
+  }
+  absl::Status self_test = (*codec)->SelfTest();
+  if (!self_test.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("the CUDA codec failed its self-test: ", self_test.message()));
+  }
+  auto info = cuda::GetDeviceInfo();
+  BackendSelection out;
+  out.reason =
+      absl::StrCat("CUDA kernels on ", info.ok() ? info->name : "device 0", " (self-test passed)");
+  out.codec = std::move(*codec);
+  return out;
+}
+#endif
+
+BackendSelection BestCpu(BackendChoice choice, const std::string& why_not_cuda) {
+  BackendSelection out;
+  out.codec = CpuCodec::CreateBest();
+  out.reason = out.codec->name() == "cpu-avx2"
+                   ? "AVX2/F16C CPU kernels (self-test passed)"
+                   : "portable scalar CPU kernels (no AVX2/F16C, or its self-test failed)";
+  if (choice == BackendChoice::kAuto) out.reason += "; " + why_not_cuda;
+  return out;
+}
+
+}  // namespace
 
 std::optional<BackendChoice> ParseBackendChoice(std::string_view name) {
   if (name == "auto") return BackendChoice::kAuto;
@@ -20,25 +66,43 @@ bool CudaBackendBuilt() {
 #endif
 }
 
-absl::StatusOr<BackendSelection> CreateCodec(BackendChoice choice) {
-  BackendSelection out;
+absl::StatusOr<BackendSelection> CreateCodec(BackendChoice choice,
+                                             const CodecRequirements& requirements) {
+  if (requirements.host_memory_only) {
+    if (choice == BackendChoice::kCuda) {
+      return absl::UnavailableError(
+          "the CUDA codec works on device memory and this caller has host memory only");
+    }
+    if (choice == BackendChoice::kAuto) {
+      return BestCpu(choice, "the caller has host memory only, so no device backend");
+    }
+  }
   switch (choice) {
-    case BackendChoice::kCpuScalar:
+    case BackendChoice::kCpuScalar: {
+      BackendSelection out;
       out.codec = std::make_unique<CpuCodec>(ScalarRowKernels());
       out.reason = "portable scalar CPU kernels, as asked";
       return out;
+    }
     case BackendChoice::kCuda:
+#ifdef SPECTRUMKV_HAVE_CUDA
+      return TryCuda();
+#else
       return absl::UnavailableError("the CUDA codec backend is not part of this build");
-    case BackendChoice::kAuto:
+#endif
+    case BackendChoice::kAuto: {
+#ifdef SPECTRUMKV_HAVE_CUDA
+      auto cuda = TryCuda();
+      if (cuda.ok()) return cuda;
+      return BestCpu(choice, std::string(cuda.status().message()));
+#else
+      return BestCpu(choice, "no CUDA backend in this build");
+#endif
+    }
     case BackendChoice::kCpu:
       break;
   }
-  out.codec = CpuCodec::CreateBest();
-  out.reason = out.codec->name() == "cpu-avx2"
-                   ? "AVX2/F16C CPU kernels (self-test passed)"
-                   : "portable scalar CPU kernels (no AVX2/F16C, or its self-test failed)";
-  if (choice == BackendChoice::kAuto) out.reason += "; no CUDA backend in this build";
-  return out;
+  return BestCpu(choice, "");
 }
 
 }  // namespace spectrumkv

@@ -43,10 +43,12 @@ class CpuHarness final : public BackendHarness {
 }  // namespace
 
 std::vector<std::pair<std::string, HarnessFactory>> AllHarnesses() {
-  return {
+  std::vector<std::pair<std::string, HarnessFactory>> all = {
       {"cpu_scalar", [] { return std::make_unique<CpuHarness>(&ScalarRowKernels()); }},
       {"cpu_avx2", [] { return std::make_unique<CpuHarness>(Avx2RowKernels()); }},
   };
+  for (auto& h : CudaHarnesses()) all.push_back(std::move(h));
+  return all;
 }
 
 }  // namespace spectrumkv::testing

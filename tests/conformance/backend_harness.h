@@ -40,6 +40,10 @@ using HarnessFactory = std::function<std::unique_ptr<BackendHarness>()>;
 // Every backend of this build: "cpu-scalar", "cpu-avx2" and, where built, "cuda".
 std::vector<std::pair<std::string, HarnessFactory>> AllHarnesses();
 
+// The CUDA harness where the CUDA backend is built (cuda_harness.cc), else none
+// (no_cuda_harness.cc). Its Unavailable() says why where no device exists.
+std::vector<std::pair<std::string, HarnessFactory>> CudaHarnesses();
+
 }  // namespace spectrumkv::testing
 
 #endif  // SPECTRUMKV_TESTS_CONFORMANCE_BACKEND_HARNESS_H_

@@ -171,11 +171,14 @@ TEST_P(CodecConformanceTest, PlannedPayloadsRoundTrip) {
 
 TEST_P(CodecConformanceTest, ScoresAgreeWithTheReference) {
   // Sums may be ordered differently by each backend: scores agree to a relative 1e-4, and near
-  // ties may therefore rank differently (the planner breaks exact ties by position).
+  // ties may therefore rank differently (the planner breaks exact ties by position). The KV has
+  // moderate magnitudes (FillGaussian): with FillRandom's huge rows the logits reach thousands,
+  // where a single float ulp of a dot product exceeds the tolerance for any two summation
+  // orders (the AVX2 backend failed about 4% of seeds there).
   const ModelShape shape{3, 2, 64};
   const uint32_t n = 120;
   TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, n, rng_());
-  FillRandom(src.View(), rng_);
+  FillGaussian(src.View(), rng_);
   std::vector<float> queries(3 * 8 * 4 * 64);
   std::normal_distribution<float> g;
   for (float& q : queries) q = g(rng_);

@@ -72,6 +72,25 @@ void FillRandom(const KvBuffer& kv, std::mt19937_64& rng) {
   }
 }
 
+void FillGaussian(const KvBuffer& kv, std::mt19937_64& rng, float scale) {
+  const ModelShape& s = kv.layout->shape;
+  const DType dtype = kv.layout->dtype;
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  for (uint32_t l = 0; l < s.num_layers; ++l) {
+    for (bool value : {false, true}) {
+      for (uint32_t t = 0; t < kv.num_tokens; ++t) {
+        for (uint32_t h = 0; h < s.num_kv_heads; ++h) {
+          uint16_t* row = HostRowPtr(kv, l, value, t, h);
+          const float magnitude = scale * std::exp(0.5f * gauss(rng));
+          for (uint32_t c = 0; c < s.head_dim; ++c) {
+            row[c] = FromFloatRne(dtype, gauss(rng) * magnitude);
+          }
+        }
+      }
+    }
+  }
+}
+
 std::vector<uint8_t> RandomTiers(uint32_t maps, uint32_t num_tokens, std::mt19937_64& rng) {
   std::vector<uint8_t> tiers(uint64_t{maps} * num_tokens);
   std::uniform_int_distribution<int> code(0, 3);

@@ -29,6 +29,12 @@ TestPool MakePool(kvgen::PoolLayoutKind kind, const ModelShape& shape, DType dty
 // rows all zero, some tiny, some huge, and outlier channels, so every code path is exercised.
 void FillRandom(const KvBuffer& kv, std::mt19937_64& rng);
 
+// Fills every row with gaussian values of a per-row log-normal magnitude (sigma 0.5) around
+// `scale`: KV whose attention logits stay moderate, so that float rounding in a backend's dot
+// products (about 1e-7 relative) is far below the 1e-4 score tolerance. FillRandom's huge rows
+// push logits to the thousands, where one float ulp already exceeds that tolerance.
+void FillGaussian(const KvBuffer& kv, std::mt19937_64& rng, float scale = 1.0f);
+
 // A fresh seed (from std::random_device) that a failing test prints so it can be replayed.
 uint64_t FreshSeed();
 
