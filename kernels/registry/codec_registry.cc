@@ -5,6 +5,7 @@
 
 #ifdef SPECTRUMKV_HAVE_CUDA
 #include "kernels/cuda/cuda_codec.h"
+#include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/device.h"
 #endif
 
@@ -36,6 +37,19 @@ absl::StatusOr<BackendSelection> TryCuda() {
   out.codec = std::move(*codec);
   return out;
 }
+#endif
+
+#ifdef SPECTRUMKV_HAVE_CUDA
+class CudaPinnedHostMemory final : public PinnedHostMemory {
+ public:
+  explicit CudaPinnedHostMemory(std::unique_ptr<cuda::PinnedHostRange> range)
+      : range_(std::move(range)) {}
+
+ private:
+  std::unique_ptr<cuda::PinnedHostRange> range_;
+};
+#else
+constexpr char kNoCuda[] = "the CUDA backend is not part of this build";
 #endif
 
 BackendSelection BestCpu(BackendChoice choice, const std::string& why_not_cuda) {
@@ -103,6 +117,46 @@ absl::StatusOr<BackendSelection> CreateCodec(BackendChoice choice,
       break;
   }
   return BestCpu(choice, "");
+}
+
+absl::StatusOr<std::unique_ptr<DeviceMemory>> CreateDeviceMemory(int device) {
+#ifdef SPECTRUMKV_HAVE_CUDA
+  auto memory = cuda::CudaDeviceMemory::Create(device);
+  if (!memory.ok()) return memory.status();
+  return std::unique_ptr<DeviceMemory>(std::move(*memory));
+#else
+  (void)device;
+  return absl::UnavailableError(kNoCuda);
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<DeviceAllocation>> ImportCudaIpcMemory(std::string_view handle,
+                                                                      int device,
+                                                                      uint64_t offset_bytes,
+                                                                      uint64_t size_bytes) {
+#ifdef SPECTRUMKV_HAVE_CUDA
+  auto memory = cuda::CudaIpcMemory::Open(handle, device, offset_bytes, size_bytes);
+  if (!memory.ok()) return memory.status();
+  return std::unique_ptr<DeviceAllocation>(std::move(*memory));
+#else
+  (void)handle;
+  (void)device;
+  (void)offset_bytes;
+  (void)size_bytes;
+  return absl::UnavailableError(absl::StrCat("CUDA IPC memory cannot be imported: ", kNoCuda));
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<PinnedHostMemory>> PinHostMemory(void* data, uint64_t bytes) {
+#ifdef SPECTRUMKV_HAVE_CUDA
+  auto range = cuda::PinnedHostRange::Register(data, bytes);
+  if (!range.ok()) return range.status();
+  return std::unique_ptr<PinnedHostMemory>(new CudaPinnedHostMemory(std::move(*range)));
+#else
+  (void)data;
+  (void)bytes;
+  return absl::UnavailableError(kNoCuda);
+#endif
 }
 
 }  // namespace spectrumkv
