@@ -55,6 +55,40 @@ void SdNotify(const std::string& state) {
   close(fd);
 }
 
+// A GPU region of a pool: memory of the frontend's process, opened through its CUDA IPC handle.
+class ImportedDeviceMemory final : public ImportedMemory {
+ public:
+  explicit ImportedDeviceMemory(std::unique_ptr<DeviceAllocation> memory)
+      : memory_(std::move(memory)) {}
+  void* data() const override { return memory_->data(); }
+  uint64_t size() const override { return memory_->size(); }
+
+ private:
+  std::unique_ptr<DeviceAllocation> memory_;
+};
+
+// Imports the CUDA IPC regions of GPU pools, which the device codec packs and unpacks. Where this
+// daemon runs no device codec, every such region is refused with UNAVAILABLE and `why_not`.
+CudaIpcImporter MakeCudaIpcImporter(bool have_device_codec, std::string why_not) {
+  if (!have_device_codec) {
+    return [why_not](const CudaIpcSpec&) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
+      return absl::UnavailableError("CUDA IPC memory cannot be used here: " + why_not);
+    };
+  }
+  return [](const CudaIpcSpec& spec) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
+    if (spec.device != kCudaCodecDevice) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "cuda_ipc.device %d: this daemon's CUDA codec runs on device %d (one daemon per GPU; "
+          "CUDA_VISIBLE_DEVICES chooses it)",
+          spec.device, kCudaCodecDevice));
+    }
+    absl::StatusOr<std::unique_ptr<DeviceAllocation>> memory =
+        ImportCudaIpcMemory(spec.handle, spec.device, spec.offset_bytes, spec.size_bytes);
+    if (!memory.ok()) return memory.status();
+    return std::make_unique<ImportedDeviceMemory>(std::move(*memory));
+  };
+}
+
 struct Flags {
   std::string config_path;
   bool check_config = false;
@@ -188,6 +222,16 @@ int Run(int argc, char** argv) {
   }
   const std::string backend_name(device_codec ? device_codec->name() : host_codec->name());
   spdlog::info("codec backend {}: {}", backend_name, selected->reason);
+  // GPU pools: device payload buffers and copies next to the device codec.
+  std::unique_ptr<DeviceMemory> device_memory;
+  if (device_codec) {
+    absl::StatusOr<std::unique_ptr<DeviceMemory>> created = CreateDeviceMemory(kCudaCodecDevice);
+    if (!created.ok()) {
+      spdlog::error("device memory: {}", created.status().ToString());
+      return kExitUnavailable;
+    }
+    device_memory = std::move(*created);
+  }
 
   Metrics metrics(BuildInfo{kVersion, SPECTRUMKV_REVISION, CudaBackendBuilt() ? "yes" : "no", "yes",
                             backend_name});
@@ -203,12 +247,27 @@ int Run(int argc, char** argv) {
     spdlog::error("{}", staging.status().ToString());
     return kExitUnavailable;
   }
+  // With a GPU, the staging arena is pinned so that device<->host chunk copies run by DMA at full
+  // speed. Without it they still work, through the driver's bounce buffers: degraded, not fatal.
+  std::unique_ptr<PinnedHostMemory> pinned_staging;
+  if (device_memory) {
+    absl::StatusOr<std::unique_ptr<PinnedHostMemory>> pinned =
+        PinHostMemory((*staging)->base(), (*staging)->capacity());
+    if (pinned.ok()) {
+      pinned_staging = std::move(*pinned);
+      spdlog::info("staging arena of {} bytes pinned for device copies", (*staging)->capacity());
+    } else {
+      spdlog::warn("staging arena not pinned, device copies will be slower: {}",
+                   pinned.status().ToString());
+    }
+  }
   PoolRegistry pools(
       config.limits.max_pools,
-      [](const CudaIpcSpec&) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
-        return absl::UnavailableError(
-            "CUDA IPC memory cannot be imported: this daemon has no CUDA device support");
-      });
+      MakeCudaIpcImporter(device_codec != nullptr,
+                          CudaBackendBuilt()
+                              ? absl::StrFormat("this daemon runs the %s codec, not CUDA (%s)",
+                                                backend_name, selected->reason)
+                              : std::string("this daemon was built without the CUDA backend")));
   ModelPolicies models;
   for (const ModelPolicyConfig& m : config.models) {
     if (absl::Status s = models.Set({m.model, m.allow_int4, m.allow_int8, m.source}); !s.ok()) {
@@ -247,8 +306,8 @@ int Run(int argc, char** argv) {
   options.pack_threads = config.codec.worker_threads;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
-      options, pools, CodecSet{host_codec.get(), device_codec.get()}, *transport, **staging,
-      metrics, executor, timers, models);
+      options, pools, CodecSet{host_codec.get(), device_codec.get(), device_memory.get()},
+      *transport, **staging, metrics, executor, timers, models);
   if (absl::Status s = transport->Start(manager.get()); !s.ok()) {
     spdlog::error("transport: {}", s.ToString());
     return kExitUnavailable;

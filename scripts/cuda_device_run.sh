@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs the CUDA backend's tests, compute-sanitizer and the benchmark on a GPU machine from a
 # folder of prebuilt binaries (see docs/BENCHMARKS.md, "CUDA codec"). Usage:
-#   scripts/cuda_device_run.sh CARRY_DIR OUT_DIR [tests|sanitizer|bench|all]...
+#   scripts/cuda_device_run.sh CARRY_DIR OUT_DIR [tests|sanitizer|bench|gpu-pools|all]...
 # CARRY_DIR holds bin/ (test and bench binaries) and lib/ (their non-system shared libraries).
+# gpu-pools (CUDA IPC import and two daemons with GPU pools; not part of all) needs bin/spectrumkvd,
+# bin/cuda_ipc_exporter, bin/cuda_memory_test, bin/cuda_ipc_integration_test, and ucx/ with the
+# UCX modules (/usr/lib/x86_64-linux-gnu/ucx/*.so.0).
 set -uo pipefail
 carry="$1"; out="$2"; shift 2
 steps="${*:-all}"
@@ -42,4 +45,14 @@ if has sanitizer; then
     "$bin/codec_conformance_test" --gtest_filter=*cuda > "$out/memcheck_conformance.log" 2>&1
   echo "memcheck conformance rc=$?"
   tail -n 4 "$out/memcheck_cuda_test.log" "$out/memcheck_conformance.log"
+fi
+if [[ " $steps " == *" gpu-pools "* ]]; then  # not part of "all": it needs more binaries
+  export UCX_MODULE_DIR="$carry/ucx" SPECTRUMKV_DAEMON_BIN="$bin/spectrumkvd" \
+    SPECTRUMKV_IPC_EXPORTER_BIN="$bin/cuda_ipc_exporter"
+  timeout 60 "$bin/cuda_memory_test" > "$out/cuda_memory_test.log" 2>&1
+  echo "cuda_memory_test rc=$?"
+  timeout 150 "$bin/cuda_ipc_integration_test" > "$out/cuda_ipc_integration_test.log" 2>&1
+  echo "cuda_ipc_integration_test rc=$?"
+  grep -h -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^b=" \
+    "$out/cuda_memory_test.log" "$out/cuda_ipc_integration_test.log" | head -60
 fi

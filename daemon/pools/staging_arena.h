@@ -56,6 +56,9 @@ class StagingArena {
 
   uint64_t capacity() const { return capacity_; }
   uint64_t used() const;
+  // The arena's memory is [base(), base() + capacity()), mapped for the arena's lifetime: what a
+  // DMA engine registers to copy to and from staging buffers directly (pinned memory).
+  uint8_t* base() const { return base_; }
 
  private:
   friend class StagingBuffer;

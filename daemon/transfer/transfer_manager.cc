@@ -82,9 +82,11 @@ struct TransferManager::SendTransfer {
 
   std::shared_ptr<Pool> pool;
   bool pool_counted = false;
+  bool on_device = false;  // a GPU pool: packed into device_payload, copied into buffer
   StagingBuffer buffer;
+  std::unique_ptr<DeviceAllocation> device_payload;
   uint64_t reserved_bytes = 0;  // counted in inflight_bytes_
-  uint32_t runners = 0;         // codec tasks using pool and buffer
+  uint32_t runners = 0;         // codec tasks using pool, buffer and device_payload
   uint32_t sends_outstanding = 0;
   bool offered = false;
   SteadyClock::time_point first_send;
@@ -143,6 +145,13 @@ struct TransferManager::RecvTransfer {
   uint32_t layers_unpacked = 0;
   uint32_t unpack_tasks = 0;
   double unpack_s = 0;
+  double stage_copy_s = 0;
+  // A GPU destination: the payload's device copy, made by the first unpack task under device_mu
+  // (not mu_: allocating and copying take a while) and freed with `buffer`. Lock order: mu_, then
+  // device_mu.
+  absl::Mutex device_mu;
+  std::unique_ptr<DeviceAllocation> device_payload ABSL_GUARDED_BY(device_mu);
+  absl::Status device_status ABSL_GUARDED_BY(device_mu);
   SteadyClock::time_point first_byte, last_byte;
   bool any_byte = false;
 
@@ -179,6 +188,8 @@ TransferManager::TransferManager(TransferManagerOptions options, PoolRegistry& p
       executor_(executor),
       timers_(timers),
       models_(models) {
+  SPECTRUMKV_CHECK_MSG(codecs_.device == nullptr || codecs_.device_memory != nullptr,
+                       "a device codec needs DeviceMemory for its payload buffers");
   metrics_.SetLimits(options_.max_inflight_transfers, options_.max_inflight_bytes);
   absl::MutexLock lock(&mu_);
   sweep_timer_ =
@@ -313,6 +324,8 @@ void TransferManager::FinishRunner(const std::shared_ptr<SendTransfer>& t,
         t->state == SendTransfer::State::kSending) {
       t->state = SendTransfer::State::kAwaitingAck;
     }
+    // Every chunk is packed and copied to the host: the device buffer is no longer needed.
+    if (t->runners == 0) t->device_payload.reset();
     ReleaseSendIfIdle(t);
   }
   if (!status.ok()) {
@@ -327,7 +340,11 @@ struct TransferManager::PackJob {
   KvBuffer src;
   TierPlan plan;
   std::vector<DataChunkHeader> chunks;
-  std::span<uint8_t> payload;
+  std::span<uint8_t> payload;  // host staging: what is sent
+  // A GPU pool: chunks are packed here (device memory, payload.size() bytes), then copied into
+  // `payload` with device_memory.
+  uint8_t* device_payload = nullptr;
+  DeviceMemory* device_memory = nullptr;
   std::atomic<size_t> next{1};  // chunk 0, the prelude, is sent first by the starter
 };
 
@@ -341,13 +358,22 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
       absl::MutexLock lock(&mu_);
       if (t.terminal()) return absl::OkStatus();
     }
+    const std::span<uint8_t> target =
+        job.device_payload != nullptr ? std::span<uint8_t>(job.device_payload, job.payload.size())
+                                      : job.payload;
     const auto p0 = SteadyClock::now();
     SPECTRUMKV_RETURN_IF_ERROR(
-        job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, job.payload));
-    const double dt = Since(p0, SteadyClock::now());
+        job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, target));
+    const auto p1 = SteadyClock::now();
+    if (job.device_payload != nullptr) {
+      SPECTRUMKV_RETURN_IF_ERROR(job.device_memory->CopyToHost(
+          job.payload.data() + c.offset, job.device_payload + c.offset, c.size));
+    }
+    const double dt = Since(p0, p1), copy_dt = Since(p1, SteadyClock::now());
     {
       absl::MutexLock lock(&mu_);
       t.stats.times.pack_s += dt;
+      if (job.device_payload != nullptr) t.stats.times.stage_copy_s += copy_dt;
       if (t.terminal()) return absl::OkStatus();
       ++t.sends_outstanding;
     }
@@ -376,13 +402,15 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     return t.terminal();
   };
   SPECTRUMKV_ASSIGN_OR_RETURN(std::shared_ptr<Pool> pool, pools_.Get(a.pool_id));
-  Codec* codec = pool->memory_kind() == MemoryKind::kHost ? codecs_.host : codecs_.device;
+  const bool on_device = pool->memory_kind() == MemoryKind::kDevice;
+  Codec* codec = on_device ? codecs_.device : codecs_.host;
   if (codec == nullptr) {
     return absl::UnavailableError("no codec backend for this pool's memory on this daemon");
   }
   {
     absl::MutexLock lock(&mu_);
     if (t.terminal()) return absl::OkStatus();
+    t.on_device = on_device;
     t.pool = pool;
     t.pool_counted = true;
     pool->active_transfers.fetch_add(1);
@@ -465,6 +493,31 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     t.buffer = std::move(*buffer);
   }
   WritePrelude(plan.layout, plan.tiers, payload);
+  // A GPU pool is packed into device memory; the prelude, written on the host, goes up too so
+  // that the device buffer holds the whole payload. Its chunks come down into `payload`, which
+  // the transport sends from.
+  uint8_t* device_payload = nullptr;
+  if (on_device) {
+    absl::StatusOr<std::unique_ptr<DeviceAllocation>> allocated =
+        codecs_.device_memory->Allocate(total);
+    if (!allocated.ok()) {
+      if (allocated.status().code() == absl::StatusCode::kResourceExhausted) {
+        metrics_.AdmissionRejected(RejectReason::kBytes);
+      }
+      return WithContext(allocated.status(), "device payload buffer");
+    }
+    device_payload = (*allocated)->data();
+    const auto c0 = SteadyClock::now();
+    {
+      absl::MutexLock lock(&mu_);
+      t.device_payload = std::move(*allocated);
+    }
+    SPECTRUMKV_RETURN_IF_ERROR(codecs_.device_memory->CopyToDevice(device_payload, payload.data(),
+                                                                   plan.layout.prelude_bytes));
+    const double copy_s = Since(c0, SteadyClock::now());
+    absl::MutexLock lock(&mu_);
+    t.stats.times.stage_copy_s += copy_s;
+  }
 
   // Offer, then pack and send chunk by chunk: packing chunk k+1 overlaps sending chunk k.
   const std::vector<DataChunkHeader> chunks = PlanChunks(plan.layout, t.id, options_.chunk_bytes);
@@ -523,6 +576,8 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   job->plan = std::move(plan);
   job->chunks = chunks;
   job->payload = payload;
+  job->device_payload = device_payload;
+  job->device_memory = codecs_.device_memory;
   const size_t helpers = std::min<size_t>(options_.pack_threads > 0 ? options_.pack_threads - 1 : 0,
                                           chunks.size() > 2 ? chunks.size() - 2 : 0);
   for (size_t h = 0; h < helpers; ++h) {
@@ -566,6 +621,7 @@ void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, a
     metrics_.ObserveStage(Stage::kScore, t->stats.times.score_s);
     metrics_.ObserveStage(Stage::kPlan, t->stats.times.plan_s);
     metrics_.ObserveStage(Stage::kPack, t->stats.times.pack_s);
+    if (t->on_device) metrics_.ObserveStage(Stage::kStageCopy, t->stats.times.stage_copy_s);
     metrics_.ObserveStage(Stage::kNetwork, t->stats.times.network_s);
   } else {
     spdlog::info("transfer {} failed: {}", t->id_str, status.ToString());
@@ -592,6 +648,7 @@ void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, a
 void TransferManager::ReleaseSendIfIdle(const std::shared_ptr<SendTransfer>& t) {
   if (!t->terminal() || t->runners > 0 || t->sends_outstanding > 0) return;
   t->buffer = StagingBuffer();
+  t->device_payload.reset();
   inflight_bytes_ -= t->reserved_bytes;
   t->reserved_bytes = 0;
   if (t->pool_counted) {
@@ -955,10 +1012,49 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
   t->pending_chunks.clear();
 }
 
+absl::StatusOr<std::span<const uint8_t>> TransferManager::StageToDevice(RecvTransfer& t,
+                                                                        uint32_t first,
+                                                                        uint32_t last,
+                                                                        double* seconds) {
+  const WireLayout& wl = t.prelude->layout;
+  double copy_s = 0;  // copies only: allocating the buffer is not stage_copy time
+  uint8_t* device = nullptr;
+  {
+    absl::MutexLock lock(&t.device_mu);
+    if (t.device_payload == nullptr && t.device_status.ok()) {
+      absl::StatusOr<std::unique_ptr<DeviceAllocation>> allocated =
+          codecs_.device_memory->Allocate(wl.total_bytes);
+      if (!allocated.ok()) {
+        if (allocated.status().code() == absl::StatusCode::kResourceExhausted) {
+          metrics_.AdmissionRejected(RejectReason::kBytes);
+        }
+        t.device_status = WithContext(allocated.status(), "device payload buffer");
+      } else {
+        // The prelude too, so that the device holds the whole payload as it was sent.
+        const auto c0 = SteadyClock::now();
+        t.device_status = codecs_.device_memory->CopyToDevice((*allocated)->data(), t.buffer.data(),
+                                                              wl.prelude_bytes);
+        copy_s += Since(c0, SteadyClock::now());
+        t.device_payload = std::move(*allocated);
+      }
+    }
+    SPECTRUMKV_RETURN_IF_ERROR(t.device_status);
+    device = t.device_payload->data();
+  }
+  // Chunks carry disjoint layer ranges: the unpack tasks copy without holding a lock.
+  const uint64_t begin = wl.layers[first].begin, end = wl.layers[last - 1].end;
+  const auto c1 = SteadyClock::now();
+  SPECTRUMKV_RETURN_IF_ERROR(
+      codecs_.device_memory->CopyToDevice(device + begin, t.buffer.data() + begin, end - begin));
+  *seconds = copy_s + Since(c1, SteadyClock::now());
+  return std::span<const uint8_t>(device, wl.total_bytes);
+}
+
 void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last) {
-  Codec* codec = t->pool->memory_kind() == MemoryKind::kHost ? codecs_.host : codecs_.device;
+  const bool on_device = t->pool->memory_kind() == MemoryKind::kDevice;
+  Codec* codec = on_device ? codecs_.device : codecs_.host;
   absl::Status s = absl::OkStatus();
-  double seconds = 0;
+  double seconds = 0, copy_seconds = 0;
   {
     absl::MutexLock lock(&mu_);
     if (t->terminal()) s = absl::CancelledError("ended");
@@ -967,11 +1063,16 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
     if (codec == nullptr) {
       s = absl::UnavailableError("no codec backend for this pool's memory on this daemon");
     } else {
-      const auto t0 = SteadyClock::now();
-      s = codec->UnpackLayers(*t->prelude, t->buffer.span(),
-                              t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
-                              VerifyMode::kVerify);
-      seconds = Since(t0, SteadyClock::now());
+      absl::StatusOr<std::span<const uint8_t>> payload = t->buffer.span();
+      if (on_device) payload = StageToDevice(*t, first, last, &copy_seconds);
+      s = payload.status();
+      if (s.ok()) {
+        const auto t0 = SteadyClock::now();
+        s = codec->UnpackLayers(*t->prelude, *payload,
+                                t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
+                                VerifyMode::kVerify);
+        seconds = Since(t0, SteadyClock::now());
+      }
     }
   }
   Deferred d;
@@ -979,6 +1080,7 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
     absl::MutexLock lock(&mu_);
     --t->unpack_tasks;
     t->unpack_s += seconds;
+    t->stage_copy_s += copy_seconds;
     if (t->terminal()) {
       ReleaseRecvIfIdle(t);
     } else if (!s.ok()) {
@@ -1035,12 +1137,16 @@ void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, a
     st.wire_budget = WireBudgetOf(wl);
     st.tiers = wl.total_counts;
     st.times.network_s = network_s;
+    st.times.stage_copy_s = t->stage_copy_s;
     st.times.unpack_s = t->unpack_s;
     st.times.total_s = total_s;
     st.policy = std::string(PolicyName(wl.desc.policy));
     Codec* codec = t->pool->memory_kind() == MemoryKind::kHost ? codecs_.host : codecs_.device;
     if (codec != nullptr) st.backend = std::string(codec->name());
     metrics_.AddTransferBytes(Direction::kRx, st.logical_bytes, st.wire_bytes, st.tiers);
+    if (t->pool->memory_kind() == MemoryKind::kDevice) {
+      metrics_.ObserveStage(Stage::kStageCopy, t->stage_copy_s);
+    }
     metrics_.ObserveStage(Stage::kUnpack, t->unpack_s);
   } else {
     spdlog::info("receive of request {} shard {} failed: {}", t->key.request_id, t->key.shard,
@@ -1071,6 +1177,10 @@ void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, a
 void TransferManager::ReleaseRecvIfIdle(const std::shared_ptr<RecvTransfer>& t) {
   if (!t->terminal() || t->data_outstanding > 0 || t->unpack_tasks > 0) return;
   t->buffer = StagingBuffer();
+  {
+    absl::MutexLock device_lock(&t->device_mu);
+    t->device_payload.reset();
+  }
   inflight_bytes_ -= t->reserved_bytes;
   t->reserved_bytes = 0;
   early_bytes_ -= t->early_reserved;

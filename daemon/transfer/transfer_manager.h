@@ -12,6 +12,20 @@
 // it any more. Nothing unverified is written into a decode pool: each layer's checksum is checked
 // before the layer is unpacked.
 //
+// Data path. A host pool's KV is packed by the host codec straight into a host staging buffer
+// that the transport sends from, and unpacked from the receiver's staging buffer. A GPU pool
+// (memory_kind kDevice, CUDA IPC) uses the device codec: the sender packs into a device payload
+// buffer allocated per transfer, writes the prelude on the host and copies it up, then copies each
+// packed chunk device->host into its host staging buffer and sends it from there; the receiver
+// copies the prelude and each arrived chunk host->device into a device payload buffer and unpacks
+// there (kVerify: each layer's checksum is checked on the device before the layer is written).
+// The copies are the stage_copy stage. Payloads always travel from host memory: UCX 1.13 has no
+// CUDA transport. Chunks are packed, copied and sent by up to pack_threads workers, so one
+// chunk's copy and send overlap the next chunk's packing in another worker (the codec's calls
+// are synchronous, so within one worker pack and copy run one after the other). A device payload
+// buffer is as large as the payload, whose bytes are admitted under max_inflight_bytes, so
+// device payload memory is bounded by that limit too.
+//
 // Thread-safety: all public methods may be called from any thread; callbacks run on executor,
 // timer or transport threads, never while the manager's lock is held.
 #ifndef SPECTRUMKV_DAEMON_TRANSFER_TRANSFER_MANAGER_H_
@@ -36,6 +50,7 @@
 #include "daemon/transfer/model_policies.h"
 #include "daemon/transport/transport.h"
 #include "kernels/api/codec.h"
+#include "kernels/api/device_memory.h"
 
 namespace spectrumkv {
 
@@ -123,10 +138,13 @@ struct TransferInfoData {
 using SendDone = std::function<void(absl::StatusOr<SendResult>)>;
 using ReceiveDone = std::function<void(absl::StatusOr<ReceiveResult>)>;
 
-// Codec backends by the memory they work on; a backend may be absent (no GPU).
+// Codec backends by the memory they work on; a backend may be absent (no GPU). Not owned; they
+// must outlive the manager.
 struct CodecSet {
   Codec* host = nullptr;
   Codec* device = nullptr;
+  // Device payload buffers and host<->device copies for `device`'s transfers; required with it.
+  DeviceMemory* device_memory = nullptr;
 };
 
 struct TransferManagerOptions {
@@ -212,6 +230,10 @@ class TransferManager final : public TransportHandler {
   void Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last);
+  // A GPU destination: copies layers [first, last) (and, the first time, allocates the device
+  // payload buffer and copies the prelude) host->device; returns the device payload.
+  absl::StatusOr<std::span<const uint8_t>> StageToDevice(RecvTransfer& t, uint32_t first,
+                                                         uint32_t last, double* seconds);
   void FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status, bool tell_peer,
                         Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseRecvIfIdle(const std::shared_ptr<RecvTransfer>& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -157,7 +157,18 @@ TEST_F(DaemonTest, MalformedPoolsAreRejectedWithFieldPaths) {
     region.mutable_cuda_ipc()->set_ipc_handle(std::string(64, '\1'));
     region.mutable_cuda_ipc()->set_size_bytes(size);
   }
-  EXPECT_EQ(client_->RegisterPool(req, 5).status().code(), absl::StatusCode::kUnavailable);
+  // CUDA IPC regions: refused with the reason by a daemon without the CUDA codec; with it (on a
+  // GPU machine), this handle opens nothing.
+  const absl::Status cuda_ipc = client_->RegisterPool(req, 5).status();
+  auto info = client_->GetDaemonInfo(5);
+  ASSERT_TRUE(info.ok());
+  if (info->codec_backend() == "cuda") {
+    EXPECT_EQ(cuda_ipc.code(), absl::StatusCode::kInvalidArgument) << cuda_ipc;
+  } else {
+    EXPECT_EQ(cuda_ipc.code(), absl::StatusCode::kUnavailable) << cuda_ipc;
+    EXPECT_NE(cuda_ipc.message().find("CUDA IPC memory cannot be used here"), std::string::npos)
+        << cuda_ipc;
+  }
   req = RegisterRequest(p);  // same id again
   EXPECT_EQ(client_->RegisterPool(req, 5).status().code(), absl::StatusCode::kAlreadyExists);
   req.set_pool_id("has spaces");

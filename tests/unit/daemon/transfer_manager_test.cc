@@ -14,6 +14,7 @@
 #include "daemon/transport/inproc_transport.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_codec.h"
+#include "tests/testing/fake_device.h"
 #include "tests/testing/fault_transport.h"
 
 namespace spectrumkv {
@@ -33,27 +34,50 @@ TransferManagerOptions TestOptions() {
   return o;
 }
 
-// One daemon's components.
+// Pool memory lent to the registry without ownership (a fake GPU pool's region).
+class BorrowedMemory final : public ImportedMemory {
+ public:
+  explicit BorrowedMemory(const MemoryRegion& r) : region_(r) {}
+  void* data() const override { return region_.base; }
+  uint64_t size() const override { return region_.size_bytes; }
+
+ private:
+  MemoryRegion region_;
+};
+
+// One daemon's components. With `gpu`, it also has a fake GPU (tests/testing/fake_device.h): GPU
+// pools whose "CUDA IPC handles" name regions of host memory that the fake device memory treats
+// as device memory, and (unless `device_codec` is false) a device codec with that memory.
 class Node {
  public:
-  explicit Node(TransferManagerOptions options = TestOptions(), uint64_t staging_bytes = 64 << 20)
+  explicit Node(TransferManagerOptions options = TestOptions(), uint64_t staging_bytes = 64 << 20,
+                bool gpu = false, bool device_codec = true)
       : name_(absl::StrFormat("n%d-%d", getpid(), node_counter++)),
+        gpu_(gpu),
         metrics_(BuildInfo{"test", "", "no", "no", "cpu"}),
         staging_(std::move(*StagingArena::Create(staging_bytes, false, false))),
         pools_(16,
-               [](const CudaIpcSpec&) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
-                 return absl::UnavailableError("no GPU");
+               [this](const CudaIpcSpec& spec) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
+                 return ImportGpuRegion(spec);
                }),
         codec_(CpuCodec::CreateBest()),
+        device_codec_(*codec_, device_memory_),
         inproc_(name_),
         faults_(inproc_),
         executor_(2, "test"),
-        manager_(std::make_unique<TransferManager>(options, pools_, CodecSet{codec_.get(), nullptr},
-                                                   faults_, *staging_, metrics_, executor_, timers_,
-                                                   models_)) {
+        manager_(std::make_unique<TransferManager>(
+            options, pools_,
+            gpu && device_codec ? CodecSet{codec_.get(), &device_codec_, &device_memory_}
+                                : CodecSet{codec_.get(), nullptr},
+            faults_, *staging_, metrics_, executor_, timers_, models_)) {
     EXPECT_TRUE(faults_.Start(manager_.get()).ok());
   }
-  ~Node() { Stop(); }
+  ~Node() {
+    Stop();
+    for (const auto& [id, pool] : gpu_pools_) {
+      for (const MemoryRegion& r : pool->regions()) device_memory_.RemoveRegion(r.base);
+    }
+  }
   void Stop() {
     if (!manager_) return;
     faults_.Shutdown();
@@ -64,24 +88,50 @@ class Node {
   // Creates a shared-memory pool (layout `kind`) with one request's blocks and registers it.
   std::string AddPool(PoolLayoutKind kind, uint32_t block_size, ModelShape shape = kShape,
                       uint32_t tokens = kTokens) {
-    const std::string id = absl::StrFormat("%s-p%d", name_, pools_made_++);
+    const std::string id = NewPoolId();
     kvgen::PoolSpec spec{kind, shape, DType::kFloat16, block_size,
                          kvgen::BlocksFor(tokens, block_size) + 1};
-    shm_.push_back(std::move(*kvgen::ShmPool::Create("skv-" + id, spec)));
+    auto& shm = shm_[id] = std::move(*kvgen::ShmPool::Create("skv-" + id, spec));
     PoolSpec ps;
     ps.pool_id = id;
-    ps.layout = shm_.back()->layout();
-    for (size_t i = 0; i < shm_.back()->names().size(); ++i) {
-      ps.regions.push_back(
-          HostShmSpec{shm_.back()->names()[i], 0, shm_.back()->regions()[i].size_bytes});
+    ps.layout = shm->layout();
+    for (size_t i = 0; i < shm->names().size(); ++i) {
+      ps.regions.push_back(HostShmSpec{shm->names()[i], 0, shm->regions()[i].size_bytes});
     }
     EXPECT_TRUE(pools_.Register(ps).ok());
     tables_[id] = kvgen::ShuffledBlockTable(spec.num_blocks, block_size, tokens, pools_made_);
     return id;
   }
+  // Creates a GPU pool (on the fake GPU) and registers it through "CUDA IPC handles".
+  std::string AddGpuPool(PoolLayoutKind kind, uint32_t block_size, ModelShape shape = kShape,
+                         uint32_t tokens = kTokens) {
+    EXPECT_TRUE(gpu_) << "a GPU pool on a node without a GPU";
+    const std::string id = NewPoolId();
+    kvgen::PoolSpec spec{kind, shape, DType::kFloat16, block_size,
+                         kvgen::BlocksFor(tokens, block_size) + 1};
+    auto& pool = gpu_pools_[id] = std::move(*kvgen::HostPool::Create(spec));
+    PoolSpec ps;
+    ps.pool_id = id;
+    ps.layout = pool->layout();
+    for (size_t i = 0; i < pool->regions().size(); ++i) {
+      device_memory_.AddRegion(pool->regions()[i].base, pool->regions()[i].size_bytes);
+      ps.regions.push_back(
+          CudaIpcSpec{absl::StrFormat("%s/%u", id, i), 0, 0, pool->regions()[i].size_bytes});
+    }
+    const absl::StatusOr<std::shared_ptr<Pool>> registered = pools_.Register(ps);
+    EXPECT_TRUE(registered.ok()) << registered.status();
+    if (registered.ok()) {
+      EXPECT_EQ((*registered)->memory_kind(), MemoryKind::kDevice);
+    }
+    tables_[id] = kvgen::ShuffledBlockTable(spec.num_blocks, block_size, tokens, pools_made_);
+    return id;
+  }
+  // A host view of any pool's memory (a fake GPU's memory is host memory).
   KvBuffer View(const std::string& pool_id, uint32_t tokens = kTokens) {
-    const size_t i = std::stoul(pool_id.substr(pool_id.rfind('p') + 1));
-    return shm_[i]->View(tables_[pool_id], tokens);
+    if (auto it = gpu_pools_.find(pool_id); it != gpu_pools_.end()) {
+      return it->second->View(tables_[pool_id], tokens);
+    }
+    return shm_.at(pool_id)->View(tables_[pool_id], tokens);
   }
   const std::vector<uint32_t>& Blocks(const std::string& pool_id) { return tables_[pool_id]; }
 
@@ -90,21 +140,41 @@ class Node {
   StagingArena& staging() { return *staging_; }
   Metrics& metrics() { return metrics_; }
   ModelPolicies& models() { return models_; }
+  testing::FakeDeviceMemory& device_memory() { return device_memory_; }
+  testing::FakeDeviceCodec& device_codec() { return device_codec_; }
   std::string address() const { return inproc_.address(); }
 
  private:
+  std::string NewPoolId() { return absl::StrFormat("%s-p%d", name_, pools_made_++); }
+
+  // The handle of a fake GPU region is "<pool id>/<region index>".
+  absl::StatusOr<std::unique_ptr<ImportedMemory>> ImportGpuRegion(const CudaIpcSpec& spec) {
+    if (!gpu_) return absl::UnavailableError("no GPU");
+    const size_t slash = spec.handle.rfind('/');
+    auto it = gpu_pools_.find(spec.handle.substr(0, slash));
+    if (slash == std::string::npos || it == gpu_pools_.end()) {
+      return absl::InvalidArgumentError("unknown fake handle " + spec.handle);
+    }
+    const size_t region = std::stoul(spec.handle.substr(slash + 1));
+    return std::make_unique<BorrowedMemory>(it->second->regions()[region]);
+  }
+
   std::string name_;
+  bool gpu_;
   Metrics metrics_;
   std::unique_ptr<StagingArena> staging_;
+  testing::FakeDeviceMemory device_memory_;
+  std::map<std::string, std::unique_ptr<kvgen::HostPool>> gpu_pools_;
+  std::map<std::string, std::unique_ptr<kvgen::ShmPool>> shm_;
   PoolRegistry pools_;
   ModelPolicies models_;
   std::unique_ptr<Codec> codec_;
+  testing::FakeDeviceCodec device_codec_;
   TimerQueue timers_;
   InprocTransport inproc_;
   testing::FaultTransport faults_;
   Executor executor_;
   std::unique_ptr<TransferManager> manager_;
-  std::vector<std::unique_ptr<kvgen::ShmPool>> shm_;
   std::map<std::string, std::vector<uint32_t>> tables_;
   int pools_made_ = 0;
 };
@@ -153,6 +223,45 @@ struct Pending {
   }
 };
 
+// Every value of every kept row arrived within the tier bounds (spot check: all rows close to
+// the source, dropped rows never written).
+void ExpectArrived(const KvBuffer& src, const KvBuffer& dst, const ReceiveResult& r) {
+  ASSERT_EQ(r.dropped.size(), 1u);
+  std::vector<bool> dropped(kTokens);
+  for (uint32_t t : r.dropped[0]) dropped[t] = true;
+  for (uint32_t l = 0; l < kShape.num_layers; ++l) {
+    for (uint32_t t = 0; t < kTokens; ++t) {
+      const uint16_t* x = HostRowPtr(src, l, true, t, 1);
+      const uint16_t* y = HostRowPtr(dst, l, true, t, 1);
+      double num = 0, den = 0;
+      for (uint32_t c = 0; c < kShape.head_dim; ++c) {
+        const double d = HalfToFloat(x[c]) - HalfToFloat(y[c]);
+        num += d * d;
+        den += double(HalfToFloat(x[c])) * HalfToFloat(x[c]);
+      }
+      if (dropped[t]) {
+        EXPECT_EQ(num, den) << "a dropped row was written";
+      } else {
+        // Loose: INT4 rows of gaussian data reach ~0.3; exact bounds are the conformance
+        // suite's and fake-frontend's business.
+        EXPECT_LT(std::sqrt(num / den), 0.4) << "layer " << l << " token " << t;
+      }
+    }
+  }
+}
+
+// Waits for the node to go idle: no transfer, no staging or (fake) device memory held.
+void ExpectIdle(Node& n) {
+  for (int i = 0; i < 200 && (n.manager().active() > 0 || n.staging().used() > 0 ||
+                              n.device_memory().live_allocations() > 0);
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(n.manager().active(), 0u);
+  EXPECT_EQ(n.staging().used(), 0u) << "staging memory leaked";
+  EXPECT_EQ(n.device_memory().live_allocations(), 0u) << "device memory leaked";
+}
+
 class TransferManagerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -162,39 +271,8 @@ class TransferManagerTest : public ::testing::Test {
     syn.seed = std::random_device{}();
     kvgen::FillSynthetic(a_.View(src_pool_), syn);
   }
-  // Every value of every kept row arrived within the tier bounds (spot check: FP16 exact, all
-  // rows non-zero where the source is).
   void ExpectArrived(const ReceiveResult& r) {
-    const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
-    ASSERT_EQ(r.dropped.size(), 1u);
-    std::vector<bool> dropped(kTokens);
-    for (uint32_t t : r.dropped[0]) dropped[t] = true;
-    for (uint32_t l = 0; l < kShape.num_layers; ++l) {
-      for (uint32_t t = 0; t < kTokens; ++t) {
-        const uint16_t* x = HostRowPtr(src, l, true, t, 1);
-        const uint16_t* y = HostRowPtr(dst, l, true, t, 1);
-        double num = 0, den = 0;
-        for (uint32_t c = 0; c < kShape.head_dim; ++c) {
-          const double d = HalfToFloat(x[c]) - HalfToFloat(y[c]);
-          num += d * d;
-          den += double(HalfToFloat(x[c])) * HalfToFloat(x[c]);
-        }
-        if (dropped[t]) {
-          EXPECT_EQ(num, den) << "a dropped row was written";
-        } else {
-          // Loose: INT4 rows of gaussian data reach ~0.3; exact bounds are the conformance
-          // suite's and fake-frontend's business.
-          EXPECT_LT(std::sqrt(num / den), 0.4) << "layer " << l << " token " << t;
-        }
-      }
-    }
-  }
-  void ExpectIdle(Node& n) {
-    for (int i = 0; i < 200 && (n.manager().active() > 0 || n.staging().used() > 0); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    EXPECT_EQ(n.manager().active(), 0u);
-    EXPECT_EQ(n.staging().used(), 0u) << "staging memory leaked";
+    spectrumkv::ExpectArrived(a_.View(src_pool_), b_.View(dst_pool_), r);
   }
 
   Node a_, b_;
@@ -483,6 +561,177 @@ TEST_F(TransferManagerTest, ListAndGet) {
   EXPECT_TRUE(info->ended);
   EXPECT_EQ(b_.manager().List(false).size(), 0u);
   EXPECT_EQ(b_.manager().List(true).size(), 1u);
+}
+
+// GPU pools (on fake GPUs, so that this runs without one): the sender packs with the device
+// codec into a device payload buffer and copies each chunk down into host staging for the
+// network; the receiver copies the prelude and each chunk up and unpacks on the device.
+class DevicePathTest : public ::testing::Test {
+ protected:
+  DevicePathTest() : c_(TestOptions(), 64 << 20, true), d_(TestOptions(), 64 << 20, true) {}
+  void SetUp() override {
+    gpu_src_ = c_.AddGpuPool(PoolLayoutKind::kVllmNhd, 16);
+    gpu_dst_ = d_.AddGpuPool(PoolLayoutKind::kVllmHnd, 8);
+    kvgen::SyntheticOptions syn;
+    syn.seed = std::random_device{}();
+    kvgen::FillSynthetic(c_.View(gpu_src_), syn);
+  }
+
+  // Receive on `on`, then Send from `from`; both results.
+  std::pair<absl::StatusOr<SendResult>, absl::StatusOr<ReceiveResult>> Transfer(
+      const std::string& id, Node& from, const std::string& src, Node& on, const std::string& dst,
+      double budget = 0.3) {
+    Pending<ReceiveResult> recv;
+    Pending<SendResult> send;
+    on.manager().Receive(MakeReceive(id, on, dst), In(10), recv.cb());
+    from.manager().Send(MakeSend(id, from, src, on, budget), In(10), send.cb());
+    auto s = send.Get();
+    return {std::move(s), recv.Get()};
+  }
+
+  static uint64_t StageCopyCount(Node& n) {
+    const std::string m = n.metrics().Serialize();
+    const std::string key = "spectrumkv_stage_duration_seconds_count{stage=\"stage_copy\"} ";
+    const size_t at = m.find(key);
+    return at == std::string::npos ? ~uint64_t{0} : std::stoull(m.substr(at + key.size()));
+  }
+
+  Node c_, d_;
+  std::string gpu_src_, gpu_dst_;
+};
+
+TEST_F(DevicePathTest, GpuToGpuStagesEveryChunkThroughHostMemory) {
+  auto [s, r] = Transfer("g1", c_, gpu_src_, d_, gpu_dst_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ExpectArrived(c_.View(gpu_src_), d_.View(gpu_dst_), *r);
+  EXPECT_EQ(s->stats.backend, "fake-device");
+  EXPECT_EQ(r->stats.backend, "fake-device");
+  EXPECT_GT(s->stats.times.stage_copy_s, 0.0);
+  EXPECT_GT(r->stats.times.stage_copy_s, 0.0);
+  const uint64_t wire = s->stats.wire_bytes;
+  // Sender: one device payload buffer; the prelude up, each of the 4 layer chunks down; every
+  // layer packed by the device codec.
+  testing::FakeDeviceMemory& sm = c_.device_memory();
+  EXPECT_EQ(sm.allocations_made, 1u);
+  EXPECT_EQ(sm.copies_to_device, 1u);
+  EXPECT_EQ(sm.copies_to_host, kShape.num_layers);
+  EXPECT_EQ(sm.bytes_to_device + sm.bytes_to_host, wire);
+  EXPECT_EQ(c_.device_codec().packs, kShape.num_layers);
+  // Receiver: the prelude and each chunk up, nothing down, every layer unpacked on the device.
+  testing::FakeDeviceMemory& rm = d_.device_memory();
+  EXPECT_EQ(rm.allocations_made, 1u);
+  EXPECT_EQ(rm.copies_to_device, 1u + kShape.num_layers);
+  EXPECT_EQ(rm.bytes_to_device, wire);
+  EXPECT_EQ(rm.copies_to_host, 0u);
+  EXPECT_EQ(d_.device_codec().unpacks, kShape.num_layers);
+  ExpectIdle(c_);
+  ExpectIdle(d_);
+  EXPECT_EQ(StageCopyCount(c_), 1u);
+  EXPECT_EQ(StageCopyCount(d_), 1u);
+}
+
+TEST_F(DevicePathTest, HostAndGpuPoolsMix) {
+  // GPU -> host: the receiver uses the host codec and no device memory.
+  const std::string host_dst = d_.AddPool(PoolLayoutKind::kTrtllm, 32);
+  auto [s1, r1] = Transfer("m1", c_, gpu_src_, d_, host_dst, 0.5);
+  ASSERT_TRUE(s1.ok()) << s1.status();
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  ExpectArrived(c_.View(gpu_src_), d_.View(host_dst), *r1);
+  EXPECT_EQ(d_.device_memory().allocations_made, 0u);
+  EXPECT_EQ(d_.device_codec().unpacks, 0u);
+  EXPECT_EQ(r1->stats.times.stage_copy_s, 0.0);
+  EXPECT_NE(r1->stats.backend, "fake-device");
+
+  // Host -> GPU: the sender packs on the host straight into staging.
+  const std::string host_src = c_.AddPool(PoolLayoutKind::kSglang, 1);
+  kvgen::SyntheticOptions syn;
+  syn.seed = 7;
+  kvgen::FillSynthetic(c_.View(host_src), syn);
+  const uint64_t packs = c_.device_codec().packs, copies = c_.device_memory().copies_to_host;
+  auto [s2, r2] = Transfer("m2", c_, host_src, d_, gpu_dst_, 0.5);
+  ASSERT_TRUE(s2.ok()) << s2.status();
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  ExpectArrived(c_.View(host_src), d_.View(gpu_dst_), *r2);
+  EXPECT_EQ(c_.device_codec().packs, packs);
+  EXPECT_EQ(c_.device_memory().copies_to_host, copies);
+  EXPECT_EQ(s2->stats.times.stage_copy_s, 0.0);
+  EXPECT_EQ(d_.device_codec().unpacks, kShape.num_layers);
+  ExpectIdle(c_);
+  ExpectIdle(d_);
+}
+
+TEST_F(DevicePathTest, DeviceMemoryExhaustionFailsCleanly) {
+  // The receiver cannot get a device payload buffer: both sides hear RESOURCE_EXHAUSTED and
+  // nothing reaches the destination.
+  d_.device_memory().fail_allocations = true;
+  auto [s1, r1] = Transfer("x1", c_, gpu_src_, d_, gpu_dst_);
+  EXPECT_EQ(r1.status().code(), absl::StatusCode::kResourceExhausted) << r1.status();
+  EXPECT_EQ(s1.status().code(), absl::StatusCode::kResourceExhausted) << s1.status();
+  EXPECT_NE(r1.status().message().find("device payload buffer"), std::string::npos);
+  EXPECT_NE(
+      d_.metrics().Serialize().find("spectrumkv_admission_rejected_total{reason=\"bytes\"} 1"),
+      std::string::npos);
+  const KvBuffer dst = d_.View(gpu_dst_);
+  for (uint32_t t = 0; t < kTokens; ++t) {
+    EXPECT_EQ(HostRowPtr(dst, 0, false, t, 0)[0], 0) << "token " << t << " was written";
+  }
+  d_.device_memory().fail_allocations = false;
+  ExpectIdle(c_);
+  ExpectIdle(d_);
+
+  // The sender cannot: its Send fails before anything is offered, and is counted.
+  c_.device_memory().fail_allocations = true;
+  Pending<SendResult> send;
+  c_.manager().Send(MakeSend("x2", c_, gpu_src_, d_), In(10), send.cb());
+  auto s2 = send.Get();
+  EXPECT_EQ(s2.status().code(), absl::StatusCode::kResourceExhausted) << s2.status();
+  EXPECT_NE(
+      c_.metrics().Serialize().find("spectrumkv_admission_rejected_total{reason=\"bytes\"} 1"),
+      std::string::npos);
+  c_.device_memory().fail_allocations = false;
+  ExpectIdle(c_);
+  ExpectIdle(d_);
+  // Both work again.
+  auto [s3, r3] = Transfer("x3", c_, gpu_src_, d_, gpu_dst_);
+  ASSERT_TRUE(s3.ok()) << s3.status();
+  ASSERT_TRUE(r3.ok()) << r3.status();
+  ExpectArrived(c_.View(gpu_src_), d_.View(gpu_dst_), *r3);
+}
+
+TEST_F(DevicePathTest, CorruptChunkIsDataLossOnTheDeviceToo) {
+  c_.faults().corrupt_chunk = 2;  // layer 1
+  c_.faults().corrupt_offset = 777;
+  auto [s, r] = Transfer("c1", c_, gpu_src_, d_, gpu_dst_, 0.5);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kDataLoss) << s.status();
+  EXPECT_NE(d_.metrics().Serialize().find("spectrumkv_checksum_failures_total 1"),
+            std::string::npos);
+  const KvBuffer dst = d_.View(gpu_dst_);
+  for (uint32_t t = 0; t < kTokens; ++t) {
+    EXPECT_EQ(HostRowPtr(dst, 1, true, t, 1)[3], 0) << "layer 1 token " << t << " was written";
+  }
+  c_.faults().corrupt_chunk = -1;
+  ExpectIdle(c_);
+  ExpectIdle(d_);
+}
+
+TEST_F(DevicePathTest, GpuPoolWithoutADeviceCodecIsUnavailable) {
+  // GPU pools registered on a node that has no device codec (spectrumkvd refuses to register
+  // them in the first place; the manager must still fail cleanly).
+  Node plain(TestOptions(), 64 << 20, /*gpu=*/true, /*device_codec=*/false);
+  const std::string src = plain.AddGpuPool(PoolLayoutKind::kVllmNhd, 16);
+  const std::string dst = plain.AddGpuPool(PoolLayoutKind::kVllmHnd, 8);
+  Pending<SendResult> send;
+  plain.manager().Send(MakeSend("u1", plain, src, d_), In(10), send.cb());
+  auto s = send.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable) << s.status();
+  EXPECT_NE(s.status().message().find("no codec backend"), std::string::npos) << s.status();
+  auto [s2, r2] = Transfer("u2", c_, gpu_src_, plain, dst);
+  EXPECT_EQ(r2.status().code(), absl::StatusCode::kUnavailable) << r2.status();
+  EXPECT_EQ(s2.status().code(), absl::StatusCode::kUnavailable) << s2.status();
+  ExpectIdle(plain);
+  ExpectIdle(c_);
 }
 
 }  // namespace
