@@ -7,7 +7,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "client/lib/client.h"
 #include "common/exit_codes.h"
 
@@ -53,24 +56,61 @@ int Print(const Common& c, const M& m, F text) {
   return kExitOk;
 }
 
-std::vector<uint32_t> ParseBlocks(const std::string& s) {
-  std::vector<uint32_t> out;
-  size_t pos = 0;
-  while (pos < s.size()) {
-    size_t comma = s.find(',', pos);
-    if (comma == std::string::npos) comma = s.size();
-    const std::string part = s.substr(pos, comma - pos);
+// Parses "0,1,2" or "0-255" (or a mix) into block ids; false on anything
+// else, including a range running backwards or longer than any real pool.
+bool ParseBlocks(const std::string& s, std::vector<uint32_t>* out) {
+  constexpr uint64_t kMaxBlocks = uint64_t{1} << 24;
+  out->clear();
+  for (absl::string_view part : absl::StrSplit(s, ',')) {
+    if (part.empty()) continue;
     const size_t dash = part.find('-');
-    if (dash != std::string::npos) {  // a range "a-b"
-      const uint32_t a = static_cast<uint32_t>(std::stoul(part.substr(0, dash)));
-      const uint32_t b = static_cast<uint32_t>(std::stoul(part.substr(dash + 1)));
-      for (uint32_t i = a; i <= b; ++i) out.push_back(i);
-    } else if (!part.empty()) {
-      out.push_back(static_cast<uint32_t>(std::stoul(part)));
+    uint32_t a = 0;
+    uint32_t b = 0;
+    if (dash == absl::string_view::npos) {
+      if (!absl::SimpleAtoi(part, &a)) return false;
+      b = a;
+    } else if (!absl::SimpleAtoi(part.substr(0, dash), &a) ||
+               !absl::SimpleAtoi(part.substr(dash + 1), &b) || b < a) {
+      return false;
     }
-    pos = comma + 1;
+    if (out->size() + (uint64_t{b} - a + 1) > kMaxBlocks) return false;
+    for (uint64_t i = a; i <= b; ++i) out->push_back(static_cast<uint32_t>(i));
   }
-  return out;
+  return !out->empty();
+}
+
+// --request-id and --shard, which name a transfer in every request.
+template <typename Req>
+void AddTransferKey(CLI::App* cmd, const std::shared_ptr<Req>& req) {
+  cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
+  cmd->add_option_function<uint32_t>(
+      "--shard", [req](const uint32_t& v) { req->set_shard(v); }, "Tensor-parallel shard index");
+}
+
+// --pool, --blocks and --tokens: where a request's KV lives in a pool.
+template <typename Req>
+void AddPoolBlocks(CLI::App* cmd, const std::shared_ptr<Req>& req, std::string* blocks,
+                   const char* pool_help, const char* blocks_help) {
+  cmd->add_option("--pool", *req->mutable_pool_id(), pool_help)->required();
+  cmd->add_option("--blocks", *blocks, blocks_help)->required();
+  cmd->add_option_function<uint32_t>(
+         "--tokens", [req](const uint32_t& v) { req->set_num_tokens(v); }, "Prompt tokens")
+      ->required();
+}
+
+// Fills req's block ids from --blocks; false, after a usage message, when
+// the list does not parse.
+template <typename Req>
+bool SetBlocks(const char* command, const std::string& blocks, Req* req) {
+  std::vector<uint32_t> ids;
+  if (!ParseBlocks(blocks, &ids)) {
+    std::fprintf(stderr,
+                 "spectrumkv %s: --blocks: expected block ids such as 0,1,2 or 0-255, got \"%s\"\n",
+                 command, blocks.c_str());
+    return false;
+  }
+  for (uint32_t b : ids) req->add_block_ids(b);
+  return true;
 }
 
 void PrintStats(const v1::TransferStats& s) {
@@ -178,24 +218,8 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
     CLI::App* cmd = app.add_subcommand(
         "send", "Send a request's KV from a registered pool to a peer daemon (prefill side)");
     AddCommon(cmd, c.get());
-    cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
-    cmd->add_option(
-        "--shard",
-        [req](const std::vector<std::string>& v) {
-          req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
-          return true;
-        },
-        "Tensor-parallel shard index");
-    cmd->add_option("--pool", *req->mutable_pool_id(), "Source pool id")->required();
-    cmd->add_option("--blocks", *blocks, "Block ids, e.g. 0,1,2 or 0-255")->required();
-    cmd->add_option(
-           "--tokens",
-           [req](const std::vector<std::string>& v) {
-             req->set_num_tokens(static_cast<uint32_t>(std::stoul(v[0])));
-             return true;
-           },
-           "Prompt tokens")
-        ->required();
+    AddTransferKey(cmd, req);
+    AddPoolBlocks(cmd, req, blocks.get(), "Source pool id", "Block ids, e.g. 0,1,2 or 0-255");
     cmd->add_option("--peer", *req->mutable_peer(), "The decode daemon's transport address")
         ->required();
     cmd->add_option("--budget", *budget, "Budget in (0, 1] (default: the daemon's)");
@@ -203,10 +227,7 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
                     "3tier, 2tier, sinkprotect, uniform_int8, uniform_int4, pdtrim, random_tier");
     cmd->add_option("--model", *req->mutable_model(), "Model name for the tier policy");
     cmd->callback([c, req, blocks, budget, policy, exit_code] {
-      try {
-        for (uint32_t b : ParseBlocks(*blocks)) req->add_block_ids(b);
-      } catch (const std::exception&) {
-        std::fprintf(stderr, "spectrumkv send: --blocks: not a list of block ids\n");
+      if (!SetBlocks("send", *blocks, req.get())) {
         *exit_code = kExitUsage;
         return;
       }
@@ -245,29 +266,11 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
     CLI::App* cmd = app.add_subcommand(
         "receive", "Receive a request's KV into blocks of a registered pool (decode side)");
     AddCommon(cmd, c.get());
-    cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
-    cmd->add_option(
-        "--shard",
-        [req](const std::vector<std::string>& v) {
-          req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
-          return true;
-        },
-        "Tensor-parallel shard index");
-    cmd->add_option("--pool", *req->mutable_pool_id(), "Destination pool id")->required();
-    cmd->add_option("--blocks", *blocks, "Destination block ids, e.g. 0,1,2 or 0-255")->required();
-    cmd->add_option(
-           "--tokens",
-           [req](const std::vector<std::string>& v) {
-             req->set_num_tokens(static_cast<uint32_t>(std::stoul(v[0])));
-             return true;
-           },
-           "Prompt tokens")
-        ->required();
+    AddTransferKey(cmd, req);
+    AddPoolBlocks(cmd, req, blocks.get(), "Destination pool id",
+                  "Destination block ids, e.g. 0,1,2 or 0-255");
     cmd->callback([c, req, blocks, exit_code] {
-      try {
-        for (uint32_t b : ParseBlocks(*blocks)) req->add_block_ids(b);
-      } catch (const std::exception&) {
-        std::fprintf(stderr, "spectrumkv receive: --blocks: not a list of block ids\n");
+      if (!SetBlocks("receive", *blocks, req.get())) {
         *exit_code = kExitUsage;
         return;
       }
@@ -313,14 +316,7 @@ void AddDaemonCommands(CLI::App& app, int* exit_code) {
     auto req = std::make_shared<v1::CancelRequest>();
     CLI::App* cmd = app.add_subcommand("cancel", "Cancel a transfer (the peer's side ends too)");
     AddCommon(cmd, c.get());
-    cmd->add_option("--request-id", *req->mutable_request_id(), "Request id")->required();
-    cmd->add_option(
-        "--shard",
-        [req](const std::vector<std::string>& v) {
-          req->set_shard(static_cast<uint32_t>(std::stoul(v[0])));
-          return true;
-        },
-        "Tensor-parallel shard index");
+    AddTransferKey(cmd, req);
     cmd->add_option("--reason", *req->mutable_reason(), "Reason reported to both sides");
     cmd->callback([c, req, exit_code] {
       auto r = Client::Connect(c->daemon)->Cancel(*req, c->timeout_s);
