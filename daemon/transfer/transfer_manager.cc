@@ -58,6 +58,23 @@ std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_
 class TransferManager::Deferred {
  public:
   void Add(std::function<void()> fn) { actions_.push_back(std::move(fn)); }
+  // Takes every waiter out of `waiters` and queues its reply: `result` when
+  // `status` is OK, else `status`.
+  template <typename Result, typename Done>
+  void AddReplies(std::map<uint64_t, Done>* waiters, const absl::Status& status,
+                  const Result& result) {
+    std::map<uint64_t, Done> taken = std::move(*waiters);
+    waiters->clear();
+    for (auto& [id, cb] : taken) {
+      Add([cb = std::move(cb), status, result] {
+        if (status.ok()) {
+          cb(result);
+        } else {
+          cb(status);
+        }
+      });
+    }
+  }
   void Run() {
     for (auto& fn : actions_) fn();
     actions_.clear();
@@ -629,18 +646,7 @@ void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, a
   if (!status.ok() && tell_peer && t->offered) {
     d.Add([this, t, status] { SendCancel(t->args.peer, t->id, t->args.key, status, false); });
   }
-  std::map<uint64_t, SendDone> waiters = std::move(t->waiters);
-  t->waiters.clear();
-  const SendResult result = t->result;
-  for (auto& [id, cb] : waiters) {
-    d.Add([cb = std::move(cb), status, result] {
-      if (status.ok()) {
-        cb(result);
-      } else {
-        cb(status);
-      }
-    });
-  }
+  d.AddReplies(&t->waiters, status, t->result);
   ReleaseSendIfIdle(t);
   PublishGauges();
 }
@@ -1158,18 +1164,7 @@ void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, a
       SendAck(peer, id, status, network_s, unpack_s);
     });
   }
-  std::map<uint64_t, ReceiveDone> waiters = std::move(t->waiters);
-  t->waiters.clear();
-  const ReceiveResult result = t->result;
-  for (auto& [id, cb] : waiters) {
-    d.Add([cb = std::move(cb), status, result] {
-      if (status.ok()) {
-        cb(result);
-      } else {
-        cb(status);
-      }
-    });
-  }
+  d.AddReplies(&t->waiters, status, t->result);
   ReleaseRecvIfIdle(t);
   PublishGauges();
 }
