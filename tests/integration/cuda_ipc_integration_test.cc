@@ -4,16 +4,12 @@
 // with the CUDA codec, and stages every chunk through pinned host memory (Debian's UCX has no
 // CUDA transport). What arrives is compared bit for bit with what the CPU reference codec makes
 // of the same source and the tier maps the receiver reports. GPU only: skips without a device.
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <future>
 #include <thread>
 
@@ -28,13 +24,14 @@
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/device.h"
 #include "proto/layout_convert.h"
-#include "tests/testing/subprocess.h"
+#include "tests/testing/daemon_process.h"
 
 namespace spectrumkv {
 namespace {
 
 using kvgen::PoolLayoutKind;
-using testing::Subprocess;
+using testing::DaemonPair;
+using testing::DaemonProcess;
 
 constexpr ModelShape kShape{8, 4, 128};
 constexpr uint32_t kTokens = 1000;
@@ -44,60 +41,17 @@ std::string DaemonBinary() {
   return env != nullptr ? env : SPECTRUMKV_DAEMON_BIN;
 }
 
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
 void Check(const absl::Status& s) { ASSERT_TRUE(s.ok()) << s; }
 
-// One daemon process with the CUDA backend, on a UCX address.
-struct Daemon {
-  std::string name, dir, socket, ucx_address;
-  int port = 0;
-  Subprocess process;
-  std::unique_ptr<Client> client;
-
-  std::string log_path() const { return dir + "/" + name + ".log"; }
-  std::string Log() const {
-    std::ifstream f(log_path());
-    return std::string(std::istreambuf_iterator<char>(f), {});
-  }
-  void Start() {
-    // Small chunks, so that a payload travels as several chunks of whole layers.
-    std::ofstream(dir + "/" + name + ".yaml") << absl::StrFormat(R"(
-node_name: %s
-listen: {unix_socket: %s}
-metrics: {address: "127.0.0.1:0"}
-transport: {kind: ucx, address: "127.0.0.1:%d", ucx_tls: tcp}
-limits:
+// The CUDA backend; small chunks, so that a payload travels as several chunks of whole layers.
+constexpr char kSettings[] = R"(limits:
   staging_bytes: 256MiB
   staging_prefault: false
   max_inflight_bytes: 256MiB
   default_deadline_s: 60
   drain_timeout_s: 2
 codec: {backend: cuda, chunk_bytes: 1MiB, worker_threads: 2}
-)",
-                                                                 name, socket, port);
-    ASSERT_TRUE(
-        process.Start({DaemonBinary(), "--config", dir + "/" + name + ".yaml"}, log_path()));
-    client = Client::Connect("unix:" + socket);
-    for (int i = 0; i < 600; ++i) {
-      auto h = client->Health(1);
-      if (h.ok() && *h) return;
-      if (!process.running() || process.Wait(0).has_value()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    FAIL() << name << " did not become healthy:\n" << Log();
-  }
-};
+)";
 
 // A KV pool in this process's GPU memory, with a host mirror of the same layout for filling and
 // checking it.
@@ -164,23 +118,15 @@ class CudaIpcDaemonsTest : public ::testing::Test {
     setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);
     dir_ = new std::string(absl::StrFormat("/tmp/skv-cuda-ipc-%d", getpid()));
     std::filesystem::create_directories(*dir_);
-    for (Daemon** d : {&prefill_, &decode_}) {
-      *d = new Daemon();
-      (*d)->name = d == &prefill_ ? "prefill" : "decode";
-      (*d)->dir = *dir_;
-      (*d)->socket = *dir_ + "/" + (*d)->name + ".sock";
-      (*d)->port = FreePort();
-      (*d)->ucx_address = absl::StrFormat("ucx://127.0.0.1:%d", (*d)->port);
-      (*d)->Start();
-    }
+    daemons_ = new DaemonPair();
+    daemons_->Start(DaemonBinary(), *dir_, kSettings);
+    prefill_ = daemons_->prefill.get();
+    decode_ = daemons_->decode.get();
   }
   static void TearDownTestSuite() {
-    for (Daemon* d : {prefill_, decode_}) {
-      if (d != nullptr && d->process.running()) {
-        EXPECT_EQ(d->process.Stop(SIGTERM, 20), 0) << d->name << " must exit 0 on SIGTERM";
-      }
-      delete d;
-    }
+    if (daemons_ != nullptr) daemons_->Stop();
+    delete daemons_;
+    daemons_ = nullptr;
     prefill_ = decode_ = nullptr;
     if (dir_ != nullptr) std::filesystem::remove_all(*dir_);
     delete dir_;
@@ -242,7 +188,7 @@ class CudaIpcDaemonsTest : public ::testing::Test {
     }
   }
 
-  static double Metric(Daemon& d, const std::string& name) {
+  static double Metric(DaemonProcess& d, const std::string& name) {
     auto info = d.client->GetDaemonInfo(5);
     EXPECT_TRUE(info.ok());
     auto m = ScrapeMetrics("127.0.0.1", static_cast<int>(info->metrics_port()), 5);
@@ -252,14 +198,16 @@ class CudaIpcDaemonsTest : public ::testing::Test {
 
   static std::string* skip_;
   static std::string* dir_;
-  static Daemon* prefill_;
-  static Daemon* decode_;
+  static DaemonPair* daemons_;
+  static DaemonProcess* prefill_;
+  static DaemonProcess* decode_;
 };
 
 std::string* CudaIpcDaemonsTest::skip_ = nullptr;
 std::string* CudaIpcDaemonsTest::dir_ = nullptr;
-Daemon* CudaIpcDaemonsTest::prefill_ = nullptr;
-Daemon* CudaIpcDaemonsTest::decode_ = nullptr;
+DaemonPair* CudaIpcDaemonsTest::daemons_ = nullptr;
+DaemonProcess* CudaIpcDaemonsTest::prefill_ = nullptr;
+DaemonProcess* CudaIpcDaemonsTest::decode_ = nullptr;
 
 TEST_F(CudaIpcDaemonsTest, GpuToGpuWithALayoutChange) {
   GpuPool src = GpuPool::Make(PoolLayoutKind::kVllmNhd, 16, 1);

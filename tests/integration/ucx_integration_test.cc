@@ -2,13 +2,10 @@
 // command and the client library: every policy with a layout change, 64 concurrent transfers,
 // a transfer of more than 1 GiB, and a peer killed mid-transfer (the sender fails with
 // UNAVAILABLE within its deadline, frees everything, and works again once the peer restarts).
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <filesystem>
-#include <fstream>
 #include <future>
 #include <thread>
 
@@ -20,59 +17,25 @@
 #include "client/lib/client.h"
 #include "gtest/gtest.h"
 #include "proto/layout_convert.h"
+#include "tests/testing/daemon_process.h"
 #include "tests/testing/subprocess.h"
 
 namespace spectrumkv {
 namespace {
 
+using testing::DaemonPair;
+using testing::DaemonProcess;
 using testing::RunCommand;
-using testing::Subprocess;
 
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-// One daemon process on a UCX address.
-struct Daemon {
-  std::string name, dir, socket, ucx_address;
-  int port = 0;
-  Subprocess process;
-  std::unique_ptr<Client> client;
-
-  void Start() {
-    std::ofstream(dir + "/" + name + ".yaml") << absl::StrFormat(R"(
-node_name: %s
-listen: {unix_socket: %s}
-metrics: {address: "127.0.0.1:0"}
-transport: {kind: ucx, address: "127.0.0.1:%d", ucx_tls: tcp}
-limits:
+// Limits for a 1 GiB transfer; several chunks per payload, packed by 2 workers.
+constexpr char kSettings[] = R"(limits:
   staging_bytes: 1536MiB
   staging_prefault: false
   max_inflight_bytes: 1536MiB
   default_deadline_s: 60
   drain_timeout_s: 2
 codec: {chunk_bytes: 8MiB, worker_threads: 2}
-)",
-                                                                 name, socket, port);
-    ASSERT_TRUE(process.Start({SPECTRUMKV_DAEMON_BIN, "--config", dir + "/" + name + ".yaml"},
-                              dir + "/" + name + ".log"));
-    client = Client::Connect("unix:" + socket);
-    for (int i = 0; i < 300; ++i) {
-      auto h = client->Health(1);
-      if (h.ok() && *h) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    FAIL() << name << " did not become healthy; see " << dir << "/" << name << ".log";
-  }
-};
+)";
 
 class UcxDaemonsTest : public ::testing::Test {
  protected:
@@ -81,23 +44,14 @@ class UcxDaemonsTest : public ::testing::Test {
     setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);
     dir_ = new std::string(absl::StrFormat("/tmp/skv-ucx-%d", getpid()));
     std::filesystem::create_directories(*dir_);
-    for (Daemon** d : {&prefill_, &decode_}) {
-      *d = new Daemon();
-      (*d)->name = d == &prefill_ ? "prefill" : "decode";
-      (*d)->dir = *dir_;
-      (*d)->socket = *dir_ + "/" + (*d)->name + ".sock";
-      (*d)->port = FreePort();
-      (*d)->ucx_address = absl::StrFormat("ucx://127.0.0.1:%d", (*d)->port);
-      (*d)->Start();
-    }
+    daemons_ = new DaemonPair();
+    daemons_->Start(SPECTRUMKV_DAEMON_BIN, *dir_, kSettings);
+    prefill_ = daemons_->prefill.get();
+    decode_ = daemons_->decode.get();
   }
   static void TearDownTestSuite() {
-    for (Daemon* d : {prefill_, decode_}) {
-      if (d != nullptr && d->process.running()) {
-        EXPECT_EQ(d->process.Stop(SIGTERM, 20), 0) << d->name << " must exit 0 on SIGTERM";
-      }
-      delete d;
-    }
+    daemons_->Stop();
+    delete daemons_;
     std::filesystem::remove_all(*dir_);
     delete dir_;
   }
@@ -111,13 +65,15 @@ class UcxDaemonsTest : public ::testing::Test {
   }
 
   static std::string* dir_;
-  static Daemon* prefill_;
-  static Daemon* decode_;
+  static DaemonPair* daemons_;
+  static DaemonProcess* prefill_;
+  static DaemonProcess* decode_;
 };
 
 std::string* UcxDaemonsTest::dir_ = nullptr;
-Daemon* UcxDaemonsTest::prefill_ = nullptr;
-Daemon* UcxDaemonsTest::decode_ = nullptr;
+DaemonPair* UcxDaemonsTest::daemons_ = nullptr;
+DaemonProcess* UcxDaemonsTest::prefill_ = nullptr;
+DaemonProcess* UcxDaemonsTest::decode_ = nullptr;
 
 TEST_F(UcxDaemonsTest, EveryPolicyWithALayoutChange) {
   for (const char* policy :

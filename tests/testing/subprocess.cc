@@ -42,7 +42,7 @@ std::optional<int> Subprocess::Wait(double timeout_s) {
   const auto end = std::chrono::steady_clock::now() +
                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                        std::chrono::duration<double>(timeout_s));
-  while (std::chrono::steady_clock::now() < end) {
+  while (true) {  // checks at least once, also with a timeout of 0
     int status = 0;
     const pid_t r = waitpid(pid_, &status, WNOHANG);
     if (r == pid_) {
@@ -51,6 +51,7 @@ std::optional<int> Subprocess::Wait(double timeout_s) {
       if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
       return -1;
     }
+    if (std::chrono::steady_clock::now() >= end) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return std::nullopt;
