@@ -26,6 +26,48 @@ absl::Status CheckBufferMatches(const KvBuffer& kv, const PayloadDesc& desc, con
   return absl::OkStatus();
 }
 
+namespace {
+
+absl::Status CheckLayerRange(uint32_t first, uint32_t last, uint32_t layers) {
+  if (first > last || last > layers) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("layer range [%u, %u) is outside [0, %u)", first, last, layers));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckPackArgs(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                           uint32_t last_layer, std::span<const uint8_t> payload) {
+  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(src, plan.desc, "source"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, plan.desc.shape.num_layers));
+  if (payload.size() != plan.layout.total_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("payload buffer of %u bytes for a %u-byte payload", payload.size(),
+                        plan.layout.total_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckUnpackArgs(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                             const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer) {
+  const WireLayout& wl = prelude.layout;
+  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(dst, wl.desc, "destination"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, wl.desc.shape.num_layers));
+  if (payload.size() != wl.total_bytes) {
+    return absl::DataLossError(
+        absl::StrFormat("payload of %u bytes, the header says %u", payload.size(), wl.total_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NonFiniteRowError(uint32_t layer, bool value, uint32_t token, uint32_t head) {
+  return absl::InvalidArgumentError(
+      absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be quantized",
+                      layer, value ? "V" : "K", token, head));
+}
+
 absl::Status PackPayloadInto(Codec& codec, const KvBuffer& src, const TierPlan& plan,
                              std::span<uint8_t> payload) {
   if (payload.size() != plan.layout.total_bytes) {

@@ -63,6 +63,19 @@ class Codec {
 // Checks that `kv` is valid and matches the payload description (shape, dtype, tokens).
 absl::Status CheckBufferMatches(const KvBuffer& kv, const PayloadDesc& desc, const char* role);
 
+// The checks every backend's PackLayers makes before it touches memory: `src` matches the plan,
+// [first_layer, last_layer) lies inside the model, and `payload` has the plan's size.
+absl::Status CheckPackArgs(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                           uint32_t last_layer, std::span<const uint8_t> payload);
+
+// The same for UnpackLayers: `dst` matches the payload, the layer range lies inside the model,
+// and `payload` has the size its header gives (DATA_LOSS if not).
+absl::Status CheckUnpackArgs(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                             const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer);
+
+// The INVALID_ARGUMENT of PackLayers for a K or V row holding Inf or NaN.
+absl::Status NonFiniteRowError(uint32_t layer, bool value, uint32_t token, uint32_t head);
+
 // Packs a whole payload, prelude plus every layer, into `payload`, which must be exactly
 // plan.layout.total_bytes long (a reused staging buffer, say).
 absl::Status PackPayloadInto(Codec& codec, const KvBuffer& src, const TierPlan& plan,

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "common/status.h"
 
 namespace spectrumkv {
 
@@ -92,6 +93,29 @@ void PoolAndDecay(std::span<float> scores, uint32_t pool_kernel, double recency_
       scores[j] *= static_cast<float>(std::exp(-recency_decay * double(n - 1 - j)));
     }
   }
+}
+
+absl::StatusOr<bool> ScoreWithoutKv(const KvBuffer& kv, const ScoreOptions& options,
+                                    std::span<float> scores) {
+  if (kv.layout == nullptr) return absl::InvalidArgumentError("layout: missing");
+  if (scores.size() != kv.num_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%u score slots for %u tokens", scores.size(), kv.num_tokens));
+  }
+  SPECTRUMKV_RETURN_IF_ERROR(ValidateScoreOptions(options, kv.layout->shape, kv.num_tokens));
+  switch (options.mode) {
+    case ScoringMode::kExternal:
+      std::copy(options.external_scores.begin(), options.external_scores.end(), scores.begin());
+      return true;
+    case ScoringMode::kPositional:
+      PositionalScores(scores);
+      return true;
+    case ScoringMode::kKeyNorm:
+    case ScoringMode::kAttention:
+      break;
+  }
+  SPECTRUMKV_RETURN_IF_ERROR(ValidateKvBuffer(kv));
+  return false;
 }
 
 }  // namespace spectrumkv

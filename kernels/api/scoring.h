@@ -9,6 +9,8 @@
 #include <span>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/api/layout.h"
 #include "kernels/api/types.h"
 
 namespace spectrumkv {
@@ -38,6 +40,13 @@ absl::Status ValidateScoreOptions(const ScoreOptions& options, const ModelShape&
 // The paper's positional heuristic (paper.md §4.2): sinks 1.0, exp(-0.01 (j-4)) from the front,
 // max with a 0.3 → 0.8 ramp over the last 20%, min-max normalized.
 void PositionalScores(std::span<float> scores);
+
+// The backend-independent start of Codec::Score: checks the layout, the size of `scores` and
+// the options, and fills `scores` for the modes that read no KV (external, positional).
+// Returns true when `scores` is complete; false when the backend must read the KV (key_norm,
+// attention), which ValidateKvBuffer has then passed.
+absl::StatusOr<bool> ScoreWithoutKv(const KvBuffer& kv, const ScoreOptions& options,
+                                    std::span<float> scores);
 
 // The SnapKV post-processing of attention mass, in place: max-pool then recency decay.
 void PoolAndDecay(std::span<float> scores, uint32_t pool_kernel, double recency_decay);

@@ -38,8 +38,6 @@ class Rows {
   uint8_t* base_;
 };
 
-const char* KindName(bool value) { return value ? "V" : "K"; }
-
 // While one token's rows are processed, the rows of the token kPrefetchAhead places further in
 // the list are prefetched: a gather from a paged cache otherwise waits on DRAM for every row
 // (measured: pack ran at 3.5 GB/s of FP16 input, a third of memcpy, stalled on row loads).
@@ -69,14 +67,6 @@ void ZeroGap(uint8_t* out, uint64_t from, uint64_t to) {
 struct KeyFactors {
   std::vector<float> offset, factor, inv_factor;
 };
-
-absl::Status CheckLayerRange(uint32_t first, uint32_t last, uint32_t layers) {
-  if (first > last || last > layers) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer range [%u, %u) is outside [0, %u)", first, last, layers));
-  }
-  return absl::OkStatus();
-}
 
 // The tier lists for each tier map the layer range touches (one map, or one per layer).
 std::vector<TierLists> ListsFor(const PayloadDesc& desc, std::span<const uint8_t> tiers,
@@ -162,26 +152,10 @@ std::unique_ptr<CpuCodec> CpuCodec::CreateBest() {
 
 absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
                              std::span<float> scores) {
-  if (kv.layout == nullptr) return absl::InvalidArgumentError("layout: missing");
+  SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, options, scores));
+  if (complete) return absl::OkStatus();
   const ModelShape& shape = kv.layout->shape;
-  if (scores.size() != kv.num_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%u score slots for %u tokens", scores.size(), kv.num_tokens));
-  }
-  SPECTRUMKV_RETURN_IF_ERROR(ValidateScoreOptions(options, shape, kv.num_tokens));
   const uint32_t n = kv.num_tokens;
-  switch (options.mode) {
-    case ScoringMode::kExternal:
-      std::copy(options.external_scores.begin(), options.external_scores.end(), scores.begin());
-      return absl::OkStatus();
-    case ScoringMode::kPositional:
-      PositionalScores(scores);
-      return absl::OkStatus();
-    case ScoringMode::kKeyNorm:
-    case ScoringMode::kAttention:
-      break;
-  }
-  SPECTRUMKV_RETURN_IF_ERROR(ValidateKvBuffer(kv));
   const DType dtype = kv.layout->dtype;
   const uint32_t heads = shape.num_kv_heads, dim = shape.head_dim;
   std::fill(scores.begin(), scores.end(), 0.0f);
@@ -260,12 +234,7 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
                                   uint32_t last_layer, std::span<uint8_t> payload) {
   const PayloadDesc& desc = plan.desc;
   const WireLayout& wl = plan.layout;
-  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(src, desc, "source"));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
-  if (payload.size() != wl.total_bytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "payload buffer of %u bytes for a %u-byte payload", payload.size(), wl.total_bytes));
-  }
+  SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const uint64_t hd = uint64_t{heads} * dim;
@@ -293,8 +262,7 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
         std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
         for (uint32_t t : int4_tokens) {
           if (!k_.min_max(dtype, keys.Row(t, h), dim, lo.data(), hi.data())) {
-            return absl::InvalidArgumentError(absl::StrFormat(
-                "layer %u K token %u head %u holds Inf or NaN and cannot be quantized", l, t, h));
+            return NonFiniteRowError(l, false, t, h);
           }
         }
         for (uint32_t c = 0; c < dim; ++c) {
@@ -343,10 +311,7 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
         PrefetchToken(rows, int8_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
           if (!k_.quantize_int8(dtype, rows.Row(t, h), dim, codes8, scales8)) {
-            return absl::InvalidArgumentError(
-                absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be "
-                                "quantized",
-                                l, KindName(value), t, h));
+            return NonFiniteRowError(l, value, t, h);
           }
         }
       }
@@ -366,10 +331,7 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
                                          &f.inv_factor[uint64_t{h} * dim], codes4, scales4)
                   : k_.quantize_int4(dtype, row, dim, codes4, scales4);
           if (!ok) {
-            return absl::InvalidArgumentError(
-                absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be "
-                                "quantized",
-                                l, KindName(value), t, h));
+            return NonFiniteRowError(l, value, t, h);
           }
         }
       }
@@ -386,12 +348,7 @@ absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<cons
                                     VerifyMode verify) {
   const WireLayout& wl = prelude.layout;
   const PayloadDesc& desc = wl.desc;
-  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(dst, desc, "destination"));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
-  if (payload.size() != wl.total_bytes) {
-    return absl::DataLossError(
-        absl::StrFormat("payload of %u bytes, the header says %u", payload.size(), wl.total_bytes));
-  }
+  SPECTRUMKV_RETURN_IF_ERROR(CheckUnpackArgs(prelude, payload, dst, first_layer, last_layer));
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const uint64_t hd = uint64_t{heads} * dim;

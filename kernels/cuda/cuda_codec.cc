@@ -31,14 +31,6 @@ constexpr uint64_t kMaxRangeRows = 4096;
 
 uint64_t AlignUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
-absl::Status CheckLayerRange(uint32_t first, uint32_t last, uint32_t layers) {
-  if (first > last || last > layers) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer range [%u, %u) is outside [0, %u)", first, last, layers));
-  }
-  return absl::OkStatus();
-}
-
 // True if `p` is memory the device can access (device or managed allocations).
 bool IsDeviceAccessible(const void* p) {
   cudaPointerAttributes attr;
@@ -405,13 +397,8 @@ absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, ui
                                    uint32_t last_layer, std::span<uint8_t> payload) {
   const PayloadDesc& desc = plan.desc;
   const WireLayout& wl = plan.layout;
-  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(src, desc, "source"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
-  if (payload.size() != wl.total_bytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "payload buffer of %u bytes for a %u-byte payload", payload.size(), wl.total_bytes));
-  }
   SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
   if (first_layer == last_layer) return absl::OkStatus();
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
@@ -510,9 +497,7 @@ absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, ui
     const bool value = ((bad >> 55) & 1u) != 0;
     const uint32_t token = static_cast<uint32_t>((bad >> 30) & ((1u << 25) - 1));
     const uint32_t head = static_cast<uint32_t>(bad & ((1u << 30) - 1));
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %u %s token %u head %u holds Inf or NaN and cannot be quantized",
-                        layer, value ? "V" : "K", token, head));
+    return NonFiniteRowError(layer, value, token, head);
   }
   return absl::OkStatus();
 }
@@ -522,13 +507,8 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
                                      VerifyMode verify) {
   const WireLayout& wl = prelude.layout;
   const PayloadDesc& desc = wl.desc;
-  SPECTRUMKV_RETURN_IF_ERROR(CheckBufferMatches(dst, desc, "destination"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckUnpackArgs(prelude, payload, dst, first_layer, last_layer));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(dst, "destination"));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckLayerRange(first_layer, last_layer, desc.shape.num_layers));
-  if (payload.size() != wl.total_bytes) {
-    return absl::DataLossError(
-        absl::StrFormat("payload of %u bytes, the header says %u", payload.size(), wl.total_bytes));
-  }
   SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
   if (first_layer == last_layer) return absl::OkStatus();
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
@@ -621,26 +601,10 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
 
 absl::Status CudaCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
                               std::span<float> scores) {
-  if (kv.layout == nullptr) return absl::InvalidArgumentError("layout: missing");
+  SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, options, scores));
+  if (complete) return absl::OkStatus();
   const ModelShape& shape = kv.layout->shape;
-  if (scores.size() != kv.num_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%u score slots for %u tokens", scores.size(), kv.num_tokens));
-  }
-  SPECTRUMKV_RETURN_IF_ERROR(ValidateScoreOptions(options, shape, kv.num_tokens));
   const uint32_t n = kv.num_tokens;
-  switch (options.mode) {
-    case ScoringMode::kExternal:
-      std::copy(options.external_scores.begin(), options.external_scores.end(), scores.begin());
-      return absl::OkStatus();
-    case ScoringMode::kPositional:
-      PositionalScores(scores);
-      return absl::OkStatus();
-    case ScoringMode::kKeyNorm:
-    case ScoringMode::kAttention:
-      break;
-  }
-  SPECTRUMKV_RETURN_IF_ERROR(ValidateKvBuffer(kv));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
 
