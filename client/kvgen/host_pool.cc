@@ -39,13 +39,7 @@ uint64_t HostPool::total_bytes() const {
 }
 
 KvBuffer HostPool::View(std::span<const uint32_t> block_table, uint32_t num_tokens) const {
-  KvBuffer kv;
-  kv.layout = &layout_;
-  kv.regions = regions_;
-  kv.memory_kind = MemoryKind::kHost;
-  kv.block_table = block_table;
-  kv.num_tokens = num_tokens;
-  return kv;
+  return KvBuffer{&layout_, regions_, MemoryKind::kHost, block_table, num_tokens};
 }
 
 std::vector<uint32_t> ShuffledBlockTable(uint64_t num_blocks, uint32_t block_size,

@@ -53,13 +53,7 @@ ShmPool::~ShmPool() {
 }
 
 KvBuffer ShmPool::View(std::span<const uint32_t> block_table, uint32_t num_tokens) const {
-  KvBuffer kv;
-  kv.layout = &layout_;
-  kv.regions = regions_;
-  kv.memory_kind = MemoryKind::kHost;
-  kv.block_table = block_table;
-  kv.num_tokens = num_tokens;
-  return kv;
+  return KvBuffer{&layout_, regions_, MemoryKind::kHost, block_table, num_tokens};
 }
 
 void ShmPool::Zero() {

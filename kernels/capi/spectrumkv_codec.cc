@@ -65,13 +65,7 @@ struct DenseView {
   std::vector<uint32_t> block_table{0};
 
   KvBuffer Buffer(const std::vector<MemoryRegion>& regions, uint32_t num_tokens) const {
-    KvBuffer kv;
-    kv.layout = &layout;
-    kv.regions = regions;
-    kv.memory_kind = MemoryKind::kHost;
-    kv.block_table = block_table;
-    kv.num_tokens = num_tokens;
-    return kv;
+    return KvBuffer{&layout, regions, MemoryKind::kHost, block_table, num_tokens};
   }
 };
 
