@@ -8,6 +8,7 @@ Example:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,25 @@ MAIN = [  # (label, policy, scoring, quantizer)
     ("sinkprotect (attention, absmax)", "sinkprotect", "attention", "absmax"),
 ]
 SPECTRUM = ("3tier", "2tier", "sinkprotect")
+
+
+@contextlib.contextmanager
+def figure(path, title, height):
+    """Yields the axes of a new 8-inch-wide figure; on leaving, titles it, adds a grid and a
+    legend, and saves it to `path` as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, height))
+    try:
+        yield ax
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def load(folder, name):
@@ -47,99 +67,63 @@ def fmt(x, digits=2, signed=True):
 
 
 def plot_ppl(ppl, kind, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, p, s, q in MAIN:
-        rows = pick(ppl["methods"], p, s, q, kind)
-        if rows:
-            x = [r[f"{kind}_budget"] for r in rows]
-            ax.plot(x, [r["delta_ppl_pct"] for r in rows], marker="o", ms=3, label=label)
-    for p, q, m in (("uniform_int8", "absmax", "s"), ("uniform_int4", "absmax", "^"),
-                    ("uniform_int4", "kcn", "v")):
-        rows = pick(ppl["methods"], p, "none", q)
-        if rows:
-            ax.scatter([rows[0][f"{kind}_budget"]], [rows[0]["delta_ppl_pct"]], marker=m, s=50,
-                       zorder=5, label=f"{p} ({q})")
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.axhline(0, color="gray", lw=0.5)
-    ax.set_xlabel(f"realized {kind} budget (fraction of FP16 KV bytes"
-                  f"{', all payload bytes' if kind == 'wire' else ''})")
-    ax.set_ylabel("ΔPPL vs full precision (%)  [symlog]")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, height=5) as ax:
+        for label, p, s, q in MAIN:
+            rows = pick(ppl["methods"], p, s, q, kind)
+            if rows:
+                x = [r[f"{kind}_budget"] for r in rows]
+                ax.plot(x, [r["delta_ppl_pct"] for r in rows], marker="o", ms=3, label=label)
+        for p, q, m in (("uniform_int8", "absmax", "s"), ("uniform_int4", "absmax", "^"),
+                        ("uniform_int4", "kcn", "v")):
+            rows = pick(ppl["methods"], p, "none", q)
+            if rows:
+                ax.scatter([rows[0][f"{kind}_budget"]], [rows[0]["delta_ppl_pct"]], marker=m, s=50,
+                           zorder=5, label=f"{p} ({q})")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set_xlabel(f"realized {kind} budget (fraction of FP16 KV bytes"
+                      f"{', all payload bytes' if kind == 'wire' else ''})")
+        ax.set_ylabel("ΔPPL vs full precision (%)  [symlog]")
 
 
 def plot_kl(ppl, kind, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, p, s, q in MAIN:
-        rows = pick(ppl["methods"], p, s, q, kind)
-        if rows:
-            ax.plot([r[f"{kind}_budget"] for r in rows], [max(r["kl"], 1e-6) for r in rows],
-                    marker="o", ms=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel(f"realized {kind} budget")
-    ax.set_ylabel("mean token KL(p_full || p_method) (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, height=5) as ax:
+        for label, p, s, q in MAIN:
+            rows = pick(ppl["methods"], p, s, q, kind)
+            if rows:
+                ax.plot([r[f"{kind}_budget"] for r in rows], [max(r["kl"], 1e-6) for r in rows],
+                        marker="o", ms=3, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"realized {kind} budget")
+        ax.set_ylabel("mean token KL(p_full || p_method) (nats)")
 
 
 def plot_niah(niah, kind, path, title, fp_acc):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, p, s, q in MAIN:
-        rows = pick(niah["methods"], p, s, q, kind)
-        if rows:
-            ax.plot([r["budget"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o",
-                    ms=3, label=label)
-    ax.axhline(100 * fp_acc, color="black", ls="--", lw=1, label="full precision")
-    ax.set_xlabel(f"{kind} budget")
-    ax.set_ylabel("needle retrieval accuracy (%)")
-    ax.set_ylim(-3, 103)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, height=5) as ax:
+        for label, p, s, q in MAIN:
+            rows = pick(niah["methods"], p, s, q, kind)
+            if rows:
+                ax.plot([r["budget"] for r in rows], [100 * r["accuracy"] for r in rows],
+                        marker="o", ms=3, label=label)
+        ax.axhline(100 * fp_acc, color="black", ls="--", lw=1, label="full precision")
+        ax.set_xlabel(f"{kind} budget")
+        ax.set_ylabel("needle retrieval accuracy (%)")
+        ax.set_ylim(-3, 103)
 
 
 def plot_depth(niah, kind, budget, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
-    depths = sorted(float(d) for d in niah["full"]["per_depth"])
-    ax.plot(depths, [100 * niah["full"]["per_depth"][str(d)] for d in depths], "k--",
-            label="full precision")
-    for label, p, s, q in MAIN:
-        rows = pick(niah["methods"], p, s, q, kind, budget)
-        if rows:
-            ax.plot(depths, [100 * rows[0]["per_depth"].get(str(d), float("nan"))
-                             for d in depths], marker="o", ms=3, label=label)
-    ax.set_xlabel("needle depth (fraction of the haystack)")
-    ax.set_ylabel("accuracy over the 5 needles (%)")
-    ax.set_ylim(-3, 103)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, height=4) as ax:
+        depths = sorted(float(d) for d in niah["full"]["per_depth"])
+        ax.plot(depths, [100 * niah["full"]["per_depth"][str(d)] for d in depths], "k--",
+                label="full precision")
+        for label, p, s, q in MAIN:
+            rows = pick(niah["methods"], p, s, q, kind, budget)
+            if rows:
+                ax.plot(depths, [100 * rows[0]["per_depth"].get(str(d), float("nan"))
+                                 for d in depths], marker="o", ms=3, label=label)
+        ax.set_xlabel("needle depth (fraction of the haystack)")
+        ax.set_ylabel("accuracy over the 5 needles (%)")
+        ax.set_ylim(-3, 103)
 
 
 def ppl_table(ppl, kind, budgets=(0.3, 0.5, 0.7)):
