@@ -96,63 +96,60 @@ void InprocTransport::Shutdown() {
   delivery_->Shutdown();
 }
 
-bool InprocTransport::DeliverTo(const std::string& peer,
-                                std::function<void(TransportHandler*)> fn) {
-  InstanceRegistry& r = Registry();
-  const std::string name = NameOf(peer);
-  absl::MutexLock lock(&r.mu);
-  auto exec = r.delivery.find(name);
-  if (exec == r.delivery.end()) return false;
-  TransportHandler* target = r.handlers[name];
-  return exec->second->Post([fn = std::move(fn), target] { fn(target); });
+void InprocTransport::DeliverTo(const std::string& peer, std::function<void(TransportHandler*)> fn,
+                                SendCallback done) {
+  SPECTRUMKV_CHECK_MSG(delivery_ != nullptr, "InprocTransport used before Start");
+  std::shared_ptr<Executor> own = delivery_;
+  auto done_ptr = std::make_shared<SendCallback>(std::move(done));
+  bool queued = false;
+  {
+    InstanceRegistry& r = Registry();
+    const std::string name = NameOf(peer);
+    absl::MutexLock lock(&r.mu);
+    auto exec = r.delivery.find(name);
+    if (exec != r.delivery.end()) {
+      TransportHandler* target = r.handlers[name];
+      queued = exec->second->Post([fn = std::move(fn), target, own, done_ptr] {
+        fn(target);
+        if (!own->Post([done_ptr] { (*done_ptr)(absl::OkStatus()); })) {
+          (*done_ptr)(absl::UnavailableError("sender shut down"));
+        }
+      });
+    }
+  }
+  if (!queued) {
+    const absl::Status s =
+        absl::UnavailableError(absl::StrFormat("no inproc peer %s is running", peer));
+    if (!own->Post([done_ptr, s] { (*done_ptr)(s); })) (*done_ptr)(s);
+  }
 }
 
 void InprocTransport::SendControl(const std::string& peer, const v1::PeerMessage& message,
                                   SendCallback done) {
-  SPECTRUMKV_CHECK_MSG(delivery_ != nullptr, "InprocTransport used before Start");
   const std::string from = address();
-  std::shared_ptr<Executor> own = delivery_;
-  auto done_ptr = std::make_shared<SendCallback>(std::move(done));
-  const bool queued = DeliverTo(peer, [from, message, own, done_ptr](TransportHandler* h) {
-    h->OnControl(from, message);
-    if (!own->Post([done_ptr] { (*done_ptr)(absl::OkStatus()); })) {
-      (*done_ptr)(absl::UnavailableError("sender shut down"));
-    }
-  });
-  if (!queued) {
-    const absl::Status s =
-        absl::UnavailableError(absl::StrFormat("no inproc peer %s is running", peer));
-    if (!own->Post([done_ptr, s] { (*done_ptr)(s); })) (*done_ptr)(s);
-  }
+  DeliverTo(
+      peer, [from, message](TransportHandler* h) { h->OnControl(from, message); }, std::move(done));
 }
 
 void InprocTransport::SendData(const std::string& peer, const DataChunkHeader& header,
                                std::span<const uint8_t> data, SendCallback done) {
-  SPECTRUMKV_CHECK_MSG(delivery_ != nullptr, "InprocTransport used before Start");
   const std::string from = address();
-  std::shared_ptr<Executor> own = delivery_;
-  auto done_ptr = std::make_shared<SendCallback>(std::move(done));
-  const bool queued = DeliverTo(peer, [from, header, data, own, done_ptr](TransportHandler* h) {
-    absl::StatusOr<std::span<uint8_t>> dst = h->OnDataBegin(from, header);
-    if (dst.ok()) {
-      absl::Status s = absl::OkStatus();
-      if (dst->size() != header.size) {
-        s = absl::InternalError("receiver offered a buffer of the wrong size");
-      } else {
-        std::memcpy(dst->data(), data.data(), header.size);
-      }
-      h->OnDataEnd(from, header, s);
-    }
-    // The bytes have left the sender's buffer either way.
-    if (!own->Post([done_ptr] { (*done_ptr)(absl::OkStatus()); })) {
-      (*done_ptr)(absl::UnavailableError("sender shut down"));
-    }
-  });
-  if (!queued) {
-    const absl::Status s =
-        absl::UnavailableError(absl::StrFormat("no inproc peer %s is running", peer));
-    if (!own->Post([done_ptr, s] { (*done_ptr)(s); })) (*done_ptr)(s);
-  }
+  // `done` follows whether or not the receiver took the chunk: the bytes have left the sender's
+  // buffer either way.
+  DeliverTo(
+      peer,
+      [from, header, data](TransportHandler* h) {
+        absl::StatusOr<std::span<uint8_t>> dst = h->OnDataBegin(from, header);
+        if (!dst.ok()) return;
+        absl::Status s = absl::OkStatus();
+        if (dst->size() != header.size) {
+          s = absl::InternalError("receiver offered a buffer of the wrong size");
+        } else {
+          std::memcpy(dst->data(), data.data(), header.size);
+        }
+        h->OnDataEnd(from, header, s);
+      },
+      std::move(done));
 }
 
 }  // namespace spectrumkv

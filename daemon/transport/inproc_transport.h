@@ -30,8 +30,10 @@ class InprocTransport final : public Transport {
                 std::span<const uint8_t> data, SendCallback done) override;
 
  private:
-  // Runs `fn` on `peer`'s delivery thread; false if there is no such started peer.
-  bool DeliverTo(const std::string& peer, std::function<void(TransportHandler*)> fn);
+  // Runs `fn` on `peer`'s delivery thread, then `done` on this instance's: OK once `fn` has run,
+  // UNAVAILABLE if there is no such started peer (or this instance shut down meanwhile).
+  void DeliverTo(const std::string& peer, std::function<void(TransportHandler*)> fn,
+                 SendCallback done);
 
   const std::string name_;
   TransportHandler* handler_ = nullptr;
