@@ -515,19 +515,13 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   // the transport sends from.
   uint8_t* device_payload = nullptr;
   if (on_device) {
-    absl::StatusOr<std::unique_ptr<DeviceAllocation>> allocated =
-        codecs_.device_memory->Allocate(total);
-    if (!allocated.ok()) {
-      if (allocated.status().code() == absl::StatusCode::kResourceExhausted) {
-        metrics_.AdmissionRejected(RejectReason::kBytes);
-      }
-      return WithContext(allocated.status(), "device payload buffer");
-    }
-    device_payload = (*allocated)->data();
+    SPECTRUMKV_ASSIGN_OR_RETURN(std::unique_ptr<DeviceAllocation> allocated,
+                                AllocateDevicePayload(total));
+    device_payload = allocated->data();
     const auto c0 = SteadyClock::now();
     {
       absl::MutexLock lock(&mu_);
-      t.device_payload = std::move(*allocated);
+      t.device_payload = std::move(allocated);
     }
     SPECTRUMKV_RETURN_IF_ERROR(codecs_.device_memory->CopyToDevice(device_payload, payload.data(),
                                                                    plan.layout.prelude_bytes));
@@ -1018,6 +1012,19 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
   t->pending_chunks.clear();
 }
 
+absl::StatusOr<std::unique_ptr<DeviceAllocation>> TransferManager::AllocateDevicePayload(
+    uint64_t bytes) {
+  absl::StatusOr<std::unique_ptr<DeviceAllocation>> allocated =
+      codecs_.device_memory->Allocate(bytes);
+  if (!allocated.ok()) {
+    if (allocated.status().code() == absl::StatusCode::kResourceExhausted) {
+      metrics_.AdmissionRejected(RejectReason::kBytes);
+    }
+    return WithContext(allocated.status(), "device payload buffer");
+  }
+  return allocated;
+}
+
 absl::StatusOr<std::span<const uint8_t>> TransferManager::StageToDevice(RecvTransfer& t,
                                                                         uint32_t first,
                                                                         uint32_t last,
@@ -1029,12 +1036,9 @@ absl::StatusOr<std::span<const uint8_t>> TransferManager::StageToDevice(RecvTran
     absl::MutexLock lock(&t.device_mu);
     if (t.device_payload == nullptr && t.device_status.ok()) {
       absl::StatusOr<std::unique_ptr<DeviceAllocation>> allocated =
-          codecs_.device_memory->Allocate(wl.total_bytes);
+          AllocateDevicePayload(wl.total_bytes);
       if (!allocated.ok()) {
-        if (allocated.status().code() == absl::StatusCode::kResourceExhausted) {
-          metrics_.AdmissionRejected(RejectReason::kBytes);
-        }
-        t.device_status = WithContext(allocated.status(), "device payload buffer");
+        t.device_status = allocated.status();
       } else {
         // The prelude too, so that the device holds the whole payload as it was sent.
         const auto c0 = SteadyClock::now();

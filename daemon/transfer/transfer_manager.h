@@ -230,6 +230,9 @@ class TransferManager final : public TransportHandler {
   void Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last);
+  // A device buffer for a payload of `bytes` on a GPU pool; a RESOURCE_EXHAUSTED from the device
+  // also counts as an admission rejection for bytes.
+  absl::StatusOr<std::unique_ptr<DeviceAllocation>> AllocateDevicePayload(uint64_t bytes);
   // A GPU destination: copies layers [first, last) (and, the first time, allocates the device
   // payload buffer and copies the prelude) host->device; returns the device payload.
   absl::StatusOr<std::span<const uint8_t>> StageToDevice(RecvTransfer& t, uint32_t first,
