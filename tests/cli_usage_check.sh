@@ -30,6 +30,14 @@ expect_usage $send --tokens 4 --blocks 0 --policy nonsense
 expect_usage receive --request-id r --pool p --tokens 4 --blocks 1-
 expect_usage cancel --request-id r --shard -2
 
+# fake-frontend takes --sender, not --daemon.
+"$cli" fake-frontend --pool-memory gpu --sender "$nowhere" >/dev/null 2>&1
+rc=$?
+if [ "$rc" -ne 64 ]; then
+  echo "FAIL (exit $rc, want 64): spectrumkv fake-frontend --pool-memory gpu"
+  fails=$((fails + 1))
+fi
+
 # A well-formed call gets past parsing and fails on the connection instead
 # (exit 69, service unavailable).
 "$cli" cancel --request-id r --shard 2 --daemon "$nowhere" --timeout-s 1 >/dev/null 2>&1

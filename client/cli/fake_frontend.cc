@@ -14,11 +14,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/cli/daemon_commands.h"
+#include "client/cli/frontend_pool.h"
 #include "client/cli/metrics_scrape.h"
 #include "client/kvgen/host_pool.h"
 #include "client/kvgen/model_shapes.h"
 #include "client/kvgen/npy.h"
-#include "client/kvgen/shm_pool.h"
 #include "client/kvgen/synthetic.h"
 #include "client/lib/client.h"
 #include "common/exit_codes.h"
@@ -44,6 +44,7 @@ struct Options {
   uint32_t src_block_size = 16;
   std::string dst_layout = "vllm-hnd";
   uint32_t dst_block_size = 32;
+  std::string pool_memory = "host";
   std::vector<double> budgets = {0.5};
   std::string budget_kind = "element";
   std::string policy = "3tier";
@@ -216,24 +217,26 @@ int Run(const Options& o) {
     return kExitUsage;
   }
 
-  // Shared-memory pools with room for `concurrency` requests each, in shuffled blocks.
+  // Pools (shared host memory or GPU memory) with room for `concurrency` requests each, in
+  // shuffled blocks.
   const uint32_t c = o.concurrency;
+  const PoolMemory memory = o.pool_memory == "cuda" ? PoolMemory::kCuda : PoolMemory::kHostShm;
   auto make = [&](kvgen::PoolLayoutKind kind, uint32_t bs,
-                  const std::string& side) -> absl::StatusOr<std::unique_ptr<kvgen::ShmPool>> {
+                  const std::string& side) -> absl::StatusOr<std::unique_ptr<FrontendPool>> {
     kvgen::PoolSpec spec{kind, shape, dtype, bs, kvgen::BlocksFor(n, bs) * c + 1};
-    return kvgen::ShmPool::Create(absl::StrFormat("skv-ff-%d-%s", getpid(), side), spec);
+    return FrontendPool::Create(memory, absl::StrFormat("skv-ff-%d-%s", getpid(), side), spec);
   };
   auto src_pool = make(*src_kind, o.src_block_size, "src");
   if (!src_pool.ok()) {
     std::fprintf(stderr, "fake-frontend: %s\n", src_pool.status().ToString().c_str());
-    return kExitFailure;
+    return ExitCodeFor(src_pool.status());
   }
   auto dst_pool = make(*dst_kind, o.dst_block_size, "dst");
   if (!dst_pool.ok()) {
     std::fprintf(stderr, "fake-frontend: %s\n", dst_pool.status().ToString().c_str());
-    return kExitFailure;
+    return ExitCodeFor(dst_pool.status());
   }
-  auto tables = [&](const kvgen::ShmPool& pool, uint32_t bs, uint64_t seed) {
+  auto tables = [&](const FrontendPool& pool, uint32_t bs, uint64_t seed) {
     const uint64_t blocks = pool.layout().num_blocks;
     const auto all = kvgen::ShuffledBlockTable(blocks, 1, static_cast<uint32_t>(blocks), seed);
     const uint64_t need = kvgen::BlocksFor(n, bs);
@@ -259,18 +262,18 @@ int Run(const Options& o) {
       queries[i] = kvgen::SyntheticWindowQueries(view, std::min(o.window, n), q_heads, o.seed + i);
     }
   }
+  if (absl::Status s = (*src_pool)->Publish(); !s.ok()) {
+    std::fprintf(stderr, "fake-frontend: filling the source pool: %s\n", s.ToString().c_str());
+    return ExitCodeFor(s);
+  }
 
   // Register both pools.
-  auto register_pool = [&](Client& client, const kvgen::ShmPool& pool, const std::string& id) {
+  auto register_pool = [&](Client& client, const FrontendPool& pool, const std::string& id) {
     v1::RegisterPoolRequest req;
     req.set_pool_id(id);
     req.set_model(o.kv_file.empty() ? o.model : "");
     *req.mutable_layout() = LayoutToProto(pool.layout());
-    for (size_t r = 0; r < pool.names().size(); ++r) {
-      v1::HostSharedMemory* shm = req.add_regions()->mutable_host_shm();
-      shm->set_name(pool.names()[r]);
-      shm->set_size_bytes(pool.regions()[r].size_bytes);
-    }
+    if (absl::Status s = pool.AddRegions(&req); !s.ok()) return s;
     return client.RegisterPool(req, 30).status();
   };
   const std::string src_id = absl::StrFormat("ff-src-%d", getpid());
@@ -307,7 +310,11 @@ int Run(const Options& o) {
     Round round;
     round.budget = o.budgets[bi];
     for (uint32_t rep = 0; rep < o.rounds; ++rep) {
-      (*dst_pool)->Zero();
+      if (absl::Status s = (*dst_pool)->Zero(); !s.ok()) {
+        round.failed += c;
+        round.errors.push_back("zeroing the destination pool: " + s.ToString());
+        continue;
+      }
       std::vector<absl::StatusOr<v1::SendResponse>> sends(c, absl::UnknownError("not run"));
       std::vector<absl::StatusOr<v1::ReceiveResponse>> recvs(c, absl::UnknownError("not run"));
       std::vector<Clock::time_point> start(c), end_send(c), end_recv(c);
@@ -383,6 +390,11 @@ int Run(const Options& o) {
         }
       }
       for (auto& t : threads) t.join();
+      if (absl::Status s = (*dst_pool)->Fetch(); !s.ok()) {
+        round.failed += c;
+        round.errors.push_back("reading the destination pool: " + s.ToString());
+        continue;
+      }
       for (uint32_t i = 0; i < c; ++i) {
         if (!sends[i].ok() || !recvs[i].ok()) {
           ++round.failed;
@@ -557,7 +569,8 @@ void AddFakeFrontendCommand(CLI::App& app, int* exit_code) {
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
       "fake-frontend",
-      "Play the prefill and decode frontends against one or two daemons: shared-memory pools, "
+      "Play the prefill and decode frontends against one or two daemons: shared-memory or GPU "
+      "pools, "
       "Receive + Send per budget, verification of every row against its tier's error bound");
   cmd->add_option("--sender", o->sender, "Prefill daemon (gRPC target)")->capture_default_str();
   cmd->add_option("--receiver", o->receiver, "Decode daemon (default: the sender)");
@@ -575,6 +588,11 @@ void AddFakeFrontendCommand(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--dst-layout", o->dst_layout, "Decode pool layout")->capture_default_str();
   cmd->add_option("--dst-block-size", o->dst_block_size, "Decode tokens per block")
+      ->capture_default_str();
+  cmd->add_option("--pool-memory", o->pool_memory,
+                  "host (shared memory) or cuda (GPU memory of this process, exported through "
+                  "CUDA IPC handles; needs a build with CUDA and a GPU)")
+      ->check(CLI::IsMember({"host", "cuda"}))
       ->capture_default_str();
   cmd->add_option("--budgets", o->budgets, "Budgets to run, e.g. --budgets 1.0 0.5 0.3")
       ->capture_default_str();

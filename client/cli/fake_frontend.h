@@ -1,5 +1,6 @@
 // `spectrumkv fake-frontend`: plays a prefill frontend and a decode frontend against one or two
-// daemons. It creates a shared-memory KV pool per side in a chosen engine layout, fills the
+// daemons. It creates a KV pool per side (shared host memory, or GPU memory exported through CUDA
+// IPC handles) in a chosen engine layout, fills the
 // source with synthetic (or file) KV, registers both pools, drives Receive and Send for each
 // budget, verifies what arrived against the source within each tier's error bound, optionally
 // checks the daemons' metrics against the transfers, and prints a table of bytes and per-stage

@@ -48,6 +48,19 @@ class CudaPinnedHostMemory final : public PinnedHostMemory {
  private:
   std::unique_ptr<cuda::PinnedHostRange> range_;
 };
+
+class CudaExportableAllocation final : public ExportableDeviceAllocation {
+ public:
+  CudaExportableAllocation(cuda::DeviceBuffer buffer, std::string handle)
+      : buffer_(std::move(buffer)), handle_(std::move(handle)) {}
+  uint8_t* data() const override { return buffer_.data(); }
+  uint64_t size() const override { return buffer_.size(); }
+  const std::string& ipc_handle() const override { return handle_; }
+
+ private:
+  cuda::DeviceBuffer buffer_;
+  std::string handle_;
+};
 #else
 constexpr char kNoCuda[] = "the CUDA backend is not part of this build";
 #endif
@@ -144,6 +157,22 @@ absl::StatusOr<std::unique_ptr<DeviceAllocation>> ImportCudaIpcMemory(std::strin
   (void)offset_bytes;
   (void)size_bytes;
   return absl::UnavailableError(absl::StrCat("CUDA IPC memory cannot be imported: ", kNoCuda));
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<ExportableDeviceAllocation>> AllocateExportableDeviceMemory(
+    uint64_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("cannot allocate 0 bytes of device memory");
+#ifdef SPECTRUMKV_HAVE_CUDA
+  if (absl::Status s = cuda::CheckDevice(kCudaCodecDevice); !s.ok()) return s;
+  auto buffer = cuda::DeviceBuffer::Allocate(bytes);
+  if (!buffer.ok()) return buffer.status();
+  auto exported = cuda::ExportIpcHandle(buffer->data());
+  if (!exported.ok()) return exported.status();
+  return std::unique_ptr<ExportableDeviceAllocation>(
+      new CudaExportableAllocation(std::move(*buffer), std::move(exported->handle)));
+#else
+  return absl::UnavailableError(kNoCuda);
 #endif
 }
 

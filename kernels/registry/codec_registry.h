@@ -70,6 +70,20 @@ absl::StatusOr<std::unique_ptr<DeviceAllocation>> ImportCudaIpcMemory(std::strin
                                                                       uint64_t offset_bytes,
                                                                       uint64_t size_bytes);
 
+// Device memory that another process can import, as a GPU engine's KV cache is: one cudaMalloc
+// allocation on device kCudaCodecDevice (memory of stream-ordered pools cannot be exported) and
+// its CUDA IPC handle. For frontends and tests (`spectrumkv fake-frontend --pool-memory cuda`).
+class ExportableDeviceAllocation : public DeviceAllocation {
+ public:
+  // The handle of the whole allocation (data() is its start, offset 0).
+  virtual const std::string& ipc_handle() const = 0;
+};
+
+// UNAVAILABLE where the CUDA backend is not built or no device can be used; RESOURCE_EXHAUSTED
+// when the device is out of memory; INVALID_ARGUMENT for 0 bytes.
+absl::StatusOr<std::unique_ptr<ExportableDeviceAllocation>> AllocateExportableDeviceMemory(
+    uint64_t bytes);
+
 // A registration of host memory as pinned (page-locked for DMA), undone on destruction; the
 // memory must stay mapped until then.
 class PinnedHostMemory {

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Two-daemon benchmark on a GPU machine (docs/BENCHMARKS.md, "Daemon to daemon on a GPU node").
+
+Two spectrumkvd processes over UCX on one host move the 4096-token llama3-8b KV (536.9 MB FP16,
+vLLM NHD blocks of 16 -> vLLM HND blocks of 32) at b = 1.0, 0.5 and 0.3, with the frontend's
+pools in GPU memory (CUDA IPC handles; the daemons import them, score and pack with the CUDA
+codec, stage through pinned host memory) and, in the same run, in shared host memory (CPU
+codec). Each configuration runs over loopback and, where the machine allows network namespaces
+and tc, over loopback shaped to 10 and 25 Gbit/s; ucx_perftest tag_bw of a 512 MiB message
+over the same transport gives the raw-UCX reference of each link. Everything the client sees is
+timed (Send call to both Send and Receive returning); every row that arrives is verified.
+
+Needs a built tree (build/bin or --bin), ucx_perftest, and a CUDA device for the GPU pools.
+Bounded: every run has a timeout. Usage: gpu_transfer_bench.py [--rounds N] [--json F]
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import transfer_bench as tb
+
+
+def shape_namespace(rate):
+    """A namespace whose lo is shaped to `rate`; None where the machine does not allow it."""
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        print(f"shaped link {rate} not available here: no ip or tc", file=sys.stderr)
+        return None
+    tb.run(["ip", "netns", "del", tb.NS], 10, check=False)
+    try:
+        tb.run(["ip", "netns", "add", tb.NS], 10)
+        tb.run(["ip", "netns", "exec", tb.NS, "ip", "link", "set", "lo", "up"], 10)
+        tb.run(["ip", "netns", "exec", tb.NS, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+                "rate", rate, "burst", "1mb", "latency", "10ms"], 10)
+        return tb.NS
+    except (RuntimeError, OSError) as e:
+        print(f"shaped link {rate} not available here: {str(e).splitlines()[0]}", file=sys.stderr)
+        tb.run(["ip", "netns", "del", tb.NS], 10, check=False)
+        return None
+
+
+def one_link(args, rate):
+    ns = shape_namespace(rate) if rate else None
+    if rate and ns is None:
+        return None
+    try:
+        link = tb.perftest(512 << 20, 6, ns=ns, tls=args.tls, test="tag_bw")
+        res = {"link": rate or "loopback", "perftest_512MiB_Bps": link, "runs": []}
+        with tempfile.TemporaryDirectory(prefix="skv-gpubench-") as work:
+            d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk)
+            try:
+                for memory in args.pool_memory:
+                    for scoring in args.scorings:
+                        r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
+                                        "1.0", "0.5", "0.3", "--rounds", str(args.rounds),
+                                        "--scoring", scoring, "--pool-memory", memory,
+                                        "--timeout-s", "120"])
+                        base = r["rounds"][0]["median_s"]["end_to_end"]
+                        for rnd in r["rounds"]:
+                            e2e = rnd["median_s"]["end_to_end"]
+                            res["runs"].append({
+                                "pool_memory": memory, "scoring": scoring,
+                                "budget": rnd["budget"], "ok": rnd["ok"],
+                                "failed": rnd["failed"], "errors": rnd["errors"],
+                                "wire_bytes": rnd["wire_bytes"] / max(1, rnd["ok"]),
+                                "logical_bytes": rnd["logical_bytes"] / max(1, rnd["ok"]),
+                                "e2e_s": e2e, "ratio_to_uncompressed": e2e / base,
+                                "stages_s": rnd["median_s"], "verified": rnd["verified"]})
+            finally:
+                d.stop()
+        return res
+    finally:
+        if ns:
+            tb.run(["ip", "netns", "del", tb.NS], 10, check=False)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tls", default="tcp")
+    ap.add_argument("--chunk", default="4MiB")
+    ap.add_argument("--rates", nargs="*", default=["", "10gbit", "25gbit"],
+                    help="'' is plain loopback")
+    ap.add_argument("--pool-memory", nargs="*", default=["cuda", "host"])
+    ap.add_argument("--scorings", nargs="*", default=["key_norm"])
+    ap.add_argument("--bin", default=tb.BIN, help="folder with spectrumkvd and spectrumkv")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    tb.BIN = args.bin
+    if shutil.which("ucx_perftest") is None:
+        sys.exit("ucx_perftest not found (Debian package ucx-utils)")
+    result = {"tls": args.tls, "chunk": args.chunk, "rounds": args.rounds,
+              "cpus": os.cpu_count(), "kernel": os.uname().release, "links": []}
+    for rate in args.rates:
+        res = one_link(args, rate)
+        if res is not None:
+            result["links"].append(res)
+    print("\nllama3-8b, 4096 tokens, UCX_TLS=%s, medians of %d" % (args.tls, args.rounds))
+    print("%9s %6s %9s %6s %9s %9s %7s %7s %7s %7s %7s %7s %5s" % (
+        "link", "pools", "scoring", "b", "wire MB", "e2e ms", "ratio", "score", "pack", "stage",
+        "net", "unpack", "ok"))
+    for link in result["links"]:
+        print("  %s: ucx_perftest tag_bw 512 MiB %.2f GB/s" % (
+            link["link"], link["perftest_512MiB_Bps"] / 1e9))
+        for x in link["runs"]:
+            s = x["stages_s"]
+            print("%9s %6s %9s %6.2f %9.1f %9.1f %7.3f %7.2f %7.2f %7.2f %7.2f %7.2f %5s" % (
+                link["link"], x["pool_memory"], x["scoring"], x["budget"], x["wire_bytes"] / 1e6,
+                x["e2e_s"] * 1e3, x["ratio_to_uncompressed"], s["score"] * 1e3, s["pack"] * 1e3,
+                s["stage_copy"] * 1e3, s["network"] * 1e3, s["unpack"] * 1e3,
+                "yes" if x["verified"] and not x["failed"] else "NO"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
