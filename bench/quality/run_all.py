@@ -5,7 +5,11 @@ the INT4 probe on both models, then the PPL and NIAH sweeps. Each stage prints t
 stand-alone command (what docs/QUALITY.md lists); a stage that fails is logged and the next one
 runs. Results land in --out as JSON/YAML; checkpoints in --checkpoints (reused if present).
 
-Example (one H100, about 9 minutes):
+By default two reference-model variants train side by side on the GPU (--train-variants: a
+wider one, and train_reference.py's char preset) and the better one on held-out data is kept.
+
+Example (one H200: 531 s with --deadline-s 540, which skipped the outlier model's NIAH sweep; a
+second run with --stages outlier,out_niah did it in 98 s):
   python3 bench/quality/run_all.py --out /tmp/quality --checkpoints bench/quality/checkpoints
 """
 
@@ -83,7 +87,8 @@ def main(argv=None):
     p.add_argument("--train-minutes", type=float, default=3.5)
     p.add_argument("--train-args", default="",
                    help="extra train_reference.py flags (one string, split on spaces)")
-    p.add_argument("--train-variants", default="",
+    p.add_argument("--train-variants",
+                   default="--hidden 384 --heads 6 --intermediate 1024 --batch 16 --dropout 0.2;",
                    help="';'-separated train_reference.py flag sets, trained side by side on the "
                         "same device (each with the same time budget); the one whose kept "
                         "checkpoint ranks best on held-out data (train_reference.selection_key) "
