@@ -129,6 +129,16 @@ def csv(text: str) -> List[str]:
     return [x for x in text.split(",") if x]
 
 
+def _van_der_corput(i: int) -> float:
+    """i's binary digits mirrored behind the point: 0, 0.5, 0.25, 0.75, 0.125, ..."""
+    x, f = 0.0, 0.5
+    while i:
+        x += f * (i & 1)
+        i >>= 1
+        f /= 2
+    return x
+
+
 class Accumulator:
     """Per-method sums over samples."""
 
@@ -220,9 +230,14 @@ class Harness:
         total_windows = len(words_ids) // seq
         picks = np.linspace(0, total_windows - 1, num=min(a.windows, total_windows)).round()
         picks = sorted(set(int(x) for x in picks))
+        # Visit the windows in van der Corput order (0, 1/2, 1/4, 3/4, ... of the file), so a run
+        # cut by --time-limit-s still covers the whole of test.txt evenly.
+        picks = [picks[i] for i in sorted(range(len(picks)), key=_van_der_corput)]
         acc = {m: Accumulator() for m in methods}
         full = Accumulator()
         identity_diff = 0.0
+        boundary_ids = ([self.lm.encode(" ")[0], self.lm.encode("\n")[0]]
+                        if self.lm.token_level == "char" else [])
         for wi, w in enumerate(picks):
             if self.out_of_time():
                 print(f"ppl: time limit reached after {wi} windows", flush=True)
@@ -236,7 +251,10 @@ class Harness:
             logits, _ = self.lm.forward_with_cache(pre.kv[None], keep_all, cont_ids, prefix)
             lp_full = torch.log_softmax(logits[0, :-1], dim=-1)
             nll_full = -lp_full.gather(1, targets[:, None]).sum().item()
-            full.add(None, nll=nll_full, tokens=len(targets))
+            # Character models: the words scored (WikiText ends every word with a space or a
+            # newline), for a word-level equivalent of the per-character perplexity.
+            words = sum(int((targets == t).sum()) for t in boundary_ids)
+            full.add(None, nll=nll_full, tokens=len(targets), words=words)
             # Codec check: 3tier at element budget 1.0 sends every token at FP16, bit-exact, so
             # the continuation must match full precision exactly.
             check = Method("3tier", "positional", "absmax", 1.0, "element")
@@ -284,10 +302,18 @@ class Harness:
                          "payload_bytes": a_m.mean("payload_bytes"),
                          "fp16_bytes": a_m.mean("fp16_bytes"),
                          "tier_fractions": (a_m.tiers / a_m.tiers.sum()).round(5).tolist()})
+        extra = {}
+        if boundary_ids:
+            words = float(np.sum(full.per_sample["words"]))
+            extra = {"token_level": "char", "scored_words": words,
+                     "chars_per_word": float(tokens.sum() / words),
+                     "bits_per_char": float(full_nll.sum() / tokens.sum() / math.log(2)),
+                     "word_equivalent_ppl": math.exp(full_nll.sum() / words)}
         return {"protocol": "ppl", "seq_len": seq, "prefix_tokens": prefix,
                 "scored_tokens_per_window": cont - 1, "windows": len(full_nll),
                 "window_offsets": [w * seq for w in picks[:len(full_nll)]],
-                "full": {"ppl": ppl_full, "nll_per_token": float(full_nll.sum() / tokens.sum())},
+                "full": {"ppl": ppl_full, "nll_per_token": float(full_nll.sum() / tokens.sum()),
+                         **extra},
                 "codec_identity_max_logit_diff": identity_diff, "methods": rows}
 
     # -- needle in a haystack ---------------------------------------------------------------------
@@ -321,9 +347,8 @@ class Harness:
             ok = data.answer_found(self.lm.decode(gen[0].tolist()), trial.answer_text)
             full.add(None, success=ok)
             full_by_depth.setdefault(trial.depth, []).append(int(ok))
-            key_len = len(self.lm.encode(data.NEEDLE_KEYS[trial.needle][0]))
-            answer_pos = np.arange(trial.needle_pos + key_len,
-                                   trial.needle_pos + key_len + len(trial.answer_ids))
+            answer_len = len(self.lm.encode(trial.answer_text))
+            answer_pos = np.arange(trial.answer_pos, trial.answer_pos + answer_len)
             for chunk in self.round_trips(kv_np, scores, methods, seed=42 + ti):
                 kv, keep = self.stack(chunk)
                 gens = self.greedy(kv, keep, first, n, steps).tolist()
@@ -439,7 +464,8 @@ def main(argv=None):
         for context in (int(c) for c in csv(args.niah_context)):
             trials = data.niah_trials(lm.encode, test_ids, context,
                                       data.default_depths(args.niah_depths),
-                                      list(range(args.niah_needles)), pool, args.seed)
+                                      list(range(args.niah_needles)), pool, args.seed,
+                                      lm.token_level)
             print(f"niah: context {context}, {len(trials)} trials, {len(methods)} methods",
                   flush=True)
             result["niah"].append(h.run_niah(methods, trials))

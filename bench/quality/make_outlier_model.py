@@ -53,8 +53,8 @@ def main(argv=None):
     model = tiny_llama.load_checkpoint(args.src, dtype=torch.float32)
     c = model.config
     d = c.head_dim
-    tok = data.WordTokenizer.from_file(os.path.join(args.src, "tokenizer.json"))
-    ids = tok.encode_words(data.wikitext_words(os.path.join(args.data_dir, "valid.txt")))
+    tok = data.load_tokenizer(args.src)
+    ids = data.encode_file(tok, os.path.join(args.data_dir, "valid.txt"))
     calib = torch.tensor([ids[:args.calib_tokens]])
     logits_ref, cache, _ = model(calib)
 

@@ -16,7 +16,6 @@ embedding, which assumes the rotate-half RoPE of the Llama family (Llama, Mistra
 Gemma); models with another RoPE should use key_norm scoring.
 """
 
-import json
 import os
 from typing import List, Optional, Tuple
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 import tiny_llama
-from data import WordTokenizer
+from data import load_tokenizer, tokenizer_kind
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -105,19 +104,19 @@ class LanguageModel:
 
     def _load_tokenizer(self):
         tok_json = os.path.join(self.path, "tokenizer.json")
-        word_level = False
-        if os.path.exists(tok_json):
-            with open(tok_json, encoding="utf-8") as f:
-                word_level = json.load(f).get("model", {}).get("type") == "WordLevel"
-        if word_level:
-            # The reference model's tokenizer; read directly so results do not depend on the
-            # tokenizers package (the device check compares it with PreTrainedTokenizerFast).
-            self.word_tokenizer = WordTokenizer.from_file(tok_json)
-            self.encode = self.word_tokenizer.encode
-            self.decode = self.word_tokenizer.decode
+        self.token_level = "word"
+        if tokenizer_kind(tok_json) is not None:
+            # The reference models' tokenizers (char or word level); read directly so results do
+            # not depend on the tokenizers package (check_transformers.py compares them with
+            # PreTrainedTokenizerFast).
+            self.tokenizer = load_tokenizer(tok_json)
+            self.token_level = self.tokenizer.level
+            self.encode = self.tokenizer.encode
+            self.decode = self.tokenizer.decode
             return
         if self.backend != "transformers":
-            raise ValueError(f"{self.path}: only WordLevel tokenizers work without transformers")
+            raise ValueError(f"{self.path}: only the reference models' WordLevel tokenizers "
+                             "work without transformers")
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(self.path)
         self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]

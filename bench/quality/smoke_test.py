@@ -4,7 +4,8 @@ synthetic corpus go through every protocol, every policy and both quantizers via
 (libspectrumkv_codec.so from $SPECTRUMKV_CODEC_LIB), then the results are checked for the
 invariants that must hold whatever the model: the codec at budget 1.0 is the identity, realized
 budgets never exceed the requested ones, the prefill cache reproduces a single forward pass,
-masked (dropped) positions are invisible to attention, and the probe writes its policy.
+masked (dropped) positions are invisible to attention, and the probe writes its policy. A tiny
+character-level model checks the reference model's tokenizer and needle layout the same way.
 
 Works with Debian's python3-torch 1.13 and no transformers (the built-in Llama is used). Exits
 77 (ctest: skipped) only if torch or numpy cannot be imported.
@@ -70,6 +71,59 @@ def make_model(directory, words):
         json.dump([w for w in words if w.startswith("w")][:50], f)
 
 
+def check_char_level(tmp, data_dir):
+    """The character-level tokenizer (the reference model's): tokenizer.json round trip, NIAH
+    prompts laid out on word boundaries with the answer where answer_pos says, and the harness's
+    PPL and NIAH protocols on a tiny random character model."""
+    text = data.wikitext_text(os.path.join(data_dir, "test.txt"))
+    tok = data.CharTokenizer.build(text, extra=" ".join(k for k, _ in data.NEEDLE_KEYS) +
+                                   " what ? . 0123456789\n")
+    model_dir = os.path.join(tmp, "char_model")
+    tok.save(model_dir)
+    back = data.load_tokenizer(model_dir)
+    check(back.level == "char" and back.itos == tok.itos, "char tokenizer.json round trip")
+    check(back.decode(back.encode(text)) == text, "char tokenizer does not round-trip test.txt")
+    with open(os.path.join(model_dir, "tokenizer.json")) as f:
+        spec = json.load(f)
+    check(spec["pre_tokenizer"]["type"] == "Split" and spec["decoder"]["type"] == "Fuse",
+          "char tokenizer.json layout")
+    ids = tok.encode(text)
+    trials = data.niah_trials(tok.encode, ids, 300, [0.2, 0.5, 0.8], [0, 1], ["w1", "w2"], 5,
+                              "char")
+    for t in trials:
+        prompt = tok.decode(t.prompt_ids)
+        check(len(t.prompt_ids) == 300, "char NIAH prompt length")
+        check(tok.decode(t.prompt_ids[t.answer_pos:t.answer_pos + len(t.answer_text)])
+              == t.answer_text, "char NIAH answer_pos")
+        segment = data.needle_segment(data.NEEDLE_KEYS[t.needle][0], t.answer_text.split(),
+                                      "char")
+        check(prompt[t.needle_pos:].startswith(segment) and
+              prompt[t.needle_pos + len(segment)] == " ", "char needle not between words")
+        check(prompt.endswith(data.question_text(data.NEEDLE_KEYS[t.needle][0], "char")),
+              "char NIAH question")
+    torch.manual_seed(1)
+    config = tiny_llama.Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, rope_theta=1e4, max_position_embeddings=512)
+    model = tiny_llama.TinyLlama(config)
+    model.init_weights(std=0.2)
+    tiny_llama.save_checkpoint(model, model_dir, dtype=torch.float32)
+    with open(os.path.join(model_dir, "niah_pool.json"), "w") as f:
+        json.dump(["w1", "w2", "w3"], f)
+    r = harness.main([
+        "--model", model_dir, "--device", "cpu", "--dtype", "bf16", "--backend", "builtin",
+        "--data-dir", data_dir, "--out", os.path.join(tmp, "char.json"), "--seq-len", "160",
+        "--cont-len", "32", "--windows", "2", "--budgets", "0.5", "--budget-kinds", "element",
+        "--policies", "pdtrim,3tier", "--scorings", "attention", "--quantizers", "absmax",
+        "--niah-context", "200", "--niah-depths", "2", "--niah-needles", "1", "--window", "8",
+        "--threads", "2"])
+    full = r["ppl"]["full"]
+    check(full.get("token_level") == "char" and full["chars_per_word"] > 1,
+          "char PPL without its word-level equivalent")
+    check(r["ppl"]["codec_identity_max_logit_diff"] == 0.0, "char model: codec identity")
+    check(r["niah"][0]["trials"] == 2, "char NIAH trials")
+
+
 def check_model_plumbing(model_dir):
     """Prefill + cache continuation == one forward pass; masked positions are invisible."""
     lm = LanguageModel(model_dir, "cpu", "bf16", "builtin")
@@ -124,6 +178,7 @@ def main():
         check(os.path.exists(os.path.join(model_dir, "model.safetensors.index.json")),
               "sharded checkpoint not written")
         check_model_plumbing(model_dir)
+        check_char_level(tmp, data_dir)
 
         out = os.path.join(tmp, "results.json")
         r = harness.main([

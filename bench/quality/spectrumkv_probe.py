@@ -115,7 +115,7 @@ def main(argv=None):
     test_ids = lm.encode(data.wikitext_text(os.path.join(args.data_dir, "test.txt")))
     pool = data.load_word_pool(args.model) or list(harness.FALLBACK_POOL)
     trials = data.niah_trials(lm.encode, test_ids, args.context, PROBE_DEPTHS, [args.needle],
-                              pool, args.seed)
+                              pool, args.seed, lm.token_level)
     methods = [harness.Method("3tier", args.scoring, q, args.budget, "element")
                for q in quantizers]
     h = harness.Harness(lm, codec, args)
