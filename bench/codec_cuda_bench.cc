@@ -4,9 +4,12 @@
 // For each model shape and token count, a vLLM NHD paged pool (block 16, shuffled blocks) in
 // device memory is scored (key_norm or attention with a window of 32 queries), planned on the
 // host (3-tier, element budget b), packed into a device payload and unpacked into a vLLM HND pool
-// (block 32) with and without on-device verification. Device times come from CUDA events the
-// codec records around its device work (CudaCodec::last_device_ms); wall times of the whole call
-// are reported beside them. Each step runs --warmup times untimed, then --reps times; medians.
+// (block 32) with and without on-device verification. A second table compares planning on the
+// device with the host planner (same scores, identical plans checked) and the whole sender path
+// score + plan + pack with host planning against CudaCodec::ScorePlanPack (identical payloads
+// checked). Device times come from CUDA events the codec records around its device work
+// (CudaCodec::last_device_ms); wall times of the whole call are reported beside them. Each step
+// runs --warmup times untimed, then --reps times; medians.
 //
 // Bytes are counted as read + written. Pack moves R + W bytes (R = the FP16 K and V of the
 // request, W = the payload), unpack W + R_kept, a copy 2 * its size. The byte floor of a step is
@@ -54,6 +57,19 @@ struct Timing {
   double device_ms = 0.0;
   double wall_ms = 0.0;
 };
+
+// Wall-clock median of a host-side step, in milliseconds.
+template <typename F>
+double TimeWall(int warmup, int reps, F&& f) {
+  for (int i = 0; i < warmup; ++i) f();
+  std::vector<double> wall;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = Clock::now();
+    f();
+    wall.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  return Median(wall);
+}
 
 template <typename F>
 Timing TimeCall(CudaCodec& codec, int warmup, int reps, F&& f) {
@@ -147,6 +163,11 @@ struct Row {
   double copy_gbps = 0;
   Timing score, pack, unpack_verify, unpack_verified;
   double plan_ms = 0;
+  // Planning on the device (second table).
+  Timing device_plan, score_and_plan, e2e_device;
+  double score_then_plan_ms = 0;  // wall: Score (scores to the host) + PlanTiers
+  double e2e_host_ms = 0;         // wall: Score + PlanTiers + prelude upload + PackLayers
+  double floor_ms = 0;
   bool tensor = false;
 };
 
@@ -207,6 +228,7 @@ int Run(int argc, char** argv) {
       "/copy | plan ms (host) |");
   emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 
+  std::vector<Row> plan_rows;
   for (const std::string& model : models) {
     const ModelShape shape = *kvgen::LookupModelShape(model);
     const uint32_t q_heads = model == "qwen2.5-7b" ? 28 : 32;
@@ -231,6 +253,8 @@ int Run(int argc, char** argv) {
               uint64_t{shape.num_layers} * so.window * q_heads * shape.head_dim);
         }
         std::vector<float> scores(n);
+        cuda::DeviceBuffer device_scores =
+            Check(cuda::DeviceBuffer::Allocate(4 * uint64_t{n}), "cudaMalloc (scores)");
         Row base;
         base.model = model;
         base.scoring = scoring;
@@ -246,9 +270,22 @@ int Run(int argc, char** argv) {
           PlanOptions po;
           po.budget = b;
           po.scoring = static_cast<uint8_t>(so.mode);
-          const auto p0 = Clock::now();
           const TierPlan plan = Check(PlanTiers(shape, DType::kFloat16, n, scores, po), "plan");
-          r.plan_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
+          r.plan_ms = TimeWall(warmup, reps, [&] {
+            Check(PlanTiers(shape, DType::kFloat16, n, scores, po).status(), "plan");
+          });
+          // Device planning from device-resident scores (the same scores), checked against the
+          // host plan before it is timed.
+          Check(cuda::CopyToDevice(device_scores.data(), scores.data(), 4 * uint64_t{n}), "scores");
+          const std::span<const float> dev_scores(
+              reinterpret_cast<const float*>(device_scores.data()), n);
+          if (Check(codec->PlanOnDevice(dev_scores, shape, DType::kFloat16, po), "device plan")
+                  .tiers != plan.tiers) {
+            Die(absl::InternalError("device plan differs from the host plan"), "device plan");
+          }
+          r.device_plan = TimeCall(*codec, warmup, reps, [&] {
+            Check(codec->PlanOnDevice(dev_scores, shape, DType::kFloat16, po).status(), "plan");
+          });
           cuda::DeviceBuffer payload =
               Check(cuda::DeviceBuffer::Allocate(plan.layout.total_bytes), "cudaMalloc (payload)");
           std::vector<uint8_t> prelude(plan.layout.prelude_bytes);
@@ -270,6 +307,38 @@ int Run(int argc, char** argv) {
                                       VerifyMode::kAlreadyVerified),
                   "unpack");
           });
+          // The whole sender path, before (host planning between score and pack) and after
+          // (ScorePlanPack: no host round trip); the two payloads must be identical.
+          cuda::DeviceBuffer payload2 =
+              Check(cuda::DeviceBuffer::Allocate(plan.layout.total_bytes), "cudaMalloc (payload)");
+          std::vector<float> scores2(n);
+          std::vector<uint8_t> prelude2(plan.layout.prelude_bytes);
+          r.e2e_host_ms = TimeWall(warmup, reps, [&] {
+            Check(codec->Score(src.View(), so, scores2), "score");
+            const TierPlan p = Check(PlanTiers(shape, DType::kFloat16, n, scores2, po), "plan");
+            WritePrelude(p.layout, p.tiers, prelude2);
+            Check(cuda::CopyToDevice(payload2.data(), prelude2.data(), prelude2.size()), "prelude");
+            Check(codec->PackLayers(src.View(), p, 0, shape.num_layers, payload2.span()), "pack");
+          });
+          r.score_then_plan_ms = TimeWall(warmup, reps, [&] {
+            Check(codec->Score(src.View(), so, scores2), "score");
+            Check(PlanTiers(shape, DType::kFloat16, n, scores2, po).status(), "plan");
+          });
+          r.score_and_plan = TimeCall(*codec, warmup, reps, [&] {
+            Check(codec->ScoreAndPlan(src.View(), so, po).status(), "score and plan");
+          });
+          r.e2e_device = TimeCall(*codec, warmup, reps, [&] {
+            Check(codec->ScorePlanPack(src.View(), so, po, payload.span()).status(), "e2e");
+          });
+          {
+            std::vector<uint8_t> a(plan.layout.total_bytes), b2(plan.layout.total_bytes);
+            Check(cuda::CopyToHost(a.data(), payload.data(), a.size()), "download");
+            Check(cuda::CopyToHost(b2.data(), payload2.data(), b2.size()), "download");
+            if (a != b2) {
+              Die(absl::InternalError("ScorePlanPack payload differs from the host-planned one"),
+                  "e2e");
+            }
+          }
           const double w = double(plan.layout.total_bytes);
           const uint64_t kept = n - plan.layout.total_counts[Tier::kDrop] /
                                         std::max<uint32_t>(1, plan.desc.num_maps());
@@ -278,6 +347,8 @@ int Run(int argc, char** argv) {
           const double unpack_gbps = (w + written) / (r.unpack_verify.device_ms * 1e-3) / 1e9;
           const double unpack2_gbps = (w + written) / (r.unpack_verified.device_ms * 1e-3) / 1e9;
           const double floor_ms = (read_bytes + w) / (copy_gbps * 1e9) * 1e3;
+          r.floor_ms = floor_ms;
+          plan_rows.push_back(r);
           emit(absl::StrFormat(
               "| %s | %u | %s%s | %.1f | %.3f | %.3f (%.3f) | %.3f (%.3f) | %.0f | %.2f | %.2f | "
               "%.3f (%.3f) | %.0f | %.2f | %.2f | %.1f |",
@@ -297,6 +368,31 @@ int Run(int argc, char** argv) {
       "Times are device times from CUDA events (wall time of the whole synchronous call in "
       "parentheses). R+W: FP16 K and V read plus payload written; the byte floor is R+W over the "
       "copy bandwidth. TC/CC: attention on tensor cores / CUDA cores.");
+  emit("");
+  emit(
+      "| model | tokens | scoring | b | plan: host ms | plan: device ms | host/device | "
+      "score+plan: "
+      "host-planned ms | score+plan: ScoreAndPlan ms | e2e: host-planned ms | e2e: "
+      "ScorePlanPack ms | e2e before/after | e2e (device)/floor |");
+  emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+  for (const Row& r : plan_rows) {
+    emit(absl::StrFormat(
+        "| %s | %u | %s | %.1f | %.3f | %.3f (%.3f) | %.1f | %.3f | %.3f (%.3f) | %.3f | "
+        "%.3f (%.3f) | %.2f | %.2f |",
+        r.model, r.tokens, r.scoring, r.budget, r.plan_ms, r.device_plan.device_ms,
+        r.device_plan.wall_ms, r.plan_ms / r.device_plan.wall_ms, r.score_then_plan_ms,
+        r.score_and_plan.device_ms, r.score_and_plan.wall_ms, r.e2e_host_ms, r.e2e_device.device_ms,
+        r.e2e_device.wall_ms, r.e2e_host_ms / r.e2e_device.wall_ms,
+        r.e2e_device.device_ms / r.floor_ms));
+  }
+  emit("");
+  emit(
+      "Planning table: wall medians unless marked; device times (CUDA events) with the wall time "
+      "in parentheses. plan: host = PlanTiers on host scores, device = PlanOnDevice on the same "
+      "scores in device memory (tiers copied back; checked identical). score+plan: Score (scores "
+      "to the host) then PlanTiers, vs ScoreAndPlan (ranked on the device, tier codes back). e2e: "
+      "Score + PlanTiers + prelude upload + PackLayers, vs ScorePlanPack (one call, no host "
+      "round trip; payloads checked identical). floor: R+W over the copy bandwidth.");
   if (!out_path.empty()) {
     FILE* f = std::fopen(out_path.c_str(), "w");
     if (f != nullptr) {

@@ -443,44 +443,47 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   const ModelShape& shape = pool->layout().shape;
   const DType dtype = pool->layout().dtype;
 
-  // A plan that does not depend on the ranking (one tier for every token: an uncompressed
+  // Plan what does not depend on the scores (tier counts, layout) on the host. A plan that does
+  // not depend on the ranking (pdtrim, random_tier, or one tier for every token: an uncompressed
   // transfer, a uniform policy within budget) needs no scoring pass over the KV.
-  std::vector<float> scores(a.num_tokens, 0.0f);
   auto t0 = SteadyClock::now();
-  absl::StatusOr<TierPlan> unranked = PlanTiers(shape, dtype, a.num_tokens, scores, po);
-  const auto uniform = [](const TierPlan& p) {
-    for (const TierCounts& c : p.layout.map_counts) {
+  absl::StatusOr<PlanSkeleton> skeleton = PlanSkeletonFor(shape, dtype, a.num_tokens, po);
+  const auto uniform = [](const WireLayout& l) {
+    for (const TierCounts& c : l.map_counts) {
       int used = 0;
       for (uint32_t n : c.n) used += n > 0;
       if (used > 1) return false;
     }
     return true;
   };
-  const bool need_scores = !unranked.ok() || !uniform(*unranked);
-
-  // Score.
-  ScoreOptions so;
-  so.mode = a.scoring;
-  so.window_queries = a.window_queries;
-  so.window = a.window;
-  so.num_q_heads = a.num_q_heads;
-  so.pool_kernel = a.pool_kernel;
-  so.recency_decay = a.recency_decay;
-  so.external_scores = a.external_scores;
-  if (need_scores) SPECTRUMKV_RETURN_IF_ERROR(codec->Score(src, so, scores));
-  auto t1 = SteadyClock::now();
-  t.stats.times.score_s = need_scores ? Since(t0, t1) : 0.0;
-  if (terminal()) return absl::OkStatus();
-
-  // Plan.
+  const bool need_scores = !skeleton.ok() || (skeleton->ranked && !uniform(skeleton->plan.layout));
   TierPlan plan;
-  if (need_scores) {
-    SPECTRUMKV_ASSIGN_OR_RETURN(plan, PlanTiers(shape, dtype, a.num_tokens, scores, po));
-  } else {
-    plan = std::move(*unranked);
+  if (!need_scores) {
+    if (skeleton->ranked) {  // every rank gets the same tier: any ranking gives the plan
+      std::vector<uint32_t> identity(a.num_tokens);
+      for (uint32_t i = 0; i < a.num_tokens; ++i) identity[i] = i;
+      AssignByRank(*skeleton, identity);
+    }
+    plan = std::move(skeleton->plan);
   }
-  auto t2 = SteadyClock::now();
-  t.stats.times.plan_s = Since(t1, t2);
+  auto t1 = SteadyClock::now();
+  t.stats.times.plan_s = Since(t0, t1);
+
+  // Score and rank. The codec plans where it scores: the CUDA backend ranks on the device and
+  // copies back only the tier codes, so score_s then includes the ranking.
+  if (need_scores) {
+    ScoreOptions so;
+    so.mode = a.scoring;
+    so.window_queries = a.window_queries;
+    so.window = a.window;
+    so.num_q_heads = a.num_q_heads;
+    so.pool_kernel = a.pool_kernel;
+    so.recency_decay = a.recency_decay;
+    so.external_scores = a.external_scores;
+    SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
+  }
+  t.stats.times.score_s = need_scores ? Since(t1, SteadyClock::now()) : 0.0;
+  if (terminal()) return absl::OkStatus();
   t.stats.policy = std::string(PolicyName(policy));
   t.stats.backend = std::string(codec->name());
   const uint64_t total = plan.layout.total_bytes;

@@ -68,6 +68,13 @@ absl::Status NonFiniteRowError(uint32_t layer, bool value, uint32_t token, uint3
                       layer, value ? "V" : "K", token, head));
 }
 
+absl::StatusOr<TierPlan> Codec::ScoreAndPlan(const KvBuffer& kv, const ScoreOptions& score_options,
+                                             const PlanOptions& plan_options) {
+  std::vector<float> scores(kv.num_tokens);
+  SPECTRUMKV_RETURN_IF_ERROR(Score(kv, score_options, scores));
+  return PlanTiers(kv.layout->shape, kv.layout->dtype, kv.num_tokens, scores, plan_options);
+}
+
 absl::Status PackPayloadInto(Codec& codec, const KvBuffer& src, const TierPlan& plan,
                              std::span<uint8_t> payload) {
   if (payload.size() != plan.layout.total_bytes) {

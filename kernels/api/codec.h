@@ -44,6 +44,14 @@ class Codec {
   virtual absl::Status Score(const KvBuffer& kv, const ScoreOptions& options,
                              std::span<float> scores) = 0;
 
+  // Scores `kv` and plans its tiers: the plan equals PlanTiers(shape, dtype, kv.num_tokens,
+  // scores, plan_options) for the scores Score writes, and errors are those of Score and then of
+  // PlanTiers. The default runs Score, then PlanTiers on the host; a backend may rank where the
+  // scores live (the CUDA backend does, and copies back only the tier codes).
+  virtual absl::StatusOr<TierPlan> ScoreAndPlan(const KvBuffer& kv,
+                                                const ScoreOptions& score_options,
+                                                const PlanOptions& plan_options);
+
   // Writes the sections of layers [first_layer, last_layer) of the payload that `plan` describes
   // into `payload` (the whole message buffer, plan.layout.total_bytes long), each sealed with its
   // CRC32C. The prelude is written separately (WritePrelude). `src` must match the plan's shape,

@@ -65,7 +65,6 @@ void CapSum(std::vector<uint64_t>& budgets, uint64_t total) {
 }
 
 struct MapFill {
-  std::span<const uint32_t> ranking;
   Costs cost;
   uint64_t budget = 0;
   uint8_t allowed = 0;
@@ -75,9 +74,11 @@ struct MapFill {
   const PlanOptions* options = nullptr;
 };
 
-// Greedy fill of one tier map (see plan.h). `tiers` has one entry per token.
-absl::Status FillGreedy(const MapFill& f, uint32_t map, std::span<uint8_t> tiers) {
-  const uint32_t n = static_cast<uint32_t>(tiers.size());
+// Greedy fill of one tier map of `n` tokens (see plan.h), as tiers by rank. Every token starts at
+// the least precise enabled tier (sinks at FP16 under sinkprotect); the lowest ranks are dropped
+// while the budget does not hold; the leftover upgrades the top non-sink-pinned ranks one tier at
+// a time. The result only depends on ranks, never on scores.
+absl::StatusOr<MapSegments> FillGreedy(const MapFill& f, uint32_t map, uint32_t n) {
   const uint32_t s = std::min(f.sinks, n);
   std::vector<Tier> chain;  // enabled tiers, least precise first
   for (int i = 2; i >= 0; --i) {
@@ -85,12 +86,10 @@ absl::Status FillGreedy(const MapFill& f, uint32_t map, std::span<uint8_t> tiers
   }
   const Tier floor_tier = chain.front();
   const auto c = [&](Tier t) { return f.cost[static_cast<int>(t)]; };
-  std::fill(tiers.begin(), tiers.end(), static_cast<uint8_t>(floor_tier));
   Uint128 cost = static_cast<Uint128>(n) * c(floor_tier);
-  if (f.sinks_fp16) {
-    for (uint32_t j = 0; j < s; ++j) tiers[j] = static_cast<uint8_t>(Tier::kFp16);
-    cost += static_cast<Uint128>(s) * (c(Tier::kFp16) - c(floor_tier));
-  }
+  // Ranks [0, pinned) are the sinks held at FP16 (RankTokens puts them first).
+  const uint32_t pinned = f.sinks_fp16 ? s : 0;
+  cost += static_cast<Uint128>(pinned) * (c(Tier::kFp16) - c(floor_tier));
   uint32_t kept = n;
   if (cost > f.budget) {
     if (f.on_unreachable == OnUnreachable::kReject) {
@@ -108,27 +107,27 @@ absl::Status FillGreedy(const MapFill& f, uint32_t map, std::span<uint8_t> tiers
           "budget %g is too small to keep the %u sink tokens (map %u)", f.options->budget, s, map));
     }
     const uint32_t d = static_cast<uint32_t>(drops);
-    for (uint32_t k = 0; k < d; ++k)
-      tiers[f.ranking[n - 1 - k]] = static_cast<uint8_t>(Tier::kDrop);
     cost -= static_cast<Uint128>(d) * per;
     kept = n - d;
   }
+  // Upgrade candidates: ranks [pinned, kept), best first. Each upgrade step takes a prefix of
+  // the previous step's candidates.
   uint64_t left = f.budget - static_cast<uint64_t>(cost);
-  std::vector<uint32_t> candidates;
-  candidates.reserve(kept);
-  for (uint32_t i = 0; i < kept; ++i) {
-    if (tiers[f.ranking[i]] == static_cast<uint8_t>(floor_tier)) {
-      candidates.push_back(f.ranking[i]);
-    }
-  }
+  std::array<uint64_t, 3> up{};  // up[k]: candidates at chain[k] or above
+  up[0] = kept - pinned;
   for (size_t k = 1; k < chain.size(); ++k) {
     const uint64_t delta = c(chain[k]) - c(chain[k - 1]);
-    const uint64_t up = std::min<uint64_t>(candidates.size(), delta ? left / delta : 0);
-    for (uint64_t i = 0; i < up; ++i) tiers[candidates[i]] = static_cast<uint8_t>(chain[k]);
-    left -= up * delta;
-    candidates.resize(up);
+    up[k] = std::min<uint64_t>(up[k - 1], delta ? left / delta : 0);
+    left -= up[k] * delta;
   }
-  return absl::OkStatus();
+  MapSegments seg{};
+  int i = 0;
+  seg[i++] = {pinned, Tier::kFp16};
+  for (size_t k = chain.size(); k-- > 0;) {
+    seg[i++] = {static_cast<uint32_t>(pinned + up[k]), chain[k]};
+  }
+  while (i < kMaxRankSegments) seg[i++] = {n, Tier::kDrop};
+  return seg;
 }
 
 // pdtrim: keep the front and the most recent tokens at FP16 (the budget decides how many),
@@ -204,12 +203,8 @@ double WireBudgetOf(const WireLayout& layout) {
 double TierPlan::ElementBudget() const { return ElementBudgetOf(layout); }
 double TierPlan::WireBudget() const { return WireBudgetOf(layout); }
 
-absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_t num_tokens,
-                                   std::span<const float> scores, const PlanOptions& options) {
-  if (scores.size() != num_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%u scores for %u tokens", scores.size(), num_tokens));
-  }
+absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtype,
+                                             uint32_t num_tokens, const PlanOptions& options) {
   if (options.budget <= 0.0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("budget %g must be greater than 0", options.budget));
@@ -288,24 +283,27 @@ absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_
     CapSum(budgets, total);
   }
 
-  std::vector<uint32_t> ranking;
+  PlanSkeleton skeleton;
+  skeleton.sinks = std::min(options.sink_tokens, num_tokens);
+  skeleton.ranked = options.policy != Policy::kPdTrim && options.policy != Policy::kRandomTier;
+  std::vector<uint8_t> tiers;
+  std::vector<TierCounts> counts(maps);
+  if (skeleton.ranked) skeleton.segments.resize(maps);
+  // random_tier: greedy's tier counts at random positions, i.e. greedy over a random ranking.
+  std::vector<uint32_t> random_ranking;
   if (options.policy == Policy::kRandomTier) {
-    ranking.resize(num_tokens);
-    std::iota(ranking.begin(), ranking.end(), 0u);
+    random_ranking.resize(num_tokens);
+    std::iota(random_ranking.begin(), random_ranking.end(), 0u);
     uint64_t state = options.seed;
-    const uint32_t s = std::min(options.sink_tokens, num_tokens);
+    const uint32_t s = skeleton.sinks;
     for (uint32_t i = num_tokens; i > s + 1; --i) {  // Fisher-Yates over the non-sinks
       const uint32_t j = s + static_cast<uint32_t>(SplitMix64(state) % (i - s));
-      std::swap(ranking[i - 1], ranking[j]);
+      std::swap(random_ranking[i - 1], random_ranking[j]);
     }
-  } else if (options.policy != Policy::kPdTrim) {
-    ranking = RankTokens(scores, options.sink_tokens);
   }
-
-  std::vector<uint8_t> tiers(uint64_t{maps} * num_tokens);
+  if (!skeleton.ranked) tiers.resize(uint64_t{maps} * num_tokens);
   for (uint32_t m = 0; m < maps; ++m) {
     MapFill f;
-    f.ranking = ranking;
     f.cost = cost;
     f.budget = budgets[m];
     f.allowed = allowed;
@@ -313,14 +311,61 @@ absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_
     f.sinks = options.sink_tokens;
     f.on_unreachable = options.on_unreachable;
     f.options = &options;
-    std::span<uint8_t> map_tiers(tiers.data() + uint64_t{m} * num_tokens, num_tokens);
+    std::span<uint8_t> map_tiers;
+    if (!skeleton.ranked) map_tiers = {tiers.data() + uint64_t{m} * num_tokens, num_tokens};
     if (options.policy == Policy::kPdTrim) {
       FillPdTrim(f, first_ratio_ppb, map_tiers);
-    } else {
-      SPECTRUMKV_RETURN_IF_ERROR(FillGreedy(f, m, map_tiers));
+      for (uint8_t t : map_tiers) ++counts[m].n[t];
+      continue;
+    }
+    SPECTRUMKV_ASSIGN_OR_RETURN(const MapSegments seg, FillGreedy(f, m, num_tokens));
+    uint32_t begin = 0;
+    for (const RankSegment& r : seg) {
+      counts[m][r.tier] += r.end_rank - begin;
+      if (!skeleton.ranked) {
+        for (uint32_t k = begin; k < r.end_rank; ++k) {
+          map_tiers[random_ranking[k]] = static_cast<uint8_t>(r.tier);
+        }
+      }
+      begin = r.end_rank;
+    }
+    if (skeleton.ranked) skeleton.segments[m] = seg;
+  }
+  skeleton.plan.desc = desc;
+  SPECTRUMKV_ASSIGN_OR_RETURN(skeleton.plan.layout, ComputeWireLayout(desc, counts));
+  skeleton.plan.tiers = std::move(tiers);
+  return skeleton;
+}
+
+void AssignByRank(PlanSkeleton& skeleton, std::span<const uint32_t> ranking) {
+  if (!skeleton.ranked) return;
+  const uint32_t n = skeleton.plan.desc.num_tokens;
+  SPECTRUMKV_CHECK(ranking.size() == n);
+  std::vector<uint8_t>& tiers = skeleton.plan.tiers;
+  tiers.assign(uint64_t{skeleton.plan.desc.num_maps()} * n, 0);
+  for (size_t m = 0; m < skeleton.segments.size(); ++m) {
+    uint8_t* map = tiers.data() + uint64_t{m} * n;
+    uint32_t begin = 0;
+    for (const RankSegment& r : skeleton.segments[m]) {
+      for (uint32_t k = begin; k < r.end_rank; ++k) map[ranking[k]] = static_cast<uint8_t>(r.tier);
+      begin = std::max(begin, r.end_rank);
     }
   }
-  return Finish(desc, std::move(tiers));
+}
+
+absl::StatusOr<TierPlan> PlanTiers(const ModelShape& shape, DType dtype, uint32_t num_tokens,
+                                   std::span<const float> scores, const PlanOptions& options) {
+  if (scores.size() != num_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%u scores for %u tokens", scores.size(), num_tokens));
+  }
+  SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton,
+                              PlanSkeletonFor(shape, dtype, num_tokens, options));
+  if (!skeleton.ranked) return std::move(skeleton.plan);
+  AssignByRank(skeleton, RankTokens(scores, options.sink_tokens));
+  // Recounted from the tiers themselves: the host plan is the reference the device plan is
+  // checked against, so its layout does not trust the skeleton's counts.
+  return Finish(skeleton.plan.desc, std::move(skeleton.plan.tiers));
 }
 
 absl::StatusOr<TierPlan> PlanFromTiers(const ModelShape& shape, DType dtype, uint32_t num_tokens,

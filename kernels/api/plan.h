@@ -10,6 +10,7 @@
 #ifndef SPECTRUMKV_KERNELS_API_PLAN_H_
 #define SPECTRUMKV_KERNELS_API_PLAN_H_
 
+#include <array>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -65,6 +66,47 @@ struct TierPlan {
 // Realized budgets of any payload layout (the receiver computes them from the prelude).
 double ElementBudgetOf(const WireLayout& layout);
 double WireBudgetOf(const WireLayout& layout);
+
+// The part of planning that does not depend on the scores. Tier counts follow from the budget
+// alone, so the payload layout is known before any token is scored; which token gets which tier
+// is then a function of its rank only: ranks [segments[i-1].end_rank, segments[i].end_rank) get
+// segments[i].tier (the first segment starts at rank 0, the last ends at num_tokens). PlanTiers is
+// PlanSkeletonFor, RankTokens and AssignByRank; the CUDA backend ranks and assigns on the device
+// from the same skeleton.
+struct RankSegment {
+  uint32_t end_rank = 0;
+  Tier tier = Tier::kDrop;
+};
+inline constexpr int kMaxRankSegments = 5;  // sinks, FP16, INT8, INT4, DROP
+using MapSegments = std::array<RankSegment, kMaxRankSegments>;
+
+struct PlanSkeleton {
+  // desc and layout are final. tiers is filled only when ranked is false.
+  TierPlan plan;
+  // False for policies whose tiers do not depend on scores (pdtrim, random_tier): plan.tiers is
+  // already the answer. True: rank the tokens, then assign by segments.
+  bool ranked = true;
+  // Ranks [0, sinks) are positions [0, sinks) in order (RankTokens).
+  uint32_t sinks = 0;
+  std::vector<MapSegments> segments;  // one per tier map, when ranked
+};
+
+// The skeleton of PlanTiers(shape, dtype, num_tokens, scores, options) for any scores: the same
+// errors for the same options (INVALID_ARGUMENT), the same layout and, once ranked, the same tiers.
+absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtype,
+                                             uint32_t num_tokens, const PlanOptions& options);
+
+// The tier of rank `rank` in a map with these segments.
+inline Tier TierOfRank(const MapSegments& segments, uint32_t rank) {
+  for (const RankSegment& s : segments) {
+    if (rank < s.end_rank) return s.tier;
+  }
+  return Tier::kDrop;
+}
+
+// Fills skeleton.plan.tiers from `ranking` (RankTokens order, num_tokens entries) when
+// skeleton.ranked; a no-op otherwise.
+void AssignByRank(PlanSkeleton& skeleton, std::span<const uint32_t> ranking);
 
 // Plans tiers for `num_tokens` tokens of a model with `shape` and `dtype`, ranking by `scores`
 // (one per token, higher = more important; NaN ranks last). Sinks rank first whatever their

@@ -155,12 +155,11 @@ absl::StatusOr<WireLayout> ComputeWireLayout(const PayloadDesc& desc,
   return wl;
 }
 
-void WritePrelude(const WireLayout& wl, std::span<const uint8_t> tiers, std::span<uint8_t> out) {
+void WritePreludeHeader(const WireLayout& wl, std::span<uint8_t> out) {
   const PayloadDesc& d = wl.desc;
-  SPECTRUMKV_CHECK(out.size() >= wl.prelude_bytes);
-  SPECTRUMKV_CHECK(tiers.size() == uint64_t{d.num_maps()} * d.num_tokens);
+  SPECTRUMKV_CHECK(out.size() >= kWireHeaderBytes);
   uint8_t* p = out.data();
-  std::memset(p, 0, wl.prelude_bytes);
+  std::memset(p, 0, kWireHeaderBytes);
   StoreLe32(p + kOffMagic, kWireMagic);
   StoreLe16(p + kOffVersion, kWireVersion);
   StoreLe16(p + kOffHeaderBytes, kWireHeaderBytes);
@@ -175,6 +174,15 @@ void WritePrelude(const WireLayout& wl, std::span<const uint8_t> tiers, std::spa
   StoreLe64(p + kOffTotalBytes, wl.total_bytes);
   for (int t = 0; t < kNumTiers; ++t) StoreLe32(p + kOffCounts + 4 * t, wl.total_counts.n[t]);
   StoreLe32(p + kOffHeaderCrc, crc32c::Value(p, kOffHeaderCrc));
+}
+
+void WritePrelude(const WireLayout& wl, std::span<const uint8_t> tiers, std::span<uint8_t> out) {
+  const PayloadDesc& d = wl.desc;
+  SPECTRUMKV_CHECK(out.size() >= wl.prelude_bytes);
+  SPECTRUMKV_CHECK(tiers.size() == uint64_t{d.num_maps()} * d.num_tokens);
+  uint8_t* p = out.data();
+  std::memset(p, 0, wl.prelude_bytes);
+  WritePreludeHeader(wl, out);
 
   uint8_t* maps = p + wl.tier_maps_offset;
   for (uint32_t m = 0; m < d.num_maps(); ++m) {

@@ -100,6 +100,10 @@ uint64_t TierBytesPerTokenLayer(const ModelShape& shape, Tier t);
 // channel factors, alignment padding, trailers). Used to plan wire budgets that always hold.
 uint64_t WireOverheadBound(const PayloadDesc& desc);
 
+// Writes the 64-byte header of the prelude into out[0, kWireHeaderBytes): everything but the tier
+// maps and their checksum, so it depends on the layout only. Requires out.size() >= 64.
+void WritePreludeHeader(const WireLayout& layout, std::span<uint8_t> out);
+
 // Writes the prelude (header, tier maps, maps CRC) into out[0, layout.prelude_bytes).
 // `tiers` holds num_maps * num_tokens Tier codes, map-major. Requires out.size() >= prelude.
 void WritePrelude(const WireLayout& layout, std::span<const uint8_t> tiers, std::span<uint8_t> out);

@@ -126,15 +126,27 @@ struct Descriptors {
   uint64_t crc_items = 0;
 };
 
-Descriptors Describe(const WireLayout& wl, std::span<const uint8_t> tiers, const KvBuffer& kv,
-                     uint32_t first, uint32_t last, uint64_t target_ranges) {
+// lists_on_device: the token lists are built on the device (EnqueuePlan) with every map's lists
+// in map order, FP16, INT8, INT4 each (the offsets follow from the layout's counts), and `tiers`
+// is not read; d.lists stays empty.
+Descriptors Describe(const WireLayout& wl, std::span<const uint8_t> tiers, bool lists_on_device,
+                     const KvBuffer& kv, uint32_t first, uint32_t last, uint64_t target_ranges) {
   const PayloadDesc& desc = wl.desc;
   const uint32_t heads = desc.shape.num_kv_heads;
   Descriptors d;
   // Token lists of each map the range uses.
   std::vector<std::array<uint64_t, 3>> map_offsets(desc.num_maps());
   std::vector<bool> built(desc.num_maps(), false);
-  for (uint32_t l = first; l < last; ++l) {
+  uint64_t list_entries = 0;
+  if (lists_on_device) {
+    for (uint32_t m = 0; m < desc.num_maps(); ++m) {
+      for (int k = 0; k < 3; ++k) {
+        map_offsets[m][k] = list_entries;
+        list_entries += wl.map_counts[m].n[k];
+      }
+    }
+  }
+  for (uint32_t l = first; l < last && !lists_on_device; ++l) {
     const uint32_t m = desc.MapForLayer(l);
     if (built[m]) continue;
     built[m] = true;
@@ -222,33 +234,25 @@ int GridFor(uint64_t warps_of_work, int resident_blocks, int warps_per_block) {
 
 }  // namespace
 
-// Per-call resources: a stream, events, growable device scratch and pinned staging.
-struct CudaCodec::Workspace {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t start = nullptr;
-  cudaEvent_t stop = nullptr;
+// Growable device scratch and pinned staging. A call that chains stages (score, plan, pack) gives
+// each stage its own arena so that a later stage's growth never frees an earlier stage's data.
+struct CudaCodec::Arena {
   uint8_t* device = nullptr;
   uint64_t device_bytes = 0;
   uint8_t* pinned = nullptr;
   uint64_t pinned_bytes = 0;
 
-  ~Workspace() {
-    if (stream != nullptr) cudaStreamSynchronize(stream);
+  ~Arena() { Release(); }
+
+  void Release() {
     if (device != nullptr) cudaFree(device);
     if (pinned != nullptr) cudaFreeHost(pinned);
-    if (start != nullptr) cudaEventDestroy(start);
-    if (stop != nullptr) cudaEventDestroy(stop);
-    if (stream != nullptr) cudaStreamDestroy(stream);
+    device = nullptr;
+    pinned = nullptr;
+    device_bytes = pinned_bytes = 0;
   }
 
-  absl::Status Init() {
-    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
-    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
-    return absl::OkStatus();
-  }
-
-  absl::Status Reserve(uint64_t device_need, uint64_t pinned_need) {
+  absl::Status Reserve(uint64_t device_need, uint64_t pinned_need, cudaStream_t stream) {
     if (device_need > device_bytes) {
       SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
       if (device != nullptr) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaFree(device));
@@ -271,6 +275,34 @@ struct CudaCodec::Workspace {
       pinned = static_cast<uint8_t*>(p);
       pinned_bytes = want;
     }
+    return absl::OkStatus();
+  }
+};
+
+// Per-call resources: a stream, events and the arenas of the score, plan and pack (or unpack)
+// stages.
+struct CudaCodec::Workspace {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr;
+  cudaEvent_t stop = nullptr;
+  Arena score;
+  Arena plan;
+  Arena main;  // pack and unpack
+
+  ~Workspace() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    if (start != nullptr) cudaEventDestroy(start);
+    if (stop != nullptr) cudaEventDestroy(stop);
+    score.Release();
+    plan.Release();
+    main.Release();
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  absl::Status Init() {
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
     return absl::OkStatus();
   }
 
@@ -393,21 +425,21 @@ bool CudaCodec::last_attention_used_tensor_cores() const {
   return last_tensor_cores_;
 }
 
-absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
-                                   uint32_t last_layer, std::span<uint8_t> payload) {
-  const PayloadDesc& desc = plan.desc;
-  const WireLayout& wl = plan.layout;
-  SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
-  if (first_layer == last_layer) return absl::OkStatus();
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  SPECTRUMKV_ASSIGN_OR_RETURN(const void* dim_tables, DimTablesFor(desc.shape.head_dim));
+struct CudaCodec::PackEnqueued {
+  uint64_t pinned_bad = 0;  // main arena offset of the bad-row report, valid after a sync
+};
 
+absl::StatusOr<CudaCodec::PackEnqueued> CudaCodec::EnqueuePack(
+    Workspace& ws, const KvBuffer& src, const WireLayout& wl, std::span<const uint8_t> tiers,
+    const uint32_t* device_lists, uint32_t first_layer, uint32_t last_layer,
+    std::span<uint8_t> payload, bool record_start) {
+  const PayloadDesc& desc = wl.desc;
+  SPECTRUMKV_ASSIGN_OR_RETURN(const void* dim_tables, DimTablesFor(desc.shape.head_dim));
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const bool kcn = desc.key_channel_norm();
   const uint64_t target_ranges = uint64_t{4} * multiprocessors_ * pack_blocks_per_sm_ * 8;
-  const Descriptors d = Describe(wl, plan.tiers, src, first_layer, last_layer, target_ranges);
+  const Descriptors d =
+      Describe(wl, tiers, device_lists != nullptr, src, first_layer, last_layer, target_ranges);
   const uint32_t slots = static_cast<uint32_t>(d.layers.size());
   const uint64_t blocks_needed =
       (uint64_t{desc.num_tokens} + src.layout->block_size - 1) / src.layout->block_size;
@@ -431,16 +463,15 @@ absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, ui
   const uint64_t device_need = off_bad + 8;
   const uint64_t pinned_bad = AlignUp(blob.size(), 16);
 
-  WorkspaceLease lease(this);
-  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
-  SPECTRUMKV_RETURN_IF_ERROR(ws->Reserve(device_need, pinned_bad + 8));
-  std::memcpy(ws->pinned, blob.data(), blob.size());
-  uint8_t* dev = ws->device;
-  cudaStream_t stream = ws->stream;
+  Arena& arena = ws.main;
+  cudaStream_t stream = ws.stream;
+  SPECTRUMKV_RETURN_IF_ERROR(arena.Reserve(device_need, pinned_bad + 8, stream));
+  std::memcpy(arena.pinned, blob.data(), blob.size());
+  uint8_t* dev = arena.device;
 
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start, stream));
+  if (record_start) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(dev, ws->pinned, blob.size(), cudaMemcpyHostToDevice, stream));
+      cudaMemcpyAsync(dev, arena.pinned, blob.size(), cudaMemcpyHostToDevice, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dev + off_crc, 0, zero_end - off_crc, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dev + off_bad, 0xFF, 8, stream));
 
@@ -451,7 +482,8 @@ absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, ui
   call.num_segments = static_cast<uint32_t>(d.segments.size());
   call.num_ranges = d.num_ranges;
   call.range_rows = d.range_rows;
-  call.lists = reinterpret_cast<const uint32_t*>(dev + off_lists);
+  call.lists =
+      device_lists != nullptr ? device_lists : reinterpret_cast<const uint32_t*>(dev + off_lists);
   call.block_table = reinterpret_cast<const uint32_t*>(dev + off_table);
   call.block_size = src.layout->block_size;
   call.heads = heads;
@@ -485,21 +517,42 @@ absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, ui
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchPack(call, grid, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchPackFinalize(call, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(ws->pinned + pinned_bad, dev + off_bad, 8, cudaMemcpyDeviceToHost, stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  RecordTiming(ws->ElapsedMs(), false);
+      cudaMemcpyAsync(arena.pinned + pinned_bad, dev + off_bad, 8, cudaMemcpyDeviceToHost, stream));
+  return PackEnqueued{pinned_bad};
+}
 
+namespace {
+
+// The PackLayers error for a bad-row report read back from the device, or OK.
+absl::Status BadRowStatus(const uint8_t* report) {
   uint64_t bad = 0;
-  std::memcpy(&bad, ws->pinned + pinned_bad, 8);
-  if (bad != cuda_kernels::kNoBadRow) {
-    const uint32_t layer = static_cast<uint32_t>(bad >> 56);
-    const bool value = ((bad >> 55) & 1u) != 0;
-    const uint32_t token = static_cast<uint32_t>((bad >> 30) & ((1u << 25) - 1));
-    const uint32_t head = static_cast<uint32_t>(bad & ((1u << 30) - 1));
-    return NonFiniteRowError(layer, value, token, head);
-  }
-  return absl::OkStatus();
+  std::memcpy(&bad, report, 8);
+  if (bad == cuda_kernels::kNoBadRow) return absl::OkStatus();
+  const uint32_t layer = static_cast<uint32_t>(bad >> 56);
+  const bool value = ((bad >> 55) & 1u) != 0;
+  const uint32_t token = static_cast<uint32_t>((bad >> 30) & ((1u << 25) - 1));
+  const uint32_t head = static_cast<uint32_t>(bad & ((1u << 30) - 1));
+  return NonFiniteRowError(layer, value, token, head);
+}
+
+}  // namespace
+
+absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                                   uint32_t last_layer, std::span<uint8_t> payload) {
+  SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
+  if (first_layer == last_layer) return absl::OkStatus();
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  WorkspaceLease lease(this);
+  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
+  SPECTRUMKV_ASSIGN_OR_RETURN(const PackEnqueued pack,
+                              EnqueuePack(*ws, src, plan.layout, plan.tiers, nullptr, first_layer,
+                                          last_layer, payload, /*record_start=*/true));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
+  RecordTiming(ws->ElapsedMs(), false);
+  return BadRowStatus(ws->main.pinned + pack.pinned_bad);
 }
 
 absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
@@ -516,7 +569,8 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const bool check = verify == VerifyMode::kVerify;
   const uint64_t target_ranges = uint64_t{4} * multiprocessors_ * unpack_blocks_per_sm_ * 8;
-  const Descriptors d = Describe(wl, prelude.tiers, dst, first_layer, last_layer, target_ranges);
+  const Descriptors d =
+      Describe(wl, prelude.tiers, false, dst, first_layer, last_layer, target_ranges);
   const uint32_t slots = static_cast<uint32_t>(d.layers.size());
   const uint64_t blocks_needed =
       (uint64_t{desc.num_tokens} + dst.layout->block_size - 1) / dst.layout->block_size;
@@ -535,9 +589,10 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
 
   WorkspaceLease lease(this);
   SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
-  SPECTRUMKV_RETURN_IF_ERROR(ws->Reserve(device_need, pinned_status + 4 * uint64_t{slots}));
-  std::memcpy(ws->pinned, blob.data(), blob.size());
-  uint8_t* dev = ws->device;
+  SPECTRUMKV_RETURN_IF_ERROR(
+      ws->main.Reserve(device_need, pinned_status + 4 * uint64_t{slots}, ws->stream));
+  std::memcpy(ws->main.pinned, blob.data(), blob.size());
+  uint8_t* dev = ws->main.device;
   cudaStream_t stream = ws->stream;
 
   DevCall call;
@@ -561,7 +616,7 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
 
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(dev, ws->pinned, blob.size(), cudaMemcpyHostToDevice, stream));
+      cudaMemcpyAsync(dev, ws->main.pinned, blob.size(), cudaMemcpyHostToDevice, stream));
   if (check) {
     auto* crc = reinterpret_cast<uint32_t*>(dev + off_crc);
     auto* status = reinterpret_cast<uint32_t*>(dev + off_status);
@@ -577,9 +632,9 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
   const int grid = GridFor(d.num_ranges, multiprocessors_ * unpack_blocks_per_sm_, 8);
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchUnpack(call, grid, stream));
   if (check) {
-    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->pinned + pinned_status, dev + off_status,
-                                                    4 * uint64_t{slots}, cudaMemcpyDeviceToHost,
-                                                    stream));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->main.pinned + pinned_status,
+                                                    dev + off_status, 4 * uint64_t{slots},
+                                                    cudaMemcpyDeviceToHost, stream));
   }
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, stream));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
@@ -588,7 +643,7 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
   if (check) {
     for (uint32_t slot = 0; slot < slots; ++slot) {
       uint32_t status = 0;
-      std::memcpy(&status, ws->pinned + pinned_status + 4 * slot, 4);
+      std::memcpy(&status, ws->main.pinned + pinned_status + 4 * slot, 4);
       if (status == 1) continue;
       const uint32_t layer = first_layer + slot;
       return absl::DataLossError(status == 3
@@ -599,14 +654,25 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
   return absl::OkStatus();
 }
 
-absl::Status CudaCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
-                              std::span<float> scores) {
-  SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, options, scores));
-  if (complete) return absl::OkStatus();
-  const ModelShape& shape = kv.layout->shape;
+absl::StatusOr<const float*> CudaCodec::EnqueueScore(Workspace& ws, const KvBuffer& kv,
+                                                     const ScoreOptions& options,
+                                                     std::span<const float> host_scores,
+                                                     bool record_start, bool* tensor_cores) {
+  *tensor_cores = false;
   const uint32_t n = kv.num_tokens;
+  Arena& arena = ws.score;
+  cudaStream_t stream = ws.stream;
+  if (!host_scores.empty()) {
+    // External or positional: computed on the host, uploaded for ranking.
+    SPECTRUMKV_RETURN_IF_ERROR(arena.Reserve(4 * uint64_t{n}, 4 * uint64_t{n}, stream));
+    std::memcpy(arena.pinned, host_scores.data(), 4 * uint64_t{n});
+    if (record_start) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start, stream));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(arena.device, arena.pinned, 4 * uint64_t{n},
+                                                    cudaMemcpyHostToDevice, stream));
+    return reinterpret_cast<const float*>(arena.device);
+  }
+  const ModelShape& shape = kv.layout->shape;
   SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
 
   auto call = std::make_unique<DevScoreCall>();
   call->block_size = kv.layout->block_size;
@@ -621,11 +687,15 @@ absl::Status CudaCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
     call->kv[2 * l + 1] = ToDev(kv, l, true);
   }
   const uint64_t blocks_needed = (uint64_t{n} + call->block_size - 1) / call->block_size;
-  // Device: [call][block table][scores][queries][attention scratch].
+  const bool attention = options.mode == ScoringMode::kAttention;
+  const bool pool = attention && options.pool_kernel > 1;
+  const bool decay = attention && options.recency_decay > 0;
+  // Device: [call][block table][scores][raw scores][decay factors][queries][attention scratch].
   const uint64_t off_table = AlignUp(sizeof(DevScoreCall), kAlign);
   const uint64_t off_scores = AlignUp(off_table + 4 * blocks_needed, kAlign);
-  const uint64_t off_queries = AlignUp(off_scores + 4 * uint64_t{n}, kAlign);
-  const bool attention = options.mode == ScoringMode::kAttention;
+  const uint64_t off_raw = AlignUp(off_scores + 4 * uint64_t{n}, kAlign);
+  const uint64_t off_decay = AlignUp(off_raw + (pool || decay ? 4 * uint64_t{n} : 0), kAlign);
+  const uint64_t off_queries = AlignUp(off_decay + (decay ? 4 * uint64_t{n} : 0), kAlign);
   cuda_kernels::AttentionArgs args;
   uint64_t off_scratch = off_queries, device_need = off_queries;
   if (attention) {
@@ -645,52 +715,289 @@ absl::Status CudaCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
   const uint64_t pinned_call = 0;
   const uint64_t pinned_table = AlignUp(sizeof(DevScoreCall), 16);
   const uint64_t pinned_flag = AlignUp(pinned_table + 4 * blocks_needed, 16);
-  const uint64_t pinned_scores = AlignUp(pinned_flag + 4, 16);
-  const uint64_t pinned_need = pinned_scores + 4 * uint64_t{n};
+  const uint64_t pinned_decay = AlignUp(pinned_flag + 4, 16);
+  const uint64_t pinned_need = pinned_decay + (decay ? 4 * uint64_t{n} : 0);
 
-  WorkspaceLease lease(this);
-  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
-  SPECTRUMKV_RETURN_IF_ERROR(ws->Reserve(device_need, pinned_need));
-  std::memcpy(ws->pinned + pinned_call, call.get(), sizeof(DevScoreCall));
-  std::memcpy(ws->pinned + pinned_table, kv.block_table.data(), 4 * blocks_needed);
-  uint8_t* dev = ws->device;
-  cudaStream_t stream = ws->stream;
+  SPECTRUMKV_RETURN_IF_ERROR(arena.Reserve(device_need, pinned_need, stream));
+  std::memcpy(arena.pinned + pinned_call, call.get(), sizeof(DevScoreCall));
+  std::memcpy(arena.pinned + pinned_table, kv.block_table.data(), 4 * blocks_needed);
+  uint8_t* dev = arena.device;
   auto* dev_call = reinterpret_cast<DevScoreCall*>(dev);
   auto* dev_scores = reinterpret_cast<float*>(dev + off_scores);
   // The call refers to the table by device address: patch it in the staging copy.
-  reinterpret_cast<DevScoreCall*>(ws->pinned + pinned_call)->block_table =
+  reinterpret_cast<DevScoreCall*>(arena.pinned + pinned_call)->block_table =
       reinterpret_cast<const uint32_t*>(dev + off_table);
+  if (decay) {
+    // The factors of PoolAndDecay, computed as the host computes them (bit-exact scores).
+    auto* f = reinterpret_cast<float*>(arena.pinned + pinned_decay);
+    for (uint32_t j = 0; j < n; ++j) {
+      f[j] = static_cast<float>(std::exp(-options.recency_decay * double(n - 1 - j)));
+    }
+  }
 
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(dev, ws->pinned, sizeof(DevScoreCall), cudaMemcpyHostToDevice, stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev + off_table, ws->pinned + pinned_table,
+      cudaMemcpyAsync(dev, arena.pinned, sizeof(DevScoreCall), cudaMemcpyHostToDevice, stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev + off_table, arena.pinned + pinned_table,
                                                   4 * blocks_needed, cudaMemcpyHostToDevice,
                                                   stream));
-  bool tensor = false;
+  if (decay) {
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev + off_decay, arena.pinned + pinned_decay,
+                                                    4 * uint64_t{n}, cudaMemcpyHostToDevice,
+                                                    stream));
+  }
   if (attention) {
     // The queries come from the caller's (pageable) memory.
     SPECTRUMKV_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(dev + off_queries, options.window_queries.data(),
                         4 * options.window_queries.size(), cudaMemcpyHostToDevice, stream));
-    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start, stream));
+    if (record_start) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start, stream));
     args.call = dev_call;
     args.queries = reinterpret_cast<const float*>(dev + off_queries);
+    float* raw = pool || decay ? reinterpret_cast<float*>(dev + off_raw) : dev_scores;
     SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::RunAttention(
-        args, dev + off_scratch, dev_scores, reinterpret_cast<uint32_t*>(ws->pinned + pinned_flag),
-        stream, &tensor));
+        args, dev + off_scratch, raw, reinterpret_cast<uint32_t*>(arena.pinned + pinned_flag),
+        stream, tensor_cores));
+    if (pool || decay) {
+      SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchPoolAndDecay(
+          raw, dev_scores, n, pool ? options.pool_kernel : 1,
+          decay ? reinterpret_cast<const float*>(dev + off_decay) : nullptr, stream));
+    }
   } else {
-    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start, stream));
+    if (record_start) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.start, stream));
     SPECTRUMKV_CUDA_RETURN_IF_ERROR(
         cuda_kernels::LaunchKeyNorm(dev_call, *call, dev_scores, stream));
   }
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->pinned + pinned_scores, dev_scores,
-                                                  4 * uint64_t{n}, cudaMemcpyDeviceToHost, stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return dev_scores;
+}
+
+absl::Status CudaCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
+                              std::span<float> scores) {
+  SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, options, scores));
+  if (complete) return absl::OkStatus();
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  const uint64_t bytes = 4 * uint64_t{kv.num_tokens};
+  WorkspaceLease lease(this);
+  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
+  bool tensor = false;
+  SPECTRUMKV_ASSIGN_OR_RETURN(const float* dev_scores,
+                              EnqueueScore(*ws, kv, options, {}, /*record_start=*/true, &tensor));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
+  SPECTRUMKV_RETURN_IF_ERROR(ws->plan.Reserve(0, bytes, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(ws->plan.pinned, dev_scores, bytes, cudaMemcpyDeviceToHost, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
   RecordTiming(ws->ElapsedMs(), tensor);
-  std::memcpy(scores.data(), ws->pinned + pinned_scores, 4 * uint64_t{n});
-  if (attention) PoolAndDecay(scores, options.pool_kernel, options.recency_decay);
+  std::memcpy(scores.data(), ws->plan.pinned, bytes);
   return absl::OkStatus();
+}
+
+// A device plan enqueued on a workspace's stream (plan arena): tier codes and, if asked, the
+// token lists PackLayers reads.
+struct CudaCodec::DevicePlan {
+  const uint8_t* tiers = nullptr;  // [maps][tokens]
+  const uint32_t* lists = nullptr;
+  uint64_t pinned_tiers = 0;  // plan arena staging for the tier codes
+};
+
+absl::StatusOr<CudaCodec::DevicePlan> CudaCodec::EnqueuePlan(Workspace& ws,
+                                                             const float* device_scores,
+                                                             const PlanSkeleton& skeleton,
+                                                             bool lists, uint8_t* payload) {
+  const WireLayout& wl = skeleton.plan.layout;
+  const uint32_t n = wl.desc.num_tokens, maps = wl.desc.num_maps();
+  std::vector<cuda_kernels::DevRankSegment> segments;
+  segments.reserve(uint64_t{maps} * kMaxRankSegments);
+  for (const MapSegments& m : skeleton.segments) {
+    for (const RankSegment& r : m) segments.push_back({r.end_rank, static_cast<uint32_t>(r.tier)});
+  }
+  std::vector<uint64_t> list_base;
+  uint64_t list_entries = 0;
+  for (uint32_t m = 0; m < maps; ++m) {
+    for (int k = 0; k < 3; ++k) {
+      list_base.push_back(list_entries);
+      list_entries += wl.map_counts[m].n[k];
+    }
+  }
+  const uint64_t tier_bytes = uint64_t{maps} * n;
+  // Device: [segments][list bases][tiers][lists][maps CRC range][CRC register][plan scratch].
+  Blob blob;
+  const uint64_t off_segments = blob.Add(segments);
+  const uint64_t off_list_base = blob.Add(list_base);
+  DevCrcRange range;
+  range.begin = wl.tier_maps_offset;
+  range.bytes = wl.tier_maps_crc_offset - wl.tier_maps_offset;
+  range.after = 0;
+  range.slot = 0;
+  range.first_range = 0;
+  const uint64_t off_range = blob.Add(&range, 1);
+  const uint64_t off_tiers = AlignUp(blob.size(), kAlign);
+  const uint64_t off_lists = AlignUp(off_tiers + tier_bytes, kAlign);
+  const uint64_t off_crc = AlignUp(off_lists + (lists ? 4 * list_entries : 0), kAlign);
+  const uint64_t off_scratch = AlignUp(off_crc + 4, kAlign);
+  const uint64_t device_need = off_scratch + cuda_kernels::PlanScratchBytes(n, maps);
+  const uint64_t pinned_header = AlignUp(blob.size(), 16);
+  const uint64_t pinned_tiers = AlignUp(pinned_header + kWireHeaderBytes, 16);
+  const uint64_t pinned_need = pinned_tiers + tier_bytes;
+
+  Arena& arena = ws.plan;
+  cudaStream_t stream = ws.stream;
+  SPECTRUMKV_RETURN_IF_ERROR(arena.Reserve(device_need, pinned_need, stream));
+  uint8_t* dev = arena.device;
+  std::memcpy(arena.pinned, blob.data(), blob.size());
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dev, arena.pinned, blob.size(), cudaMemcpyHostToDevice, stream));
+  if (payload != nullptr) {
+    // The prelude: zeroes (padding, trailer), the header, then the maps and their checksum.
+    WritePreludeHeader(wl, std::span<uint8_t>(arena.pinned + pinned_header, kWireHeaderBytes));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(payload, 0, wl.prelude_bytes, stream));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        payload, arena.pinned + pinned_header, kWireHeaderBytes, cudaMemcpyHostToDevice, stream));
+  }
+  cuda_kernels::DevPlanArgs args;
+  args.scores = device_scores;
+  args.tokens = n;
+  args.sinks = skeleton.sinks;
+  args.maps = maps;
+  args.segments = reinterpret_cast<const cuda_kernels::DevRankSegment*>(dev + off_segments);
+  args.tiers = dev + off_tiers;
+  if (lists) {
+    args.lists = reinterpret_cast<uint32_t*>(dev + off_lists);
+    args.list_base = reinterpret_cast<const uint64_t*>(dev + off_list_base);
+  }
+  if (payload != nullptr) {
+    args.packed = payload + wl.tier_maps_offset;
+    args.map_bytes = wl.tier_map_bytes;
+  }
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchPlan(args, dev + off_scratch, stream));
+  if (payload != nullptr && range.bytes > 0) {
+    auto* crc = reinterpret_cast<uint32_t*>(dev + off_crc);
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(crc, 0, 4, stream));
+    DevCall call;
+    call.payload = payload;
+    call.static_tables = static_cast<const cuda_crc::StaticTables*>(static_tables_);
+    const uint64_t items =
+        (range.bytes + cuda_kernels::kVerifyChunkBytes - 1) / cuda_kernels::kVerifyChunkBytes;
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchCrcRanges(
+        call, reinterpret_cast<const DevCrcRange*>(dev + off_range), 1, items, crc,
+        GridFor(items, multiprocessors_ * 8, 8), stream));
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cuda_kernels::LaunchStoreCrc(
+        crc, cuda_crc::ZeroCrc(range.bytes), payload + wl.tier_maps_crc_offset, stream));
+  }
+  DevicePlan out;
+  out.tiers = dev + off_tiers;
+  out.lists = lists ? reinterpret_cast<const uint32_t*>(dev + off_lists) : nullptr;
+  out.pinned_tiers = pinned_tiers;
+  return out;
+}
+
+absl::StatusOr<TierPlan> CudaCodec::PlanOnDevice(std::span<const float> device_scores,
+                                                 const ModelShape& shape, DType dtype,
+                                                 const PlanOptions& options) {
+  const uint32_t n = static_cast<uint32_t>(device_scores.size());
+  SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton, PlanSkeletonFor(shape, dtype, n, options));
+  if (!skeleton.ranked) return std::move(skeleton.plan);
+  if (!IsDeviceAccessible(device_scores.data())) {
+    return absl::InvalidArgumentError("device_scores: not device memory");
+  }
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  WorkspaceLease lease(this);
+  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start, ws->stream));
+  SPECTRUMKV_ASSIGN_OR_RETURN(const DevicePlan dp,
+                              EnqueuePlan(*ws, device_scores.data(), skeleton, false, nullptr));
+  const uint64_t tier_bytes = uint64_t{skeleton.plan.desc.num_maps()} * n;
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->plan.pinned + dp.pinned_tiers, dp.tiers,
+                                                  tier_bytes, cudaMemcpyDeviceToHost, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
+  RecordTiming(ws->ElapsedMs(), false);
+  const uint8_t* t = ws->plan.pinned + dp.pinned_tiers;
+  skeleton.plan.tiers.assign(t, t + tier_bytes);
+  return std::move(skeleton.plan);
+}
+
+absl::StatusOr<TierPlan> CudaCodec::ScoreAndPlan(const KvBuffer& kv,
+                                                 const ScoreOptions& score_options,
+                                                 const PlanOptions& plan_options) {
+  std::vector<float> host_scores(kv.num_tokens);
+  SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, score_options, host_scores));
+  if (!complete) SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
+  const KvLayout& layout = *kv.layout;
+  SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton, PlanSkeletonFor(layout.shape, layout.dtype,
+                                                                     kv.num_tokens, plan_options));
+  // Tiers that no score can change need no scoring pass.
+  if (!skeleton.ranked) return std::move(skeleton.plan);
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  WorkspaceLease lease(this);
+  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
+  bool tensor = false;
+  SPECTRUMKV_ASSIGN_OR_RETURN(
+      const float* dev_scores,
+      EnqueueScore(*ws, kv, score_options,
+                   complete ? std::span<const float>(host_scores) : std::span<const float>(),
+                   /*record_start=*/true, &tensor));
+  SPECTRUMKV_ASSIGN_OR_RETURN(const DevicePlan dp,
+                              EnqueuePlan(*ws, dev_scores, skeleton, false, nullptr));
+  const uint64_t tier_bytes = uint64_t{skeleton.plan.desc.num_maps()} * kv.num_tokens;
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->plan.pinned + dp.pinned_tiers, dp.tiers,
+                                                  tier_bytes, cudaMemcpyDeviceToHost, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
+  RecordTiming(ws->ElapsedMs(), tensor);
+  const uint8_t* t = ws->plan.pinned + dp.pinned_tiers;
+  skeleton.plan.tiers.assign(t, t + tier_bytes);
+  return std::move(skeleton.plan);
+}
+
+absl::StatusOr<TierPlan> CudaCodec::ScorePlanPack(const KvBuffer& src,
+                                                  const ScoreOptions& score_options,
+                                                  const PlanOptions& plan_options,
+                                                  std::span<uint8_t> payload) {
+  std::vector<float> host_scores(src.num_tokens);
+  SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(src, score_options, host_scores));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
+  const KvLayout& layout = *src.layout;
+  SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton, PlanSkeletonFor(layout.shape, layout.dtype,
+                                                                     src.num_tokens, plan_options));
+  TierPlan& plan = skeleton.plan;
+  const WireLayout& wl = plan.layout;
+  const uint32_t layers = wl.desc.shape.num_layers;
+  SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, 0, layers, payload));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  if (!skeleton.ranked) {
+    // Tiers known on the host (pdtrim, random_tier): the host prelude goes up, then the pack.
+    std::vector<uint8_t> prelude(wl.prelude_bytes);
+    WritePrelude(wl, plan.tiers, prelude);
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(payload.data(), prelude.data(), prelude.size(), cudaMemcpyHostToDevice));
+    SPECTRUMKV_RETURN_IF_ERROR(PackLayers(src, plan, 0, layers, payload));
+    return std::move(plan);
+  }
+  WorkspaceLease lease(this);
+  SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
+  bool tensor = false;
+  SPECTRUMKV_ASSIGN_OR_RETURN(
+      const float* dev_scores,
+      EnqueueScore(*ws, src, score_options,
+                   complete ? std::span<const float>(host_scores) : std::span<const float>(),
+                   /*record_start=*/true, &tensor));
+  SPECTRUMKV_ASSIGN_OR_RETURN(const DevicePlan dp,
+                              EnqueuePlan(*ws, dev_scores, skeleton, true, payload.data()));
+  SPECTRUMKV_ASSIGN_OR_RETURN(const PackEnqueued pack,
+                              EnqueuePack(*ws, src, wl, {}, dp.lists, 0, layers, payload,
+                                          /*record_start=*/false));
+  const uint64_t tier_bytes = uint64_t{wl.desc.num_maps()} * src.num_tokens;
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->plan.pinned + dp.pinned_tiers, dp.tiers,
+                                                  tier_bytes, cudaMemcpyDeviceToHost, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
+  RecordTiming(ws->ElapsedMs(), tensor);
+  SPECTRUMKV_RETURN_IF_ERROR(BadRowStatus(ws->main.pinned + pack.pinned_bad));
+  const uint8_t* t = ws->plan.pinned + dp.pinned_tiers;
+  plan.tiers.assign(t, t + tier_bytes);
+  return std::move(plan);
 }
 
 }  // namespace spectrumkv

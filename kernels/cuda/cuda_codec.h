@@ -3,8 +3,13 @@
 // as the Codec interface defines them. Payloads are byte-identical to the CPU reference's.
 //
 // How it runs (docs/BENCHMARKS.md has the measurements):
-//   * Planning stays shared host code (PlanTiers); each call uploads the plan's token lists, the
-//     block table and a per-layer descriptor in one host-to-device copy.
+//   * Planning: the score-independent half (tier counts, layout, tiers by rank: PlanSkeletonFor)
+//     is host code shared with PlanTiers; ScoreAndPlan, PlanOnDevice and ScorePlanPack rank the
+//     device-resident scores on the device (CUB stable radix sort, ties and NaN exactly as
+//     RankTokens) and assign tiers there, so plans are identical to the host planner's.
+//     ScorePlanPack goes score -> plan -> token lists -> prelude -> pack without the host in
+//     between. PackLayers with a host plan uploads the plan's token lists, the block table and a
+//     per-layer descriptor in one host-to-device copy.
 //   * Pack is one launch over every layer of the call: each warp gathers rows of one
 //     (layer, K|V, tier) array straight from the paged layout with 16-byte loads, quantizes
 //     them, writes them compacted, and folds the CRC32C of what it wrote into the layer's
@@ -37,6 +42,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/api/codec.h"
+#include "kernels/api/plan.h"
 
 namespace spectrumkv {
 
@@ -61,6 +67,27 @@ class CudaCodec final : public Codec {
 
   absl::Status Score(const KvBuffer& kv, const ScoreOptions& options,
                      std::span<float> scores) override;
+  // As Codec::ScoreAndPlan: scores and ranks on the device; only the tier codes come back.
+  absl::StatusOr<TierPlan> ScoreAndPlan(const KvBuffer& kv, const ScoreOptions& score_options,
+                                        const PlanOptions& plan_options) override;
+
+  // PlanTiers(shape, dtype, device_scores.size(), scores, options) for scores already in device
+  // memory (device_scores: device pointers, one float per token), ranked on the device. Errors as
+  // PlanTiers; INVALID_ARGUMENT if device_scores is not device memory.
+  absl::StatusOr<TierPlan> PlanOnDevice(std::span<const float> device_scores,
+                                        const ModelShape& shape, DType dtype,
+                                        const PlanOptions& options);
+
+  // The whole sender path in one synchronous call: scores `src`, plans on the device, builds the
+  // token lists and the prelude (header, tier maps, their checksum) on the device and packs every
+  // layer into `payload` (device memory, exactly PlanSkeletonFor(...).plan.layout.total_bytes
+  // long). The payload is byte-identical to PackPayloadInto(*this, src, plan) with plan =
+  // ScoreAndPlan(src, ...), which is also what it returns (tiers copied back after the pack).
+  // Errors as ScoreAndPlan, then as PackLayers.
+  absl::StatusOr<TierPlan> ScorePlanPack(const KvBuffer& src, const ScoreOptions& score_options,
+                                         const PlanOptions& plan_options,
+                                         std::span<uint8_t> payload);
+
   absl::Status PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
                           uint32_t last_layer, std::span<uint8_t> payload) override;
   absl::Status UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
@@ -78,7 +105,31 @@ class CudaCodec final : public Codec {
   struct DeviceTables;
   class WorkspaceLease;
 
+  struct Arena;
+  struct DevicePlan;
+
   explicit CudaCodec(int device);
+  // Enqueues scoring on the workspace's stream (score arena) and returns the device scores:
+  // key_norm and attention read the KV (options already validated by ScoreWithoutKv),
+  // `host_scores` (external, positional) are uploaded. Records ws.start before the first kernel
+  // when record_start.
+  absl::StatusOr<const float*> EnqueueScore(Workspace& ws, const KvBuffer& kv,
+                                            const ScoreOptions& options,
+                                            std::span<const float> host_scores, bool record_start,
+                                            bool* tensor_cores);
+  // Enqueues ranking and assignment (plan arena) for a ranked skeleton.
+  absl::StatusOr<DevicePlan> EnqueuePlan(Workspace& ws, const float* device_scores,
+                                         const PlanSkeleton& skeleton, bool lists,
+                                         uint8_t* payload);
+  // Enqueues the pack of layers [first, last) (main arena); `device_lists` null: the plan's
+  // lists are built on the host from `tiers` and uploaded. Records ws.start before the first
+  // device operation when record_start.
+  struct PackEnqueued;
+  absl::StatusOr<PackEnqueued> EnqueuePack(Workspace& ws, const KvBuffer& src, const WireLayout& wl,
+                                           std::span<const uint8_t> tiers,
+                                           const uint32_t* device_lists, uint32_t first,
+                                           uint32_t last, std::span<uint8_t> payload,
+                                           bool record_start);
   absl::Status Init();
   absl::StatusOr<const void*> DimTablesFor(uint32_t head_dim);
   void RecordTiming(double device_ms, bool tensor_cores);

@@ -174,6 +174,52 @@ uint64_t AttentionScratchBytes(const AttentionArgs& a);
 cudaError_t RunAttention(const AttentionArgs& a, void* scratch, float* scores,
                          uint32_t* overflow_host, cudaStream_t stream, bool* used_tensor_cores);
 
+// Device planning (plan_kernels.cu): the ranking of RankTokens and the tier assignment of
+// AssignByRank (plan.h), from scores already in device memory.
+//
+// Ranking: sinks first in position order, then a stable ascending radix sort (CUB) of the other
+// tokens by a 32-bit key that orders scores descending: -0.0 is canonicalised to +0.0 (they compare
+// equal on the host), every NaN maps to the largest key (NaN ranks last), so equal keys are exactly
+// the scores the host comparator calls equal and stability gives the host's tie order (position
+// ascending).
+struct DevRankSegment {
+  uint32_t end_rank = 0;
+  uint32_t tier = 0;
+};
+inline constexpr int kDevRankSegments = 5;  // = kMaxRankSegments (plan.h)
+
+struct DevPlanArgs {
+  const float* scores = nullptr;  // [tokens]
+  uint32_t tokens = 0;
+  uint32_t sinks = 0;  // <= tokens
+  uint32_t maps = 0;
+  const DevRankSegment* segments = nullptr;  // [maps][kDevRankSegments]
+  uint8_t* tiers = nullptr;                  // out: [maps][tokens] Tier codes
+  // Optional (null: skipped). The token lists PackLayers uses: per map m and row kind k, the
+  // ascending tokens of tier k at lists + list_base[3 m + k].
+  uint32_t* lists = nullptr;
+  const uint64_t* list_base = nullptr;
+  // Optional (null: skipped). The prelude's 2-bit tier maps, map m at packed + m * map_bytes.
+  uint8_t* packed = nullptr;
+  uint64_t map_bytes = 0;
+};
+
+// Device scratch LaunchPlan needs for `tokens` tokens and `maps` maps, in bytes.
+uint64_t PlanScratchBytes(uint32_t tokens, uint32_t maps);
+// Ranks, assigns and (optionally) builds the lists and packed maps. `scratch` holds
+// PlanScratchBytes bytes, 256-byte aligned.
+cudaError_t LaunchPlan(const DevPlanArgs& a, void* scratch, cudaStream_t stream);
+
+// PoolAndDecay (scoring.h) on the device, bit-exact: out[j] = max over the pool window of in
+// (std::max order), times decay[j] when decay is not null (the host computes the factors).
+// `in` and `out` must not overlap.
+cudaError_t LaunchPoolAndDecay(const float* in, float* out, uint32_t tokens, uint32_t pool_kernel,
+                               const float* decay, cudaStream_t stream);
+
+// Stores (*crc ^ zero_crc) little-endian at dst (the tier maps' checksum of the prelude).
+cudaError_t LaunchStoreCrc(const uint32_t* crc, uint32_t zero_crc, uint8_t* dst,
+                           cudaStream_t stream);
+
 }  // namespace spectrumkv::cuda_kernels
 
 #endif  // SPECTRUMKV_KERNELS_CUDA_KERNEL_PARAMS_H_

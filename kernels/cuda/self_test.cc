@@ -2,6 +2,7 @@
 // answers come from the scalar CPU reference, computed on the same fixed pseudo-random inputs.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -181,6 +182,41 @@ absl::Status RunCase(CudaCodec& codec, const SelfTestCase& c, uint64_t seed) {
   return absl::OkStatus();
 }
 
+// Device planning must give the host plan exactly: scores with ties, both zeros, NaN and
+// infinities, across two list chunks, 3tier with sinks and per-layer sinkprotect budgets.
+absl::Status RunPlanCase(CudaCodec& codec, uint64_t seed) {
+  Lcg rng(seed);
+  const uint32_t n = 4099;
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  std::vector<float> scores(n);
+  for (float& x : scores) x = rng.Next() % 2 ? specials[rng.Next() % 6] : rng.Gauss();
+  SPECTRUMKV_ASSIGN_OR_RETURN(cuda::DeviceBuffer device, cuda::DeviceBuffer::Allocate(4 * n));
+  SPECTRUMKV_RETURN_IF_ERROR(cuda::CopyToDevice(device.data(), scores.data(), 4 * n));
+  const std::span<const float> device_scores(reinterpret_cast<const float*>(device.data()), n);
+  const ModelShape shape{4, 2, 128};
+  for (int k = 0; k < 2; ++k) {
+    PlanOptions o;
+    o.policy = k == 0 ? Policy::k3Tier : Policy::kSinkProtect;
+    o.budget = k == 0 ? 0.3 : 0.45;
+    o.per_layer = k == 1;
+    o.layer_slope = 0.05;
+    SPECTRUMKV_ASSIGN_OR_RETURN(const TierPlan host,
+                                PlanTiers(shape, DType::kFloat16, n, scores, o));
+    SPECTRUMKV_ASSIGN_OR_RETURN(const TierPlan ours,
+                                codec.PlanOnDevice(device_scores, shape, DType::kFloat16, o));
+    if (ours.tiers != host.tiers || ours.layout.total_bytes != host.layout.total_bytes) {
+      return absl::InternalError(absl::StrFormat(
+          "cuda self-test: the device plan (%s) differs from the host plan", PolicyName(o.policy)));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status CudaCodec::SelfTest() {
@@ -191,7 +227,7 @@ absl::Status CudaCodec::SelfTest() {
   };
   uint64_t seed = 0x5EC7A1;
   for (const SelfTestCase& c : kCases) SPECTRUMKV_RETURN_IF_ERROR(RunCase(*this, c, ++seed));
-  return absl::OkStatus();
+  return RunPlanCase(*this, ++seed);
 }
 
 }  // namespace spectrumkv

@@ -256,6 +256,50 @@ TEST_P(CodecConformanceTest, LayerRangesComposeToTheWholePayload) {
   EXPECT_FALSE(harness_->codec().PackLayers(dev, plan, 4, 6, payload).ok());
 }
 
+// ScoreAndPlan is PlanTiers on the backend's own scores, whichever device ranks them: tie order
+// (position), -0.0 == +0.0, NaN last, sinks first, every policy, per-layer budgets. External
+// scores carry the ties and special values; key_norm and attention (pooled, decayed) come from
+// the KV.
+TEST_P(CodecConformanceTest, ScoreAndPlanIsPlanTiersOnItsScores) {
+  const ModelShape shape{3, 2, 64};
+  for (uint32_t n : {1u, 5u, 77u, 2049u}) {
+    TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, DType::kFloat16, 16, n, rng_());
+    FillGaussian(src.View(), rng_);
+    const KvBuffer dev = harness_->Upload(src.View());
+    const uint32_t window = std::min(n, 8u);
+    std::vector<float> queries(3 * window * 4 * 64);
+    std::normal_distribution<float> g;
+    for (float& q : queries) q = g(rng_);
+    for (int variant = 0; variant < kScoreKinds + 2; ++variant) {
+      std::vector<float> external;
+      ScoreOptions so;
+      if (variant < kScoreKinds) {
+        so.mode = ScoringMode::kExternal;
+        external = StressScores(n, variant, rng_);
+        so.external_scores = external;
+      } else if (variant == kScoreKinds) {
+        so.mode = ScoringMode::kKeyNorm;
+      } else {
+        so.mode = ScoringMode::kAttention;
+        so.window_queries = queries;
+        so.window = window;
+        so.num_q_heads = 4;
+        so.pool_kernel = 3;
+        so.recency_decay = 0.001;
+      }
+      std::vector<float> scores(n);
+      ASSERT_TRUE(harness_->codec().Score(dev, so, scores).ok()) << Ctx();
+      for (int k = 0; k < 6; ++k) {
+        const PlanOptions po = RandomPlanOptions(rng_);
+        const std::string diff = ComparePlans(harness_->codec().ScoreAndPlan(dev, so, po),
+                                              PlanTiers(shape, DType::kFloat16, n, scores, po));
+        EXPECT_EQ(diff, "") << Ctx() << " n " << n << " variant " << variant << " policy "
+                            << PolicyName(po.policy) << " b " << po.budget;
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, CodecConformanceTest, ::testing::ValuesIn(AllHarnesses()),
                          [](const auto& param_info) { return param_info.param.first; });
 

@@ -1,6 +1,9 @@
 #include "tests/testing/kv_testing.h"
 
+#include <cfloat>
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "absl/strings/str_format.h"
 #include "common/half.h"
@@ -155,6 +158,104 @@ std::string CheckRoundTrip(const KvBuffer& src, const KvBuffer& dst, const TierP
         }
       }
     }
+  }
+  return "";
+}
+
+std::vector<float> StressScores(uint32_t n, int kind, std::mt19937_64& rng) {
+  std::vector<float> s(n);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const auto bits = [](uint32_t b) {
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  };
+  switch (kind) {
+    case 0:
+      for (float& x : s) x = u(rng);
+      break;
+    case 1:
+      for (float& x : s) {
+        const uint32_t r = rng() % 8;
+        x = r < 4 ? static_cast<float>(r % 3) : (r < 6 ? 0.0f : -0.0f);
+      }
+      break;
+    case 2: {
+      const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                                -std::numeric_limits<float>::quiet_NaN(),
+                                bits(0x7F800001u),
+                                bits(0xFFC12345u),
+                                std::numeric_limits<float>::infinity(),
+                                -std::numeric_limits<float>::infinity(),
+                                0.0f,
+                                -0.0f,
+                                std::numeric_limits<float>::denorm_min(),
+                                -std::numeric_limits<float>::denorm_min(),
+                                FLT_MAX,
+                                -FLT_MAX,
+                                1.0f,
+                                -1.0f};
+      for (float& x : s) {
+        x = rng() % 3 == 0 ? u(rng) : specials[rng() % std::size(specials)];
+      }
+      break;
+    }
+    case 3: {
+      const float c = u(rng);
+      for (float& x : s) x = c;
+      break;
+    }
+    case 4:
+      for (uint32_t i = 0; i < n; ++i) s[i] = static_cast<float>(i) * 0.25f - 3.0f;
+      break;
+    default:
+      for (uint32_t i = 0; i < n; ++i) s[i] = static_cast<float>((n - i) / 3);
+      break;
+  }
+  return s;
+}
+
+PlanOptions RandomPlanOptions(std::mt19937_64& rng) {
+  constexpr Policy kPolicies[] = {Policy::k3Tier,       Policy::k2Tier,       Policy::kSinkProtect,
+                                  Policy::kUniformInt8, Policy::kUniformInt4, Policy::kPdTrim,
+                                  Policy::kRandomTier};
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  PlanOptions o;
+  o.policy = kPolicies[rng() % std::size(kPolicies)];
+  const double budgets[] = {0.3, 0.5, 1.0, 0.05 + 0.95 * u(rng), 0.01 + 0.3 * u(rng)};
+  o.budget = budgets[rng() % std::size(budgets)];
+  o.budget_kind = rng() % 3 == 0 ? BudgetKind::kWire : BudgetKind::kElement;
+  o.on_unreachable = rng() % 4 == 0 ? OnUnreachable::kReject : OnUnreachable::kDrop;
+  o.sink_tokens = static_cast<uint32_t>(rng() % 10);
+  o.first_ratio = rng() % 2 ? 0.0 : u(rng);
+  o.seed = rng();
+  o.per_layer = rng() % 3 == 0;
+  o.layer_slope = o.per_layer && rng() % 2 ? (u(rng) - 0.5) * 0.1 : 0.0;
+  o.quantizer = rng() % 2 ? Quantizer::kKeyChannelNorm : Quantizer::kAbsmax;
+  return o;
+}
+
+std::string ComparePlans(const absl::StatusOr<TierPlan>& got,
+                         const absl::StatusOr<TierPlan>& expect) {
+  if (got.ok() != expect.ok() || got.status().code() != expect.status().code()) {
+    return absl::StrFormat("status %s, host %s", got.status().ToString(),
+                           expect.status().ToString());
+  }
+  if (!got.ok()) return "";
+  if (got->tiers.size() != expect->tiers.size()) {
+    return absl::StrFormat("%u tier codes, host %u", got->tiers.size(), expect->tiers.size());
+  }
+  for (size_t i = 0; i < got->tiers.size(); ++i) {
+    if (got->tiers[i] != expect->tiers[i]) {
+      return absl::StrFormat("map %u token %u: tier %u, host %u", i / got->desc.num_tokens,
+                             i % got->desc.num_tokens, got->tiers[i], expect->tiers[i]);
+    }
+  }
+  if (got->layout.total_bytes != expect->layout.total_bytes ||
+      got->layout.map_counts != expect->layout.map_counts ||
+      got->desc.flags != expect->desc.flags || got->desc.policy != expect->desc.policy ||
+      got->desc.scoring != expect->desc.scoring) {
+    return "same tiers, different layout or header";
   }
   return "";
 }

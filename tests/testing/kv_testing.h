@@ -41,6 +41,21 @@ uint64_t FreshSeed();
 // Random tier codes for `maps` maps of `num_tokens` tokens, every tier present when n >= 8.
 std::vector<uint8_t> RandomTiers(uint32_t maps, uint32_t num_tokens, std::mt19937_64& rng);
 
+// Scores that stress a ranking, one of kScoreKinds kinds: 0 uniform in [-1, 1]; 1 heavy ties
+// (four values, zeros of both signs); 2 specials (NaNs of both signs and several payloads, +-Inf,
+// +-0, denormals, +-FLT_MAX, duplicates); 3 all equal; 4 ascending; 5 descending with ties.
+inline constexpr int kScoreKinds = 6;
+std::vector<float> StressScores(uint32_t n, int kind, std::mt19937_64& rng);
+
+// Random planning options: any policy, budget kind and on_unreachable, budgets from far below
+// to 1, 0 to 9 sinks, pdtrim first_ratio, per-layer budgets with a random slope, either
+// quantizer. Some are invalid (PlanTiers rejects them), which tests compare too.
+PlanOptions RandomPlanOptions(std::mt19937_64& rng);
+
+// Empty if `got` equals the host plan `expect` (status code, tiers, layout); else what differs.
+std::string ComparePlans(const absl::StatusOr<TierPlan>& got,
+                         const absl::StatusOr<TierPlan>& expect);
+
 // Checks dst against src for every kept row: FP16 rows bit-exact, quantized rows within the
 // bound of docs/wire-format.md (s/2 plus half an ulp of the dtype), dropped rows untouched
 // (still equal to `dst_before` fill value 0). Returns an empty string or the first violation.

@@ -247,5 +247,41 @@ TEST(PlanTest, PlanFromTiersValidates) {
           .ok());
 }
 
+// The device planner ranks on its own and assigns from the skeleton; the skeleton must therefore
+// reproduce PlanTiers exactly: same errors, same layout, and with RankTokens the same tiers.
+TEST(PlanSkeletonTest, RankedSkeletonIsPlanTiers) {
+  const uint64_t seed = testing::FreshSeed();
+  std::mt19937_64 rng(seed);
+  int ranked = 0;  // cases that rank (the device planner's path), so the test cannot be vacuous
+  for (int iter = 0; iter < 600; ++iter) {
+    const ModelShape shape{1 + static_cast<uint32_t>(rng() % 6),
+                           1 + static_cast<uint32_t>(rng() % 4), 64};
+    constexpr uint32_t kSizes[] = {1, 2, 3, 4, 5, 9, 64, 257, 1000, 3001};
+    const uint32_t n = kSizes[rng() % std::size(kSizes)];
+    const std::vector<float> scores =
+        testing::StressScores(n, static_cast<int>(rng() % testing::kScoreKinds), rng);
+    const PlanOptions o = testing::RandomPlanOptions(rng);
+    const absl::StatusOr<TierPlan> expect = PlanTiers(shape, DType::kFloat16, n, scores, o);
+    absl::StatusOr<PlanSkeleton> skeleton = PlanSkeletonFor(shape, DType::kFloat16, n, o);
+    ASSERT_EQ(skeleton.status().code(), expect.status().code())
+        << "seed " << seed << " iter " << iter << ": " << skeleton.status();
+    if (!expect.ok()) continue;
+    EXPECT_EQ(skeleton->plan.layout.total_bytes, expect->layout.total_bytes) << seed;
+    EXPECT_EQ(skeleton->plan.layout.map_counts, expect->layout.map_counts) << seed;
+    ASSERT_EQ(skeleton->segments.size(), skeleton->ranked ? expect->desc.num_maps() : 0u);
+    if (skeleton->ranked) {
+      ++ranked;
+      AssignByRank(*skeleton, RankTokens(scores, o.sink_tokens));
+    }
+    EXPECT_EQ(testing::ComparePlans(skeleton->plan, expect), "")
+        << "seed " << seed << " iter " << iter << " policy " << PolicyName(o.policy);
+    for (const MapSegments& m : skeleton->segments) {
+      EXPECT_EQ(m.back().end_rank, n);
+      for (int i = 1; i < kMaxRankSegments; ++i) EXPECT_LE(m[i - 1].end_rank, m[i].end_rank);
+    }
+  }
+  EXPECT_GT(ranked, 600 / 4) << seed;
+}
+
 }  // namespace
 }  // namespace spectrumkv

@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_codec.h"
 #include "kernels/cuda/cuda_codec.h"
+#include "kernels/cuda/device.h"
 #include "kernels/registry/codec_registry.h"
 #include "tests/conformance/backend_harness.h"
 #include "tests/testing/kv_testing.h"
@@ -324,6 +325,92 @@ TEST_F(CudaCodecTest, AttentionScoresOnBothPaths) {
     for (uint32_t t = 0; t < c.n; ++t) {
       ASSERT_NEAR(got[t], expect[t], 1e-4 * std::fabs(expect[t]) + 1e-6)
           << "dim " << c.shape.head_dim << " token " << t << " seed " << seed_;
+    }
+  }
+}
+
+// Device planning from device-resident scores equals the host planner on the same scores, at
+// sizes around the list kernels' 2048-token chunks and large ones, with stress scores (ties,
+// -0.0, NaNs, infinities) and random options (every policy, per-layer budgets, sinks beyond n).
+TEST_F(CudaCodecTest, DevicePlanEqualsHostPlan) {
+  constexpr uint32_t kSizes[] = {1, 3, 4, 5, 31, 1000, 2047, 2048, 2049, 4100, 40000, 131075};
+  int ranked = 0, total = 0;  // plans ranked on the device (the rest fail or need no ranking)
+  for (uint32_t n : kSizes) {
+    cuda::DeviceBuffer scores = *cuda::DeviceBuffer::Allocate(4 * uint64_t{n});
+    const int iters = n > 50000 ? 6 : 20;
+    for (int iter = 0; iter < iters; ++iter) {
+      const ModelShape shape{1 + static_cast<uint32_t>(rng_() % 8),
+                             1 + static_cast<uint32_t>(rng_() % 4), 128};
+      const int kind = static_cast<int>(rng_() % kScoreKinds);
+      const std::vector<float> host = StressScores(n, kind, rng_);
+      ASSERT_TRUE(cuda::CopyToDevice(scores.data(), host.data(), 4 * uint64_t{n}).ok());
+      PlanOptions o = RandomPlanOptions(rng_);
+      if (iter % 4 == 0) o.sink_tokens = n + 3;  // every token a sink
+      const absl::StatusOr<PlanSkeleton> skeleton = PlanSkeletonFor(shape, DType::kFloat16, n, o);
+      ranked += skeleton.ok() && skeleton->ranked;
+      ++total;
+      const std::string diff =
+          ComparePlans(cuda().PlanOnDevice({reinterpret_cast<const float*>(scores.data()), n},
+                                           shape, DType::kFloat16, o),
+                       PlanTiers(shape, DType::kFloat16, n, host, o));
+      ASSERT_EQ(diff, "") << "n " << n << " kind " << kind << " policy " << PolicyName(o.policy)
+                          << " per_layer " << o.per_layer << " seed " << seed_;
+    }
+  }
+  EXPECT_GT(ranked, total / 5) << "seed " << seed_;
+}
+
+// ScorePlanPack (score, plan, lists and prelude on the device, no host round trip) writes the
+// reference's payload for the host plan of the same scores, and returns that plan.
+TEST_F(CudaCodecTest, ScorePlanPackEqualsTheHostPath) {
+  const ModelShape shape{4, 2, 128};
+  for (uint32_t n : {6u, 300u, 2100u}) {
+    for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+      TestPool src = MakePool(PoolLayoutKind::kVllmNhd, shape, dtype, 16, n, rng_());
+      FillGaussian(src.View(), rng_);
+      const KvBuffer dev = harness_->Upload(src.View());
+      const uint32_t window = std::min(n, 16u);
+      std::vector<float> queries(uint64_t{shape.num_layers} * window * 8 * shape.head_dim);
+      std::normal_distribution<float> g;
+      for (float& q : queries) q = g(rng_);
+      std::vector<float> external = StressScores(n, 1, rng_);
+      for (int mode = 0; mode < 3; ++mode) {
+        ScoreOptions so;
+        if (mode == 0) so.mode = ScoringMode::kKeyNorm;
+        if (mode == 1) {
+          so.mode = ScoringMode::kAttention;
+          so.window_queries = queries;
+          so.window = window;
+          so.num_q_heads = 8;
+          so.recency_decay = 0.002;
+        }
+        if (mode == 2) {
+          so.mode = ScoringMode::kExternal;
+          so.external_scores = external;
+        }
+        std::vector<float> scores(n);
+        ASSERT_TRUE(cuda().Score(dev, so, scores).ok());
+        for (int k = 0; k < 5; ++k) {
+          PlanOptions po = RandomPlanOptions(rng_);
+          po.scoring = static_cast<uint8_t>(so.mode);
+          const absl::StatusOr<TierPlan> host = PlanTiers(shape, dtype, n, scores, po);
+          absl::StatusOr<PlanSkeleton> skeleton = PlanSkeletonFor(shape, dtype, n, po);
+          ASSERT_EQ(skeleton.ok(), host.ok());
+          if (!host.ok()) continue;
+          std::span<uint8_t> payload = harness_->AllocPayload(host->layout.total_bytes);
+          const absl::StatusOr<TierPlan> got = cuda().ScorePlanPack(dev, so, po, payload);
+          const std::string what =
+              absl::StrFormat("n %u %s mode %d policy %s per_layer %d seed %u", n, DTypeName(dtype),
+                              mode, PolicyName(po.policy), po.per_layer, seed_);
+          ASSERT_EQ(ComparePlans(got, host), "") << what;
+          const std::vector<uint8_t> bytes = harness_->PayloadToHost(payload);
+          const std::vector<uint8_t> expect = *PackPayload(reference_, src.View(), *host);
+          ASSERT_EQ(bytes.size(), expect.size()) << what;
+          for (size_t i = 0; i < bytes.size(); ++i) {
+            ASSERT_EQ(bytes[i], expect[i]) << what << ": byte " << i;
+          }
+        }
+      }
     }
   }
 }
