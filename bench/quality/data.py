@@ -40,6 +40,19 @@ def wikitext_text(path: str) -> str:
         return f.read()
 
 
+def write_fast_tokenizer(directory: str, spec: dict, special: dict):
+    """tokenizer.json (`spec`) with the config files that let transformers load it as a
+    PreTrainedTokenizerFast; `special` maps unk_token/eos_token/pad_token to their strings."""
+    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+              "model_max_length": 1000000, "clean_up_tokenization_spaces": False}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+
+
 class WordTokenizer:
     """Whitespace word-level tokenizer; unknown words map to <unk>."""
 
@@ -108,20 +121,8 @@ class WordTokenizer:
             "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": False},
             "model": {"type": "WordLevel", "vocab": self.stoi, "unk_token": UNK},
         }
-        with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(spec, f, ensure_ascii=False)
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "unk_token": UNK,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "model_max_length": 1000000,
-            "clean_up_tokenization_spaces": False,
-        }
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
-            json.dump({"unk_token": UNK, "eos_token": EOS, "pad_token": PAD}, f, indent=2)
+        write_fast_tokenizer(directory, spec,
+                             {"unk_token": UNK, "eos_token": EOS, "pad_token": PAD})
 
 
 CHAR_UNK, CHAR_PAD = "<|unk|>", "<|pad|>"
@@ -191,19 +192,7 @@ class CharTokenizer:
             "decoder": {"type": "Fuse"},
             "model": {"type": "WordLevel", "vocab": self.stoi, "unk_token": CHAR_UNK},
         }
-        with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(spec, f, ensure_ascii=False)
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "unk_token": CHAR_UNK,
-            "pad_token": CHAR_PAD,
-            "model_max_length": 1000000,
-            "clean_up_tokenization_spaces": False,
-        }
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
-            json.dump({"unk_token": CHAR_UNK, "pad_token": CHAR_PAD}, f, indent=2)
+        write_fast_tokenizer(directory, spec, {"unk_token": CHAR_UNK, "pad_token": CHAR_PAD})
 
 
 def tokenizer_kind(path: str) -> Optional[str]:

@@ -904,15 +904,21 @@ absl::StatusOr<TierPlan> CudaCodec::PlanOnDevice(std::span<const float> device_s
   WorkspaceLease lease(this);
   SPECTRUMKV_ASSIGN_OR_RETURN(Workspace * ws, lease.Get());
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->start, ws->stream));
+  return PlanAndFetchTiers(*ws, device_scores.data(), std::move(skeleton), false);
+}
+
+absl::StatusOr<TierPlan> CudaCodec::PlanAndFetchTiers(Workspace& ws, const float* device_scores,
+                                                      PlanSkeleton skeleton, bool tensor_cores) {
   SPECTRUMKV_ASSIGN_OR_RETURN(const DevicePlan dp,
-                              EnqueuePlan(*ws, device_scores.data(), skeleton, false, nullptr));
-  const uint64_t tier_bytes = uint64_t{skeleton.plan.desc.num_maps()} * n;
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->plan.pinned + dp.pinned_tiers, dp.tiers,
-                                                  tier_bytes, cudaMemcpyDeviceToHost, ws->stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
-  RecordTiming(ws->ElapsedMs(), false);
-  const uint8_t* t = ws->plan.pinned + dp.pinned_tiers;
+                              EnqueuePlan(ws, device_scores, skeleton, false, nullptr));
+  const uint64_t tier_bytes =
+      uint64_t{skeleton.plan.desc.num_maps()} * skeleton.plan.desc.num_tokens;
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.plan.pinned + dp.pinned_tiers, dp.tiers,
+                                                  tier_bytes, cudaMemcpyDeviceToHost, ws.stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stop, ws.stream));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream));
+  RecordTiming(ws.ElapsedMs(), tensor_cores);
+  const uint8_t* t = ws.plan.pinned + dp.pinned_tiers;
   skeleton.plan.tiers.assign(t, t + tier_bytes);
   return std::move(skeleton.plan);
 }
@@ -937,17 +943,7 @@ absl::StatusOr<TierPlan> CudaCodec::ScoreAndPlan(const KvBuffer& kv,
       EnqueueScore(*ws, kv, score_options,
                    complete ? std::span<const float>(host_scores) : std::span<const float>(),
                    /*record_start=*/true, &tensor));
-  SPECTRUMKV_ASSIGN_OR_RETURN(const DevicePlan dp,
-                              EnqueuePlan(*ws, dev_scores, skeleton, false, nullptr));
-  const uint64_t tier_bytes = uint64_t{skeleton.plan.desc.num_maps()} * kv.num_tokens;
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws->plan.pinned + dp.pinned_tiers, dp.tiers,
-                                                  tier_bytes, cudaMemcpyDeviceToHost, ws->stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws->stop, ws->stream));
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws->stream));
-  RecordTiming(ws->ElapsedMs(), tensor);
-  const uint8_t* t = ws->plan.pinned + dp.pinned_tiers;
-  skeleton.plan.tiers.assign(t, t + tier_bytes);
-  return std::move(skeleton.plan);
+  return PlanAndFetchTiers(*ws, dev_scores, std::move(skeleton), tensor);
 }
 
 absl::StatusOr<TierPlan> CudaCodec::ScorePlanPack(const KvBuffer& src,

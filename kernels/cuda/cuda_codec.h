@@ -121,6 +121,10 @@ class CudaCodec final : public Codec {
   absl::StatusOr<DevicePlan> EnqueuePlan(Workspace& ws, const float* device_scores,
                                          const PlanSkeleton& skeleton, bool lists,
                                          uint8_t* payload);
+  // Ranks and assigns on the device, copies the tier codes back into the skeleton's plan and
+  // waits for the workspace's stream (ws.start must have been recorded); records the timing.
+  absl::StatusOr<TierPlan> PlanAndFetchTiers(Workspace& ws, const float* device_scores,
+                                             PlanSkeleton skeleton, bool tensor_cores);
   // Enqueues the pack of layers [first, last) (main arena); `device_lists` null: the plan's
   // lists are built on the host from `tiers` and uploaded. Records ws.start before the first
   // device operation when record_start.
