@@ -304,7 +304,6 @@ int Run(int argc, char** argv) {
   options.result_ttl_s = config.limits.result_ttl_s;
   options.chunk_bytes = config.codec.chunk_bytes;
   options.pack_threads = config.codec.worker_threads;
-  options.zero_copy_send = config.codec.zero_copy_send;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
       options, pools, CodecSet{host_codec.get(), device_codec.get(), device_memory.get()},

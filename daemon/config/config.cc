@@ -314,10 +314,6 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Uint32(m, q, &k.worker_threads, 1, 256);
                         }},
-                       {"zero_copy_send",
-                        [&](const YAML::Node& m, const std::string& q) {
-                          r.Bool(m, q, &k.zero_copy_send);
-                        }},
                    });
            }},
           {"models",
@@ -484,8 +480,7 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "on_unreachable" << YAML::Value << k.on_unreachable;
   out << YAML::Key << "sink_tokens" << YAML::Value << k.sink_tokens;
   out << YAML::Key << "chunk_bytes" << YAML::Value << k.chunk_bytes;
-  out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads;
-  out << YAML::Key << "zero_copy_send" << YAML::Value << k.zero_copy_send << YAML::EndMap;
+  out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads << YAML::EndMap;
   out << YAML::Key << "models" << YAML::Value << YAML::BeginMap;
   for (const ModelPolicyConfig& m : c.models) {
     out << YAML::Key << m.model << YAML::Value << YAML::BeginMap;

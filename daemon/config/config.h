@@ -61,7 +61,6 @@ struct CodecConfig {
   uint32_t sink_tokens = 4;
   uint64_t chunk_bytes = 16ull << 20;  // target size of a data chunk (whole layers)
   uint32_t worker_threads = 2;         // codec and transfer work
-  bool zero_copy_send = true;          // uncompressed payloads of host pools sent from the pool
 };
 
 struct ModelPolicyConfig {

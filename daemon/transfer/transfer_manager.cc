@@ -6,7 +6,6 @@
 
 #include "absl/strings/str_format.h"
 #include "common/status.h"
-#include "kernels/api/zero_copy.h"
 
 namespace spectrumkv {
 namespace {
@@ -14,10 +13,6 @@ namespace {
 double Since(SteadyClock::time_point a, SteadyClock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
-
-// The shortest mean run of contiguous pool rows worth a scatter-gather send; below it (a HND
-// layout's 256-byte rows, say) the list would be longer than gathering the rows is slow.
-constexpr uint64_t kMinZeroCopyRunBytes = 4096;
 
 std::string TransferIdString(uint64_t incarnation, uint64_t id) {
   return absl::StrFormat("%016x-%u", incarnation, id);
@@ -367,9 +362,6 @@ struct TransferManager::PackJob {
   // `payload` with device_memory.
   uint8_t* device_payload = nullptr;
   DeviceMemory* device_memory = nullptr;
-  // An uncompressed payload from a host pool with long contiguous rows: its layers are sent
-  // from the pool (DescribeFp16Layers + SendDataV), not packed into `payload`.
-  bool zero_copy = false;
   std::atomic<size_t> next{1};  // chunk 0, the prelude, is sent first by the starter
 };
 
@@ -387,15 +379,8 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
         job.device_payload != nullptr ? std::span<uint8_t>(job.device_payload, job.payload.size())
                                       : job.payload;
     const auto p0 = SteadyClock::now();
-    std::vector<std::span<const uint8_t>> pieces;
-    if (job.zero_copy) {
-      // Rows straight from the pool; only the checksum is computed (and written, in the trailer).
-      SPECTRUMKV_RETURN_IF_ERROR(
-          DescribeFp16Layers(job.src, job.plan, c.first_layer, c.last_layer, job.payload, &pieces));
-    } else {
-      SPECTRUMKV_RETURN_IF_ERROR(
-          job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, target));
-    }
+    SPECTRUMKV_RETURN_IF_ERROR(
+        job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, target));
     const auto p1 = SteadyClock::now();
     if (job.device_payload != nullptr) {
       SPECTRUMKV_RETURN_IF_ERROR(job.device_memory->CopyToHost(
@@ -410,25 +395,19 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
       ++t.sends_outstanding;
     }
     std::shared_ptr<SendTransfer> self = job.t;
-    auto sent = [this, self](absl::Status s) {
-      {
-        absl::MutexLock lock(&mu_);
-        --self->sends_outstanding;
-        ReleaseSendIfIdle(self);
-      }
-      if (!s.ok()) {
-        FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                             "Send %s: payload send failed: %s",
-                             Describe(self->args.key, self->args.peer), s.message())));
-      }
-    };
-    // The pool's memory stays mapped until the send is done: t.pool is released only when no
-    // send is outstanding (ReleaseSendIfIdle).
-    if (job.zero_copy) {
-      transport_.SendDataV(t.args.peer, c, std::move(pieces), std::move(sent));
-    } else {
-      transport_.SendData(t.args.peer, c, job.payload.subspan(c.offset, c.size), std::move(sent));
-    }
+    transport_.SendData(
+        t.args.peer, c, job.payload.subspan(c.offset, c.size), [this, self](absl::Status s) {
+          {
+            absl::MutexLock lock(&mu_);
+            --self->sends_outstanding;
+            ReleaseSendIfIdle(self);
+          }
+          if (!s.ok()) {
+            FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                                 "Send %s: payload send failed: %s",
+                                 Describe(self->args.key, self->args.peer), s.message())));
+          }
+        });
   }
 }
 
@@ -551,14 +530,6 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     t.stats.times.stage_copy_s += copy_s;
   }
 
-  // An uncompressed payload from a host pool whose rows lie in long runs (a vLLM NHD block,
-  // say) is sent from the pool itself: the gather into staging would only copy it.
-  bool zero_copy = false;
-  if (!on_device && options_.zero_copy_send && IsPlainFp16Plan(plan)) {
-    const uint64_t rows_bytes = uint64_t{a.num_tokens} * shape.num_kv_heads * shape.head_dim * 2;
-    zero_copy = rows_bytes / Fp16RunCount(src, 0) >= kMinZeroCopyRunBytes;
-  }
-
   // Offer, then pack and send chunk by chunk: packing chunk k+1 overlaps sending chunk k.
   const std::vector<DataChunkHeader> chunks = PlanChunks(plan.layout, t.id, options_.chunk_bytes);
   v1::PeerMessage offer_msg;
@@ -618,7 +589,6 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   job->payload = payload;
   job->device_payload = device_payload;
   job->device_memory = codecs_.device_memory;
-  job->zero_copy = zero_copy;
   const size_t helpers = std::min<size_t>(options_.pack_threads > 0 ? options_.pack_threads - 1 : 0,
                                           chunks.size() > 2 ? chunks.size() - 2 : 0);
   for (size_t h = 0; h < helpers; ++h) {

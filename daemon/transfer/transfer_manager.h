@@ -157,8 +157,6 @@ struct TransferManagerOptions {
   double result_ttl_s = 300;
   uint64_t chunk_bytes = 16ull << 20;
   uint32_t pack_threads = 1;  // executor workers that pack one payload's chunks in parallel
-  // Send uncompressed payloads of host pools from the pool (scatter-gather), without packing.
-  bool zero_copy_send = true;
   uint64_t incarnation = 0;
 };
 

@@ -133,30 +133,19 @@ void InprocTransport::SendControl(const std::string& peer, const v1::PeerMessage
 
 void InprocTransport::SendData(const std::string& peer, const DataChunkHeader& header,
                                std::span<const uint8_t> data, SendCallback done) {
-  SendDataV(peer, header, {data}, std::move(done));
-}
-
-void InprocTransport::SendDataV(const std::string& peer, const DataChunkHeader& header,
-                                std::vector<std::span<const uint8_t>> pieces, SendCallback done) {
   const std::string from = address();
   // `done` follows whether or not the receiver took the chunk: the bytes have left the sender's
   // buffer either way.
   DeliverTo(
       peer,
-      [from, header, pieces = std::move(pieces)](TransportHandler* h) {
+      [from, header, data](TransportHandler* h) {
         absl::StatusOr<std::span<uint8_t>> dst = h->OnDataBegin(from, header);
         if (!dst.ok()) return;
-        uint64_t total = 0;
-        for (const std::span<const uint8_t>& p : pieces) total += p.size();
         absl::Status s = absl::OkStatus();
-        if (dst->size() != header.size || total != header.size) {
-          s = absl::InternalError("chunk pieces, header and receive buffer disagree on the size");
+        if (dst->size() != header.size) {
+          s = absl::InternalError("receiver offered a buffer of the wrong size");
         } else {
-          uint8_t* out = dst->data();
-          for (const std::span<const uint8_t>& p : pieces) {
-            if (!p.empty()) std::memcpy(out, p.data(), p.size());
-            out += p.size();
-          }
+          std::memcpy(dst->data(), data.data(), header.size);
         }
         h->OnDataEnd(from, header, s);
       },

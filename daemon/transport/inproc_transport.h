@@ -28,8 +28,6 @@ class InprocTransport final : public Transport {
                    SendCallback done) override;
   void SendData(const std::string& peer, const DataChunkHeader& header,
                 std::span<const uint8_t> data, SendCallback done) override;
-  void SendDataV(const std::string& peer, const DataChunkHeader& header,
-                 std::vector<std::span<const uint8_t>> pieces, SendCallback done) override;
 
  private:
   // Runs `fn` on `peer`'s delivery thread, then `done` on this instance's: OK once `fn` has run,

@@ -19,7 +19,6 @@
 #include <functional>
 #include <span>
 #include <string>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -71,11 +70,6 @@ class Transport {
   // `data` must stay valid until `done` runs.
   virtual void SendData(const std::string& peer, const DataChunkHeader& header,
                         std::span<const uint8_t> data, SendCallback done) = 0;
-  // As SendData, for a chunk whose bytes are the concatenation of `pieces` (a scatter-gather
-  // list; their sizes add up to header.size): the peer receives the same bytes as from SendData.
-  // The memory the pieces point to must stay valid until `done` runs.
-  virtual void SendDataV(const std::string& peer, const DataChunkHeader& header,
-                         std::vector<std::span<const uint8_t>> pieces, SendCallback done) = 0;
 };
 
 }  // namespace spectrumkv

@@ -24,9 +24,6 @@ class FaultTransport final : public Transport {
   std::atomic<int> drop_chunk{-1};
   // Drop every PeerAck this side sends.
   std::atomic<bool> drop_acks{false};
-  // Data chunks sent as one buffer (SendData) and as scatter-gather lists (SendDataV).
-  std::atomic<int> contiguous_sends{0};
-  std::atomic<int> vector_sends{0};
 
   absl::Status Start(TransportHandler* handler) override { return inner_.Start(handler); }
   void Shutdown() override { inner_.Shutdown(); }
@@ -46,7 +43,6 @@ class FaultTransport final : public Transport {
 
   void SendData(const std::string& peer, const DataChunkHeader& header,
                 std::span<const uint8_t> data, SendCallback done) override {
-    ++contiguous_sends;
     if (static_cast<int>(header.index) == drop_chunk) {
       inner_.SendControl("inproc://nobody", v1::PeerMessage(),
                          [done](absl::Status) { done(absl::OkStatus()); });
@@ -59,25 +55,6 @@ class FaultTransport final : public Transport {
       return;
     }
     inner_.SendData(peer, header, data, std::move(done));
-  }
-
-  void SendDataV(const std::string& peer, const DataChunkHeader& header,
-                 std::vector<std::span<const uint8_t>> pieces, SendCallback done) override {
-    ++vector_sends;
-    if (static_cast<int>(header.index) == drop_chunk) {
-      inner_.SendControl("inproc://nobody", v1::PeerMessage(),
-                         [done](absl::Status) { done(absl::OkStatus()); });
-      return;
-    }
-    if (static_cast<int>(header.index) == corrupt_chunk) {
-      auto copy = std::make_shared<std::vector<uint8_t>>();
-      for (const std::span<const uint8_t>& p : pieces)
-        copy->insert(copy->end(), p.begin(), p.end());
-      (*copy)[corrupt_offset % copy->size()] ^= 0x10;
-      inner_.SendData(peer, header, *copy, [copy, done](absl::Status s) { done(s); });
-      return;
-    }
-    inner_.SendDataV(peer, header, std::move(pieces), std::move(done));
   }
 
  private:

@@ -145,11 +145,10 @@ struct UcxTransport::Impl {
   struct Op {
     bool data = false;
     std::string peer;
-    DataChunkHeader chunk;                         // data
-    std::string header;                            // encoded when the endpoint is known
-    std::string control;                           // serialized PeerMessage (control)
-    std::span<const uint8_t> payload;              // data: the caller keeps it valid until done
-    std::vector<std::span<const uint8_t>> pieces;  // data by scatter-gather (payload unused)
+    DataChunkHeader chunk;             // data
+    std::string header;                // encoded when the endpoint is known
+    std::string control;               // serialized PeerMessage (control)
+    std::span<const uint8_t> payload;  // data: the caller keeps it valid until done
     SendCallback done;
   };
   // A message that arrived ahead of its turn: its rendezvous descriptor or a copy of its bytes.
@@ -168,7 +167,6 @@ struct UcxTransport::Impl {
   struct SendRequest {
     Impl* impl;
     Op op;
-    std::vector<ucp_dt_iov_t> iov;  // UCX reads it until the send completes
   };
   struct RecvRequest {
     Impl* impl;
@@ -310,7 +308,7 @@ struct UcxTransport::Impl {
     }
     op.header = EncodeHeader(op.data ? kAmData : kAmControl, address, e->epoch, e->next_seq++,
                              op.data ? &op.chunk : nullptr);
-    auto* req = new SendRequest{this, std::move(op), {}};
+    auto* req = new SendRequest{this, std::move(op)};
     ucp_request_param_t rp{};
     rp.op_attr_mask =
         UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -319,19 +317,7 @@ struct UcxTransport::Impl {
     rp.flags = UCP_AM_SEND_FLAG_REPLY;
     const void* buffer;
     size_t length;
-    if (req->op.data && !req->op.pieces.empty()) {
-      size_t bytes = 0;
-      req->iov.reserve(req->op.pieces.size());
-      for (const std::span<const uint8_t>& p : req->op.pieces) {
-        req->iov.push_back({const_cast<uint8_t*>(p.data()), p.size()});
-        bytes += p.size();
-      }
-      rp.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
-      rp.datatype = ucp_dt_make_iov();
-      buffer = req->iov.data();
-      length = req->iov.size();  // for UCP_DATATYPE_IOV: the number of entries
-      if (bytes >= (64u << 10)) rp.flags |= UCP_AM_SEND_FLAG_RNDV;
-    } else if (req->op.data) {
+    if (req->op.data) {
       buffer = req->op.payload.data();
       length = req->op.payload.size();
       // Large chunks by rendezvous: the receiver pulls them into its own buffer.
@@ -751,17 +737,6 @@ void UcxTransport::SendData(const std::string& peer, const DataChunkHeader& head
   op.peer = peer;
   op.chunk = header;
   op.payload = data;
-  op.done = std::move(done);
-  impl_->Submit(std::move(op));
-}
-
-void UcxTransport::SendDataV(const std::string& peer, const DataChunkHeader& header,
-                             std::vector<std::span<const uint8_t>> pieces, SendCallback done) {
-  Impl::Op op;
-  op.data = true;
-  op.peer = peer;
-  op.chunk = header;
-  op.pieces = std::move(pieces);
   op.done = std::move(done);
   impl_->Submit(std::move(op));
 }

@@ -50,9 +50,6 @@ class UcxTransport final : public Transport {
                    SendCallback done) override;
   void SendData(const std::string& peer, const DataChunkHeader& header,
                 std::span<const uint8_t> data, SendCallback done) override;
-  // The pieces go out as one message of UCX's scatter-gather datatype (UCP_DATATYPE_IOV).
-  void SendDataV(const std::string& peer, const DataChunkHeader& header,
-                 std::vector<std::span<const uint8_t>> pieces, SendCallback done) override;
 
   struct Impl;
 

@@ -438,9 +438,7 @@ TEST_F(TransferManagerTest, CorruptPayloadIsDataLossAndNeverWritten) {
   ExpectIdle(b_);
 }
 
-// An uncompressed payload of an NHD pool (rows in 4 KiB runs) leaves from the pool itself as
-// scatter-gather chunks and arrives bit-exact.
-// Rows of 8 heads x 64 dims: an NHD block of 16 tokens is a 16 KiB run.
+// Rows of 8 heads x 64 dims: an NHD block of 16 tokens is a 16 KiB run of the pool.
 constexpr ModelShape kWide{4, 8, 64};
 
 class UncompressedTest : public ::testing::Test {
@@ -456,7 +454,8 @@ class UncompressedTest : public ::testing::Test {
   std::string src_pool_, dst_pool_;
 };
 
-TEST_F(UncompressedTest, UncompressedPayloadIsSentFromThePool) {
+// An uncompressed payload (budget 1.0) arrives bit-exact, across a layout change.
+TEST_F(UncompressedTest, UncompressedPayloadArrivesBitExact) {
   Pending<ReceiveResult> recv;
   Pending<SendResult> send;
   b_.manager().Receive(MakeReceive("z1", b_, dst_pool_), In(10), recv.cb());
@@ -466,8 +465,6 @@ TEST_F(UncompressedTest, UncompressedPayloadIsSentFromThePool) {
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(s->stats.tiers[Tier::kFp16], kTokens);
-  EXPECT_EQ(a_.faults().vector_sends.load(), static_cast<int>(kWide.num_layers));
-  EXPECT_EQ(a_.faults().contiguous_sends.load(), 1);  // the prelude
   const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
   for (uint32_t l = 0; l < kWide.num_layers; ++l) {
     for (bool value : {false, true}) {
@@ -485,8 +482,8 @@ TEST_F(UncompressedTest, UncompressedPayloadIsSentFromThePool) {
   ExpectIdle(b_);
 }
 
-// A corrupted scatter-gather chunk is DATA_LOSS, and its layer is never written: every layer of
-// the destination is either exactly the source (verified) or untouched (still zero).
+// A corrupted chunk of an uncompressed payload is DATA_LOSS, and its layer is never written:
+// every layer of the destination is either exactly the source (verified) or untouched (zero).
 TEST_F(UncompressedTest, CorruptUncompressedChunkIsDataLossAndNeverWritten) {
   a_.faults().corrupt_chunk = 2;  // layer 1
   a_.faults().corrupt_offset = 777;
@@ -496,7 +493,6 @@ TEST_F(UncompressedTest, CorruptUncompressedChunkIsDataLossAndNeverWritten) {
   a_.manager().Send(MakeSend("z2", a_, src_pool_, b_, 1.0), In(10), send.cb());
   EXPECT_EQ(recv.Get().status().code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(send.Get().status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_GE(a_.faults().vector_sends.load(), 2);  // chunk 2 went out as a scatter-gather list
   a_.faults().corrupt_chunk = -1;
   ExpectIdle(b_);
   const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
