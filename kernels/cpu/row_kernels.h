@@ -36,6 +36,14 @@ struct RowKernels {
   // out[i] = dot(queries[i*dim, (i+1)*dim), row) for i < num_queries.
   void (*dot_many)(DType dtype, const uint16_t* row, uint32_t dim, const float* queries,
                    uint32_t num_queries, float* out);
+  // dst = src (an FP16 row, bit-exact).
+  void (*copy_row)(const uint16_t* src, uint32_t dim, uint16_t* dst);
+  // The dequantize and copy_row kernels may write rows that fill whole 64-byte lines with
+  // streaming (non-temporal) stores, which skip the read-for-ownership of every destination line
+  // (the decode pool is not read back by the codec). Such stores are weakly ordered: store_fence
+  // must run before the rows are handed to anyone else (UnpackLayers calls it before returning).
+  bool streaming_stores;
+  void (*store_fence)();
 };
 
 // Largest head_dim the kernels accept (kMaxHeadDim in kernels/api/types.h).

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include "kernels/cpu/quant_math.h"
@@ -19,11 +20,21 @@ inline __m256 Load8(DType dtype, const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// 16 bytes to `p`: a streaming store (p 16-byte aligned) or an ordinary one.
+template <bool kStream>
+inline void Store16(uint16_t* p, __m128i v) {
+  if constexpr (kStream) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), v);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
+  }
+}
+
 // Rounds 8 floats to nearest even in the dtype and stores them.
+template <bool kStream = false>
 inline void Store8(DType dtype, uint16_t* p, __m256 v) {
   if (dtype == DType::kFloat16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    Store16<kStream>(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return;
   }
   // bfloat16 round-to-nearest-even on the bits (inputs are never NaN here).
@@ -31,8 +42,13 @@ inline void Store8(DType dtype, uint16_t* p, __m256 v) {
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
   u = _mm256_srli_epi32(u, 16);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+  Store16<kStream>(p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+
+// Rows written with streaming stores: those that start on a 64-byte line and fill whole lines
+// (head_dim a multiple of 32), so no line is left partly written in a write-combining buffer.
+inline bool Streamable(const uint16_t* dst, uint32_t dim) {
+  return reinterpret_cast<uintptr_t>(dst) % 64 == 0 && dim % 32 == 0;
 }
 
 inline uint16_t AbsMaxBits(const uint16_t* src, uint32_t dim) {
@@ -190,12 +206,22 @@ bool QuantizeInt4Kcn(DType dtype, const uint16_t* src, uint32_t dim, const float
   return true;
 }
 
-void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim, uint16_t* dst) {
+template <bool kStream>
+void DequantizeInt8Rows(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim,
+                        uint16_t* dst) {
   const __m256 s = _mm256_set1_ps(ToFloat(dtype, scale));
   for (uint32_t i = 0; i < dim; i += 8) {
     const __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
     const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
-    Store8(dtype, dst + i, _mm256_mul_ps(c, s));
+    Store8<kStream>(dtype, dst + i, _mm256_mul_ps(c, s));
+  }
+}
+
+void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim, uint16_t* dst) {
+  if (Streamable(dst, dim)) {
+    DequantizeInt8Rows<true>(dtype, codes, scale, dim, dst);
+  } else {
+    DequantizeInt8Rows<false>(dtype, codes, scale, dim, dst);
   }
 }
 
@@ -208,24 +234,57 @@ inline __m256 Nibbles8(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 28));
 }
 
-void DequantizeInt4(DType dtype, const uint8_t* nibbles, uint16_t scale, uint32_t dim,
-                    uint16_t* dst) {
+template <bool kStream>
+void DequantizeInt4Rows(DType dtype, const uint8_t* nibbles, uint16_t scale, uint32_t dim,
+                        uint16_t* dst) {
   const __m256 s = _mm256_set1_ps(ToFloat(dtype, scale));
   for (uint32_t i = 0; i < dim; i += 8) {
-    Store8(dtype, dst + i, _mm256_mul_ps(Nibbles8(nibbles + i / 2), s));
+    Store8<kStream>(dtype, dst + i, _mm256_mul_ps(Nibbles8(nibbles + i / 2), s));
   }
 }
 
-void DequantizeInt4Kcn(DType dtype, const uint8_t* nibbles, uint16_t scale, const float* offset,
-                       const float* factor, uint32_t dim, uint16_t* dst) {
+void DequantizeInt4(DType dtype, const uint8_t* nibbles, uint16_t scale, uint32_t dim,
+                    uint16_t* dst) {
+  if (Streamable(dst, dim)) {
+    DequantizeInt4Rows<true>(dtype, nibbles, scale, dim, dst);
+  } else {
+    DequantizeInt4Rows<false>(dtype, nibbles, scale, dim, dst);
+  }
+}
+
+template <bool kStream>
+void DequantizeInt4KcnRows(DType dtype, const uint8_t* nibbles, uint16_t scale, const float* offset,
+                           const float* factor, uint32_t dim, uint16_t* dst) {
   const __m256 s = _mm256_set1_ps(ToFloat(dtype, scale));
   for (uint32_t i = 0; i < dim; i += 8) {
     __m256 y = _mm256_mul_ps(Nibbles8(nibbles + i / 2), s);
     y = _mm256_mul_ps(y, _mm256_loadu_ps(factor + i));
     y = _mm256_add_ps(y, _mm256_loadu_ps(offset + i));
-    Store8(dtype, dst + i, y);
+    Store8<kStream>(dtype, dst + i, y);
   }
 }
+
+void DequantizeInt4Kcn(DType dtype, const uint8_t* nibbles, uint16_t scale, const float* offset,
+                       const float* factor, uint32_t dim, uint16_t* dst) {
+  if (Streamable(dst, dim)) {
+    DequantizeInt4KcnRows<true>(dtype, nibbles, scale, offset, factor, dim, dst);
+  } else {
+    DequantizeInt4KcnRows<false>(dtype, nibbles, scale, offset, factor, dim, dst);
+  }
+}
+
+void CopyRow(const uint16_t* src, uint32_t dim, uint16_t* dst) {
+  if (!Streamable(dst, dim)) {
+    std::memcpy(dst, src, uint64_t{dim} * 2);
+    return;
+  }
+  for (uint32_t i = 0; i < dim; i += 16) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+}
+
+void StoreFence() { _mm_sfence(); }
 
 inline float HorizontalSum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -287,8 +346,10 @@ void DotMany(DType dtype, const uint16_t* row, uint32_t dim, const float* querie
 
 const RowKernels* Avx2RowKernels() {
   static const RowKernels kKernels = {
-      "avx2",          &QuantizeInt8,      &QuantizeInt4, &QuantizeInt4Kcn, &DequantizeInt8,
-      &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,   &MinMax,          &DotMany,
+      "avx2",          &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
+      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,
+      &MinMax,         &DotMany,        &CopyRow,           true,
+      &StoreFence,
   };
   __builtin_cpu_init();
   const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "kernels/cpu/quant_math.h"
@@ -115,12 +116,20 @@ void DotMany(DType dtype, const uint16_t* row, uint32_t dim, const float* querie
   }
 }
 
+void CopyRow(const uint16_t* src, uint32_t dim, uint16_t* dst) {
+  std::memcpy(dst, src, uint64_t{dim} * 2);
+}
+
+void NoFence() {}
+
 }  // namespace
 
 const RowKernels& ScalarRowKernels() {
   static const RowKernels kKernels = {
-      "scalar",        &QuantizeInt8,      &QuantizeInt4, &QuantizeInt4Kcn, &DequantizeInt8,
-      &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,   &MinMax,          &DotMany,
+      "scalar",        &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
+      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,
+      &MinMax,         &DotMany,        &CopyRow,           false,
+      &NoFence,
   };
   return kKernels;
 }

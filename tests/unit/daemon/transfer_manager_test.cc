@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <cstring>
 #include <future>
 #include <random>
 
@@ -435,6 +436,83 @@ TEST_F(TransferManagerTest, CorruptPayloadIsDataLossAndNeverWritten) {
             std::string::npos);
   a_.faults().corrupt_chunk = -1;
   ExpectIdle(b_);
+}
+
+// Rows of 8 heads x 64 dims: an NHD block of 16 tokens is a 16 KiB run of the pool.
+constexpr ModelShape kWide{4, 8, 64};
+
+class UncompressedTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    src_pool_ = a_.AddPool(PoolLayoutKind::kVllmNhd, 16, kWide);
+    dst_pool_ = b_.AddPool(PoolLayoutKind::kVllmHnd, 8, kWide);
+    kvgen::SyntheticOptions syn;
+    syn.seed = std::random_device{}();
+    kvgen::FillSynthetic(a_.View(src_pool_), syn);
+  }
+  Node a_, b_;
+  std::string src_pool_, dst_pool_;
+};
+
+// An uncompressed payload (budget 1.0) arrives bit-exact, across a layout change.
+TEST_F(UncompressedTest, UncompressedPayloadArrivesBitExact) {
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("z1", b_, dst_pool_), In(10), recv.cb());
+  a_.manager().Send(MakeSend("z1", a_, src_pool_, b_, 1.0), In(10), send.cb());
+  auto s = send.Get();
+  auto r = recv.Get();
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(s->stats.tiers[Tier::kFp16], kTokens);
+  const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
+  for (uint32_t l = 0; l < kWide.num_layers; ++l) {
+    for (bool value : {false, true}) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        for (uint32_t h = 0; h < kWide.num_kv_heads; ++h) {
+          ASSERT_EQ(std::memcmp(HostRowPtr(src, l, value, t, h), HostRowPtr(dst, l, value, t, h),
+                                kWide.head_dim * 2),
+                    0)
+              << "layer " << l << " token " << t;
+        }
+      }
+    }
+  }
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+}
+
+// A corrupted chunk of an uncompressed payload is DATA_LOSS, and its layer is never written:
+// every layer of the destination is either exactly the source (verified) or untouched (zero).
+TEST_F(UncompressedTest, CorruptUncompressedChunkIsDataLossAndNeverWritten) {
+  a_.faults().corrupt_chunk = 2;  // layer 1
+  a_.faults().corrupt_offset = 777;
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("z2", b_, dst_pool_), In(10), recv.cb());
+  a_.manager().Send(MakeSend("z2", a_, src_pool_, b_, 1.0), In(10), send.cb());
+  EXPECT_EQ(recv.Get().status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(send.Get().status().code(), absl::StatusCode::kDataLoss);
+  a_.faults().corrupt_chunk = -1;
+  ExpectIdle(b_);
+  const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
+  const std::vector<uint16_t> zero(kWide.head_dim, 0);
+  for (uint32_t l = 0; l < kWide.num_layers; ++l) {
+    uint32_t same = 0, untouched = 0, rows = 0;
+    for (bool value : {false, true}) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        for (uint32_t h = 0; h < kWide.num_kv_heads; ++h, ++rows) {
+          const uint16_t* y = HostRowPtr(dst, l, value, t, h);
+          same += std::memcmp(HostRowPtr(src, l, value, t, h), y, kWide.head_dim * 2) == 0;
+          untouched += std::memcmp(zero.data(), y, kWide.head_dim * 2) == 0;
+        }
+      }
+    }
+    EXPECT_TRUE(same == rows || untouched == rows) << "layer " << l << " was partly written";
+    if (l == 1) {
+      EXPECT_EQ(untouched, rows) << "the corrupted layer was written";
+    }
+  }
 }
 
 TEST_F(TransferManagerTest, AdmissionControl) {

@@ -114,6 +114,66 @@ TEST(RowKernelsTest, ImplementationsAgreeAndMeetTheBound) {
   }
 }
 
+// Destinations on a 64-byte line with head_dim a multiple of 32 take the streaming-store path of
+// the AVX2 kernels; others the ordinary one. Both write exactly the scalar kernels' bits, touch
+// nothing outside the row, and copy_row copies bit for bit.
+TEST(RowKernelsTest, StreamingAndOrdinaryDestinationsAgree) {
+  const RowKernels& ref = ScalarRowKernels();
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> g;
+  for (const RowKernels* k : AllKernels()) {
+    for (uint32_t dim : {8u, 24u, 32u, 64u, 128u, 136u, 256u}) {
+      for (size_t offset_elems : {size_t{0}, size_t{8}, size_t{1}}) {  // 0: on a 64-byte line
+        for (DType d : {DType::kFloat16, DType::kBFloat16}) {
+          std::vector<uint16_t> row(dim);
+          for (auto& x : row) x = FromFloatRne(d, g(rng) * 3.0f);
+          std::vector<uint8_t> c8(dim), c4(dim / 2);
+          uint16_t s8 = 0, s4 = 0;
+          ASSERT_TRUE(
+              ref.quantize_int8(d, row.data(), dim, reinterpret_cast<int8_t*>(c8.data()), &s8));
+          ASSERT_TRUE(ref.quantize_int4(d, row.data(), dim, c4.data(), &s4));
+          std::vector<float> offset(dim), factor(dim);
+          for (uint32_t i = 0; i < dim; ++i) {
+            offset[i] = static_cast<float>(i % 5) - 2.0f;
+            factor[i] = 0.5f + static_cast<float>(i % 3);
+          }
+          // A guard element on each side of the row.
+          alignas(64) uint16_t buf[kMaxNormalizedDim + 64];
+          uint16_t* dst = buf + 32 + offset_elems;
+          std::vector<uint16_t> want(dim);
+          auto check = [&](const char* what) {
+            EXPECT_EQ(buf[31 + offset_elems], 0xABCD) << what;
+            EXPECT_EQ(dst[dim], 0xABCD) << what;
+            EXPECT_TRUE(std::equal(want.begin(), want.end(), dst))
+                << what << " " << k->name << " dim " << dim << " offset " << offset_elems;
+          };
+          auto reset = [&] { std::fill(std::begin(buf), std::end(buf), uint16_t{0xABCD}); };
+          reset();
+          ref.dequantize_int8(d, reinterpret_cast<int8_t*>(c8.data()), s8, dim, want.data());
+          k->dequantize_int8(d, reinterpret_cast<int8_t*>(c8.data()), s8, dim, dst);
+          k->store_fence();
+          check("int8");
+          reset();
+          ref.dequantize_int4(d, c4.data(), s4, dim, want.data());
+          k->dequantize_int4(d, c4.data(), s4, dim, dst);
+          k->store_fence();
+          check("int4");
+          reset();
+          ref.dequantize_int4_kcn(d, c4.data(), s4, offset.data(), factor.data(), dim, want.data());
+          k->dequantize_int4_kcn(d, c4.data(), s4, offset.data(), factor.data(), dim, dst);
+          k->store_fence();
+          check("int4 kcn");
+          reset();
+          want = row;
+          k->copy_row(row.data(), dim, dst);
+          k->store_fence();
+          check("copy");
+        }
+      }
+    }
+  }
+}
+
 TEST(RowKernelsTest, SelfTestPasses) {
   for (const RowKernels* k : AllKernels()) EXPECT_TRUE(CpuCodec::SelfTest(*k)) << k->name;
 }
