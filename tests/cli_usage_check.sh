@@ -31,12 +31,15 @@ expect_usage receive --request-id r --pool p --tokens 4 --blocks 1-
 expect_usage cancel --request-id r --shard -2
 
 # fake-frontend takes --sender, not --daemon.
-"$cli" fake-frontend --pool-memory gpu --sender "$nowhere" >/dev/null 2>&1
-rc=$?
-if [ "$rc" -ne 64 ]; then
-  echo "FAIL (exit $rc, want 64): spectrumkv fake-frontend --pool-memory gpu"
-  fails=$((fails + 1))
-fi
+for bad in "--pool-memory gpu" "--queries-via grpc"; do
+  # shellcheck disable=SC2086
+  "$cli" fake-frontend $bad --sender "$nowhere" >/dev/null 2>&1
+  rc=$?
+  if [ "$rc" -ne 64 ]; then
+    echo "FAIL (exit $rc, want 64): spectrumkv fake-frontend $bad"
+    fails=$((fails + 1))
+  fi
+done
 
 # A well-formed call gets past parsing and fails on the connection instead
 # (exit 69, service unavailable).

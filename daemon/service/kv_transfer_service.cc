@@ -2,12 +2,25 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstring>
+
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "daemon/pools/shm_region.h"
 #include "daemon/service/proto_convert.h"
 
 namespace spectrumkv {
 namespace {
+
+// Window queries a frontend placed in shared memory: mapped for the copy only.
+absl::Status ReadSharedMemory(const v1::HostSharedMemory& shm, void* out, uint64_t bytes) {
+  absl::StatusOr<std::unique_ptr<ShmRegion>> region =
+      ShmRegion::Map(shm.name(), shm.offset_bytes(), shm.size_bytes());
+  if (!region.ok()) return region.status();
+  if ((*region)->size() < bytes) return absl::InvalidArgumentError("region too small");
+  std::memcpy(out, (*region)->data(), bytes);
+  return absl::OkStatus();
+}
 
 grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
   grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
@@ -140,7 +153,8 @@ grpc::ServerUnaryReactor* KvTransferService::Send(grpc::CallbackServerContext* c
                                                          req->request_id(), req->shard(),
                                                          req->peer(), pool.status().message())));
   }
-  absl::StatusOr<SendArgs> args = SendArgsFromProto(*req, config_.codec, (*pool)->layout());
+  absl::StatusOr<SendArgs> args =
+      SendArgsFromProto(*req, config_.codec, (*pool)->layout(), ReadSharedMemory);
   if (!args.ok()) {
     return Done(ctx, absl::InvalidArgumentError(
                          absl::StrFormat("Send request %s shard %u peer %s: %s", req->request_id(),

@@ -77,7 +77,7 @@ absl::StatusOr<PoolSpec> PoolSpecFromProto(const v1::RegisterPoolRequest& p) {
 }
 
 absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const CodecConfig& defaults,
-                                           const KvLayout& layout) {
+                                           const KvLayout& layout, const ShmReader& read_shm) {
   SendArgs a;
   if (!IsValidRequestId(p.request_id())) {
     return Invalid("request_id", "must be 1-256 characters of [A-Za-z0-9._:/-]");
@@ -200,18 +200,39 @@ absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const Codec
         w.dtype() != v1::DTYPE_BF16) {
       return Invalid("scoring.window_queries.dtype", "unknown value");
     }
-    if (w.data().size() != count * elem) {
-      return Invalid("scoring.window_queries.data",
-                     absl::StrFormat("%u bytes, expected %u (layers x window x q_heads x "
-                                     "head_dim x %u)",
-                                     w.data().size(), count * elem, elem));
+    const bool in_shm = w.has_shm();
+    if (in_shm == !w.data().empty()) {
+      return Invalid("scoring.window_queries", "set exactly one of data and shm");
+    }
+    const uint64_t expected = count * elem;
+    const uint64_t given = in_shm ? w.shm().size_bytes() : w.data().size();
+    if (given != expected) {
+      return Invalid(
+          in_shm ? "scoring.window_queries.shm.size_bytes" : "scoring.window_queries.data",
+          absl::StrFormat("%u bytes, expected %u (layers x window x q_heads x "
+                          "head_dim x %u)",
+                          given, expected, elem));
     }
     a.window_queries.resize(count);
+    // Little-endian float32 as the wire says goes in with one copy (tens of MB per request).
+    const bool raw = elem == 4 && std::endian::native == std::endian::little;
+    std::vector<uint8_t> staged;
     const auto* bytes = reinterpret_cast<const uint8_t*>(w.data().data());
-    if (elem == 4 && std::endian::native == std::endian::little) {
-      // Little-endian float32 as the wire says: one copy (this can be tens of MB per request).
-      std::memcpy(a.window_queries.data(), bytes, count * 4);
-    } else {
+    if (in_shm) {
+      if (!read_shm) return Invalid("scoring.window_queries.shm", "not supported here");
+      void* out = a.window_queries.data();
+      if (!raw) {
+        staged.resize(expected);
+        out = staged.data();
+        bytes = staged.data();
+      }
+      if (absl::Status read = read_shm(w.shm(), out, expected); !read.ok()) {
+        return Invalid("scoring.window_queries.shm", std::string(read.message()));
+      }
+    } else if (raw) {
+      std::memcpy(a.window_queries.data(), bytes, expected);
+    }
+    if (!raw) {
       for (uint64_t i = 0; i < count; ++i) {
         if (elem == 4) {
           uint32_t u = uint32_t{bytes[4 * i]} | (uint32_t{bytes[4 * i + 1]} << 8) |

@@ -6,6 +6,8 @@
 
 #include <grpcpp/support/status.h>
 
+#include <functional>
+
 #include "absl/status/statusor.h"
 #include "daemon/config/config.h"
 #include "daemon/pools/pool_registry.h"
@@ -22,10 +24,18 @@ absl::StatusOr<PoolSpec> PoolSpecFromProto(const v1::RegisterPoolRequest& p);
 // True if `id` is 1-256 characters of [A-Za-z0-9._:/-].
 bool IsValidRequestId(const std::string& id);
 
+// Copies `bytes` bytes of the shared-memory region `shm` names into `out`; errors name what
+// failed (no such object, a range outside it).
+using ShmReader =
+    std::function<absl::Status(const v1::HostSharedMemory& shm, void* out, uint64_t bytes)>;
+
 // Builds SendArgs from a request, filling unset options from the daemon's codec defaults.
 // `layout` is the source pool's layout (window queries and scores are checked against it).
+// `read_shm` reads window queries that the request placed in shared memory; without one such
+// requests are INVALID_ARGUMENT.
 absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const CodecConfig& defaults,
-                                           const KvLayout& layout);
+                                           const KvLayout& layout,
+                                           const ShmReader& read_shm = nullptr);
 absl::StatusOr<ReceiveArgs> ReceiveArgsFromProto(const v1::ReceiveRequest& p);
 
 void StatsToProto(const TransferStatsData& s, v1::TransferStats* out);

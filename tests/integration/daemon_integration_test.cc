@@ -1,8 +1,10 @@
 // Integration tests: a real spectrumkvd process, driven over its Unix socket with the client
 // library and the spectrumkv command. Each error path returns its documented status code and the
 // daemon keeps serving afterwards.
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -16,6 +18,7 @@
 #include "client/kvgen/shm_pool.h"
 #include "client/kvgen/synthetic.h"
 #include "client/lib/client.h"
+#include "common/half.h"
 #include "gtest/gtest.h"
 #include "proto/layout_convert.h"
 #include "tests/testing/subprocess.h"
@@ -321,6 +324,99 @@ TEST_F(DaemonTest, MetricsPassPromtool) {
   std::string out;
   const int code = RunCommand({"/bin/bash", "-c", script}, 30, &out);
   EXPECT_EQ(code, 0) << out;
+}
+
+// Window queries in a shared-memory object (WindowQueries.shm) plan exactly as the same bytes
+// sent in the request; bad shm references are INVALID_ARGUMENT naming the field.
+TEST_F(DaemonTest, WindowQueriesFromSharedMemory) {
+  constexpr uint32_t kTokens = 96, kWindow = 8, kQHeads = 4;
+  RegisteredPool src = Register("qsrc", kvgen::PoolLayoutKind::kVllmNhd, kShape, 16, kTokens);
+  RegisteredPool dst = Register("qdst", kvgen::PoolLayoutKind::kVllmHnd, kShape, 32, kTokens);
+  kvgen::FillSynthetic(src.View(kTokens), kvgen::SyntheticOptions{});
+  // Queries that look at tokens 48-63 (scaled copies of their keys), so that the ranking, and
+  // with it the tier map, depends on them: without queries the ranking is by position.
+  const KvBuffer view = src.View(kTokens);
+  std::vector<float> queries;
+  for (uint32_t l = 0; l < kShape.num_layers; ++l) {
+    for (uint32_t i = 0; i < kWindow; ++i) {
+      for (uint32_t h = 0; h < kQHeads; ++h) {
+        const uint16_t* k =
+            HostRowPtr(view, l, false, 48 + (2 * i + h) % 16, h / (kQHeads / kShape.num_kv_heads));
+        for (uint32_t d = 0; d < kShape.head_dim; ++d) {
+          queries.push_back(4.0f * ToFloat(DType::kFloat16, k[d]));
+        }
+      }
+    }
+  }
+  const uint64_t bytes = queries.size() * sizeof(float);
+  const std::string name = absl::StrFormat("/skv-it-%d-queries", getpid());
+  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(bytes + 4096)), 0);
+  ASSERT_EQ(pwrite(fd, queries.data(), bytes, 4096), static_cast<ssize_t>(bytes));
+  close(fd);
+
+  auto send_req = [&](const std::string& id) {
+    v1::SendRequest s;
+    s.set_request_id(id);
+    s.set_pool_id(src.id);
+    for (uint32_t b : src.blocks) s.add_block_ids(b);
+    s.set_num_tokens(kTokens);
+    s.set_peer(Address());
+    s.mutable_compression()->set_budget(0.3);
+    v1::WindowQueries* w = s.mutable_scoring()->mutable_window_queries();
+    s.mutable_scoring()->set_mode(v1::SCORING_ATTENTION);
+    w->set_window(kWindow);
+    w->set_num_q_heads(kQHeads);
+    return s;
+  };
+  auto in_shm = [&](v1::SendRequest s, uint64_t offset, uint64_t size) {
+    v1::HostSharedMemory* shm = s.mutable_scoring()->mutable_window_queries()->mutable_shm();
+    shm->set_name(name);
+    shm->set_offset_bytes(offset);
+    shm->set_size_bytes(size);
+    return s;
+  };
+  auto transfer = [&](const v1::SendRequest& s) -> std::string {
+    v1::ReceiveRequest r;
+    r.set_request_id(s.request_id());
+    r.set_pool_id(dst.id);
+    for (uint32_t b : dst.blocks) r.add_block_ids(b);
+    r.set_num_tokens(kTokens);
+    auto recv = std::async(std::launch::async, [&] { return client_->Receive(r, 10); });
+    auto sent = client_->Send(s, 10);
+    auto got = recv.get();
+    EXPECT_TRUE(sent.ok()) << sent.status();
+    EXPECT_TRUE(got.ok()) << got.status();
+    return got.ok() && got->tier_maps_size() == 1 ? got->tier_maps(0) : "";
+  };
+
+  v1::SendRequest inline_req = send_req("q-inline");
+  inline_req.mutable_scoring()->mutable_window_queries()->set_data(
+      reinterpret_cast<const char*>(queries.data()), bytes);
+  const std::string from_request = transfer(inline_req);
+  const std::string from_shm = transfer(in_shm(send_req("q-shm"), 4096, bytes));
+  ASSERT_FALSE(from_request.empty());
+  EXPECT_EQ(from_shm, from_request) << "same queries, same tiers";
+  // The queries decided the plan: tokens 48-63 (bytes 12-15 of the 2-bit map) are not all in
+  // the tier of the earliest non-sink tokens, as a ranking by position would put them.
+  EXPECT_NE(from_request.substr(12, 4), std::string(4, from_request[2])) << "queries ignored?";
+
+  auto expect_invalid = [&](const v1::SendRequest& s, const std::string& field) {
+    auto r = client_->Send(s, 5);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status();
+  };
+  v1::SendRequest both = in_shm(inline_req, 4096, bytes);
+  both.set_request_id("q-both");
+  expect_invalid(both, "exactly one of data and shm");
+  expect_invalid(in_shm(send_req("q-size"), 4096, bytes - 4), "window_queries.shm.size_bytes");
+  expect_invalid(in_shm(send_req("q-range"), 8192, bytes), "window_queries.shm");
+  v1::SendRequest missing = in_shm(send_req("q-missing"), 0, bytes);
+  missing.mutable_scoring()->mutable_window_queries()->mutable_shm()->set_name("/skv-it-nope");
+  expect_invalid(missing, "window_queries.shm");
+  shm_unlink(name.c_str());
+  ExpectStillServing();
 }
 
 TEST_F(DaemonTest, FakeFrontendMovesALlamaShapedKv) {
