@@ -153,8 +153,8 @@ grpc::ServerUnaryReactor* KvTransferService::Send(grpc::CallbackServerContext* c
                                                          req->request_id(), req->shard(),
                                                          req->peer(), pool.status().message())));
   }
-  absl::StatusOr<SendArgs> args =
-      SendArgsFromProto(*req, config_.codec, (*pool)->layout(), ReadSharedMemory);
+  absl::StatusOr<SendArgs> args = SendArgsFromProto(
+      *req, config_.codec, (*pool)->layout(), ReadSharedMemory, config_.limits.max_message_bytes);
   if (!args.ok()) {
     return Done(ctx, absl::InvalidArgumentError(
                          absl::StrFormat("Send request %s shard %u peer %s: %s", req->request_id(),

@@ -77,7 +77,8 @@ absl::StatusOr<PoolSpec> PoolSpecFromProto(const v1::RegisterPoolRequest& p) {
 }
 
 absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const CodecConfig& defaults,
-                                           const KvLayout& layout, const ShmReader& read_shm) {
+                                           const KvLayout& layout, const ShmReader& read_shm,
+                                           uint64_t max_shm_bytes) {
   SendArgs a;
   if (!IsValidRequestId(p.request_id())) {
     return Invalid("request_id", "must be 1-256 characters of [A-Za-z0-9._:/-]");
@@ -212,6 +213,11 @@ absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const Codec
           absl::StrFormat("%u bytes, expected %u (layers x window x q_heads x "
                           "head_dim x %u)",
                           given, expected, elem));
+    }
+    if (in_shm && expected > max_shm_bytes) {
+      return Invalid("scoring.window_queries.shm.size_bytes",
+                     absl::StrFormat("%u bytes, more than the %u a request may carry", expected,
+                                     max_shm_bytes));
     }
     a.window_queries.resize(count);
     // Little-endian float32 as the wire says goes in with one copy (tens of MB per request).

@@ -31,11 +31,13 @@ using ShmReader =
 
 // Builds SendArgs from a request, filling unset options from the daemon's codec defaults.
 // `layout` is the source pool's layout (window queries and scores are checked against it).
-// `read_shm` reads window queries that the request placed in shared memory; without one such
-// requests are INVALID_ARGUMENT.
+// `read_shm` reads window queries that the request placed in shared memory, up to
+// `max_shm_bytes` (the bound a request's own size has); without a reader such requests are
+// INVALID_ARGUMENT.
 absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const CodecConfig& defaults,
                                            const KvLayout& layout,
-                                           const ShmReader& read_shm = nullptr);
+                                           const ShmReader& read_shm = nullptr,
+                                           uint64_t max_shm_bytes = 0);
 absl::StatusOr<ReceiveArgs> ReceiveArgsFromProto(const v1::ReceiveRequest& p);
 
 void StatsToProto(const TransferStatsData& s, v1::TransferStats* out);
