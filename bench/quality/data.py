@@ -40,6 +40,18 @@ def wikitext_text(path: str) -> str:
         return f.read()
 
 
+def read_vocab(path: str) -> List[str]:
+    """The tokens of a WordLevel tokenizer.json in id order (ids must be dense)."""
+    with open(path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    if model.get("type") != "WordLevel":
+        raise ValueError(f"{path}: not a WordLevel tokenizer")
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError(f"{path}: vocabulary ids are not dense")
+    return [t for t, _ in vocab]
+
+
 def write_fast_tokenizer(directory: str, spec: dict, special: dict):
     """tokenizer.json (`spec`) with the config files that let transformers load it as a
     PreTrainedTokenizerFast; `special` maps unk_token/eos_token/pad_token to their strings."""
@@ -79,15 +91,7 @@ class WordTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "WordTokenizer":
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        model = spec.get("model", {})
-        if model.get("type") != "WordLevel":
-            raise ValueError(f"{path}: not a WordLevel tokenizer")
-        vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-        if [i for _, i in vocab] != list(range(len(vocab))):
-            raise ValueError(f"{path}: vocabulary ids are not dense")
-        return cls([w for w, _ in vocab])
+        return cls(read_vocab(path))
 
     def __len__(self):
         return len(self.itos)
@@ -156,12 +160,7 @@ class CharTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "CharTokenizer":
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
-        if [i for _, i in vocab] != list(range(len(vocab))):
-            raise ValueError(f"{path}: vocabulary ids are not dense")
-        return cls([c for c, _ in vocab])
+        return cls(read_vocab(path))
 
     def __len__(self):
         return len(self.itos)
