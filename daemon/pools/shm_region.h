@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace spectrumkv {
@@ -34,6 +35,12 @@ class ShmRegion {
   void* data_;
   uint64_t size_;
 };
+
+// Copies `bytes` bytes at `offset_bytes` of the shared-memory object `name` into `out` with
+// pread, not a mapping, so that an object the frontend shrinks meanwhile gives an error, not
+// SIGBUS. INVALID_ARGUMENT for a bad name or a range outside the object; NOT_FOUND if the
+// object does not exist; PERMISSION_DENIED if it cannot be opened for reading.
+absl::Status ReadShm(const std::string& name, uint64_t offset_bytes, void* out, uint64_t bytes);
 
 }  // namespace spectrumkv
 

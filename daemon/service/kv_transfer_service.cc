@@ -2,8 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <cstring>
-
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "daemon/pools/shm_region.h"
@@ -12,14 +10,10 @@
 namespace spectrumkv {
 namespace {
 
-// Window queries a frontend placed in shared memory: mapped for the copy only.
+// Window queries a frontend placed in shared memory (read, not mapped: see ReadShm).
 absl::Status ReadSharedMemory(const v1::HostSharedMemory& shm, void* out, uint64_t bytes) {
-  absl::StatusOr<std::unique_ptr<ShmRegion>> region =
-      ShmRegion::Map(shm.name(), shm.offset_bytes(), shm.size_bytes());
-  if (!region.ok()) return region.status();
-  if ((*region)->size() < bytes) return absl::InvalidArgumentError("region too small");
-  std::memcpy(out, (*region)->data(), bytes);
-  return absl::OkStatus();
+  if (shm.size_bytes() < bytes) return absl::InvalidArgumentError("region too small");
+  return ReadShm(shm.name(), shm.offset_bytes(), out, bytes);
 }
 
 grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
