@@ -74,6 +74,16 @@ struct MapFill {
   const PlanOptions* options = nullptr;
 };
 
+// Gives the token at ranking[k] the tier of rank k's segment, for every rank of one map.
+void AssignMap(const MapSegments& segments, std::span<const uint32_t> ranking,
+               std::span<uint8_t> map) {
+  uint32_t begin = 0;
+  for (const RankSegment& r : segments) {
+    for (uint32_t k = begin; k < r.end_rank; ++k) map[ranking[k]] = static_cast<uint8_t>(r.tier);
+    begin = std::max(begin, r.end_rank);
+  }
+}
+
 // Greedy fill of one tier map of `n` tokens (see plan.h), as tiers by rank. Every token starts at
 // the least precise enabled tier (sinks at FP16 under sinkprotect); the lowest ranks are dropped
 // while the budget does not hold; the leftover upgrades the top non-sink-pinned ranks one tier at
@@ -322,14 +332,13 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
     uint32_t begin = 0;
     for (const RankSegment& r : seg) {
       counts[m][r.tier] += r.end_rank - begin;
-      if (!skeleton.ranked) {
-        for (uint32_t k = begin; k < r.end_rank; ++k) {
-          map_tiers[random_ranking[k]] = static_cast<uint8_t>(r.tier);
-        }
-      }
       begin = r.end_rank;
     }
-    if (skeleton.ranked) skeleton.segments[m] = seg;
+    if (skeleton.ranked) {
+      skeleton.segments[m] = seg;
+    } else {
+      AssignMap(seg, random_ranking, map_tiers);
+    }
   }
   skeleton.plan.desc = desc;
   SPECTRUMKV_ASSIGN_OR_RETURN(skeleton.plan.layout, ComputeWireLayout(desc, counts));
@@ -344,12 +353,7 @@ void AssignByRank(PlanSkeleton& skeleton, std::span<const uint32_t> ranking) {
   std::vector<uint8_t>& tiers = skeleton.plan.tiers;
   tiers.assign(uint64_t{skeleton.plan.desc.num_maps()} * n, 0);
   for (size_t m = 0; m < skeleton.segments.size(); ++m) {
-    uint8_t* map = tiers.data() + uint64_t{m} * n;
-    uint32_t begin = 0;
-    for (const RankSegment& r : skeleton.segments[m]) {
-      for (uint32_t k = begin; k < r.end_rank; ++k) map[ranking[k]] = static_cast<uint8_t>(r.tier);
-      begin = std::max(begin, r.end_rank);
-    }
+    AssignMap(skeleton.segments[m], ranking, {tiers.data() + uint64_t{m} * n, n});
   }
 }
 

@@ -96,14 +96,6 @@ struct PlanSkeleton {
 absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtype,
                                              uint32_t num_tokens, const PlanOptions& options);
 
-// The tier of rank `rank` in a map with these segments.
-inline Tier TierOfRank(const MapSegments& segments, uint32_t rank) {
-  for (const RankSegment& s : segments) {
-    if (rank < s.end_rank) return s.tier;
-  }
-  return Tier::kDrop;
-}
-
 // Fills skeleton.plan.tiers from `ranking` (RankTokens order, num_tokens entries) when
 // skeleton.ranked; a no-op otherwise.
 void AssignByRank(PlanSkeleton& skeleton, std::span<const uint32_t> ranking);
