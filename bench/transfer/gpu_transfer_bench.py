@@ -24,20 +24,15 @@ import transfer_bench as tb
 
 
 def shape_namespace(rate):
-    """A namespace whose lo is shaped to `rate`; None where the machine does not allow it."""
+    """The shaped namespace's name; None where the machine does not allow it."""
     if shutil.which("ip") is None or shutil.which("tc") is None:
         print(f"shaped link {rate} not available here: no ip or tc", file=sys.stderr)
         return None
-    tb.run(["ip", "netns", "del", tb.NS], 10, check=False)
     try:
-        tb.run(["ip", "netns", "add", tb.NS], 10)
-        tb.run(["ip", "netns", "exec", tb.NS, "ip", "link", "set", "lo", "up"], 10)
-        tb.run(["ip", "netns", "exec", tb.NS, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-                "rate", rate, "burst", "1mb", "latency", "10ms"], 10)
+        tb.shape_namespace(rate)
         return tb.NS
     except (RuntimeError, OSError) as e:
         print(f"shaped link {rate} not available here: {str(e).splitlines()[0]}", file=sys.stderr)
-        tb.run(["ip", "netns", "del", tb.NS], 10, check=False)
         return None
 
 
@@ -53,21 +48,9 @@ def one_link(args, rate):
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:
-                        r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
-                                        "1.0", "0.5", "0.3", "--rounds", str(args.rounds),
-                                        "--scoring", scoring, "--pool-memory", memory,
-                                        "--timeout-s", "120"])
-                        base = r["rounds"][0]["median_s"]["end_to_end"]
-                        for rnd in r["rounds"]:
-                            e2e = rnd["median_s"]["end_to_end"]
-                            res["runs"].append({
-                                "pool_memory": memory, "scoring": scoring,
-                                "budget": rnd["budget"], "ok": rnd["ok"],
-                                "failed": rnd["failed"], "errors": rnd["errors"],
-                                "wire_bytes": rnd["wire_bytes"] / max(1, rnd["ok"]),
-                                "logical_bytes": rnd["logical_bytes"] / max(1, rnd["ok"]),
-                                "e2e_s": e2e, "ratio_to_uncompressed": e2e / base,
-                                "stages_s": rnd["median_s"], "verified": rnd["verified"]})
+                        for row in tb.delivery(d, args.rounds, scoring,
+                                               ["--pool-memory", memory]):
+                            res["runs"].append(dict(row, pool_memory=memory))
             finally:
                 d.stop()
         return res

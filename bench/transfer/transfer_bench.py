@@ -130,32 +130,51 @@ def goodput(args):
     return rows
 
 
+def shape_namespace(rate):
+    """(Re)creates the namespace NS with its lo up and shaped to `rate` by tc tbf."""
+    run(["ip", "netns", "del", NS], 10, check=False)
+    run(["ip", "netns", "add", NS], 10)
+    try:
+        run(["ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up"], 10)
+        run(["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+             "rate", rate, "burst", "1mb", "latency", "10ms"], 10)
+    except BaseException:
+        run(["ip", "netns", "del", NS], 10, check=False)
+        raise
+
+
+def delivery(d, rounds, scoring, extra=()):
+    """The 4096-token llama3-8b KV at b = 1.0, 0.5 and 0.3 through daemons `d`: a row per
+    budget, with its end-to-end median and its ratio to the uncompressed (b = 1.0) one."""
+    r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets", "1.0", "0.5", "0.3",
+                    "--rounds", str(rounds), "--scoring", scoring, "--timeout-s", "120"]
+                   + list(extra))
+    base = r["rounds"][0]["median_s"]["end_to_end"]
+    rows = []
+    for rnd in r["rounds"]:
+        e2e = rnd["median_s"]["end_to_end"]
+        ok = max(1, rnd["ok"])
+        rows.append({"scoring": scoring, "budget": rnd["budget"], "ok": rnd["ok"],
+                     "failed": rnd["failed"], "errors": rnd["errors"],
+                     "wire_bytes": rnd["wire_bytes"] / ok,
+                     "logical_bytes": rnd["logical_bytes"] / ok, "e2e_s": e2e,
+                     "ratio_to_uncompressed": e2e / base, "stages_s": rnd["median_s"],
+                     "verified": rnd["verified"]})
+    return rows
+
+
 def shaped(args):
     out = []
     for rate in args.rates:
-        run(["ip", "netns", "del", NS], 10, check=False)
-        run(["ip", "netns", "add", NS], 10)
+        shape_namespace(rate)
         try:
-            run(["ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up"], 10)
-            run(["ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-                 "rate", rate, "burst", "1mb", "latency", "10ms"], 10)
             link = perftest(256 << 20, 6, ns=NS, tls=args.tls, test="tag_bw")
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
                 d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk)
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
-                        r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
-                                        "1.0", "0.5", "0.3", "--rounds", str(args.rounds),
-                                        "--scoring", scoring, "--timeout-s", "120"])
-                        base = r["rounds"][0]["median_s"]["end_to_end"]
-                        for rnd in r["rounds"]:
-                            e2e = rnd["median_s"]["end_to_end"]
-                            res["budgets"].append({
-                                "scoring": scoring, "budget": rnd["budget"],
-                                "wire_bytes": rnd["wire_bytes"] / rnd["ok"], "e2e_s": e2e,
-                                "ratio_to_uncompressed": e2e / base, "stages_s": rnd["median_s"],
-                                "verified": rnd["verified"]})
+                        res["budgets"] += delivery(d, args.rounds, scoring)
                     out.append(res)
                 finally:
                     d.stop()
