@@ -1,7 +1,5 @@
 #include "client/cli/fake_frontend.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,8 +11,6 @@
 #include <thread>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/cli/daemon_commands.h"
@@ -23,6 +19,7 @@
 #include "client/kvgen/host_pool.h"
 #include "client/kvgen/model_shapes.h"
 #include "client/kvgen/npy.h"
+#include "client/kvgen/shm_pool.h"
 #include "client/kvgen/synthetic.h"
 #include "client/lib/client.h"
 #include "common/exit_codes.h"
@@ -161,34 +158,6 @@ struct Round {
   Verification verify;
 };
 
-// One request's window queries in a POSIX shared-memory object (--queries-via shm), unlinked on
-// destruction.
-class QueryShm {
- public:
-  static absl::StatusOr<std::unique_ptr<QueryShm>> Create(const std::string& name,
-                                                          std::span<const float> queries) {
-    const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("shm_open ", name));
-    std::unique_ptr<QueryShm> q(new QueryShm(name, queries.size_bytes()));
-    const bool ok = ftruncate(fd, static_cast<off_t>(q->size_)) == 0 &&
-                    pwrite(fd, queries.data(), q->size_, 0) == static_cast<ssize_t>(q->size_);
-    const int err = errno;
-    close(fd);
-    if (!ok) return absl::ErrnoToStatus(err, absl::StrCat("writing ", name));
-    return q;
-  }
-  ~QueryShm() { shm_unlink(name_.c_str()); }
-  QueryShm(const QueryShm&) = delete;
-  QueryShm& operator=(const QueryShm&) = delete;
-  const std::string& name() const { return name_; }
-  uint64_t size() const { return size_; }
-
- private:
-  QueryShm(std::string name, uint64_t size) : name_(std::move(name)), size_(size) {}
-  std::string name_;
-  uint64_t size_;
-};
-
 std::string PolicyEnumName(const std::string& policy) {
   std::string u = "POLICY_" + policy;
   for (char& c : u) c = static_cast<char>(std::toupper(c));
@@ -281,7 +250,7 @@ int Run(const Options& o) {
   const auto src_tables = tables(**src_pool, o.src_block_size, o.seed);
   const auto dst_tables = tables(**dst_pool, o.dst_block_size, o.seed + 7);
   std::vector<std::vector<float>> queries(c);
-  std::vector<std::unique_ptr<QueryShm>> query_shms;  // --queries-via shm: one per request
+  std::vector<std::unique_ptr<kvgen::ShmBytes>> query_shms;  // --queries-via shm: one per request
   const uint32_t q_heads = o.q_heads ? o.q_heads : 4 * shape.num_kv_heads;
   for (uint32_t i = 0; i < c; ++i) {
     const KvBuffer view = (*src_pool)->View(src_tables[i], n);
@@ -295,7 +264,8 @@ int Run(const Options& o) {
     if (o.scoring == "attention") {
       queries[i] = kvgen::SyntheticWindowQueries(view, std::min(o.window, n), q_heads, o.seed + i);
       if (o.queries_via == "shm") {
-        auto q = QueryShm::Create(absl::StrFormat("/skv-ff-%d-q%u", getpid(), i), queries[i]);
+        auto q = kvgen::ShmBytes::Create(absl::StrFormat("/skv-ff-%d-q%u", getpid(), i),
+                                         std::as_bytes(std::span(queries[i])));
         if (!q.ok()) {
           std::fprintf(stderr, "fake-frontend: %s\n", q.status().ToString().c_str());
           return ExitCodeFor(q.status());
@@ -393,7 +363,7 @@ int Run(const Options& o) {
             w->set_data(reinterpret_cast<const char*>(queries[i].data()), queries[i].size() * 4);
           } else {
             w->mutable_shm()->set_name(query_shms[i]->name());
-            w->mutable_shm()->set_size_bytes(query_shms[i]->size());
+            w->mutable_shm()->set_size_bytes(queries[i].size() * 4);
           }
         } else if (o.scoring == "positional") {
           si->set_mode(v1::SCORING_POSITIONAL);

@@ -4,7 +4,10 @@
 #ifndef SPECTRUMKV_CLIENT_KVGEN_SHM_POOL_H_
 #define SPECTRUMKV_CLIENT_KVGEN_SHM_POOL_H_
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -35,6 +38,26 @@ class ShmPool {
   KvLayout layout_;
   std::vector<std::string> names_;
   std::vector<MemoryRegion> regions_;
+};
+
+// Bytes in a POSIX shared-memory object of their own, as a frontend hands window queries to the
+// daemon (WindowQueries.shm). The object is unlinked on destruction.
+class ShmBytes {
+ public:
+  // An object named `name` ("/name") of offset + data.size() bytes, `data` at `offset`, zeros
+  // before it. ALREADY_EXISTS if the name is taken.
+  static absl::StatusOr<std::unique_ptr<ShmBytes>> Create(const std::string& name,
+                                                          std::span<const std::byte> data,
+                                                          uint64_t offset = 0);
+  ~ShmBytes();
+  ShmBytes(const ShmBytes&) = delete;
+  ShmBytes& operator=(const ShmBytes&) = delete;
+
+  const std::string& name() const { return name_; }
+
+ private:
+  explicit ShmBytes(std::string name) : name_(std::move(name)) {}
+  std::string name_;
 };
 
 }  // namespace spectrumkv::kvgen

@@ -1,10 +1,8 @@
 // Integration tests: a real spectrumkvd process, driven over its Unix socket with the client
 // library and the spectrumkv command. Each error path returns its documented status code and the
 // daemon keeps serving afterwards.
-#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -349,12 +347,10 @@ TEST_F(DaemonTest, WindowQueriesFromSharedMemory) {
     }
   }
   const uint64_t bytes = queries.size() * sizeof(float);
-  const std::string name = absl::StrFormat("/skv-it-%d-queries", getpid());
-  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  ASSERT_GE(fd, 0);
-  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(bytes + 4096)), 0);
-  ASSERT_EQ(pwrite(fd, queries.data(), bytes, 4096), static_cast<ssize_t>(bytes));
-  close(fd);
+  auto object = kvgen::ShmBytes::Create(absl::StrFormat("/skv-it-%d-queries", getpid()),
+                                        std::as_bytes(std::span(queries)), 4096);
+  ASSERT_TRUE(object.ok()) << object.status();
+  const std::string& name = (*object)->name();
 
   auto send_req = [&](const std::string& id) {
     v1::SendRequest s;
@@ -415,7 +411,6 @@ TEST_F(DaemonTest, WindowQueriesFromSharedMemory) {
   v1::SendRequest missing = in_shm(send_req("q-missing"), 0, bytes);
   missing.mutable_scoring()->mutable_window_queries()->mutable_shm()->set_name("/skv-it-nope");
   expect_invalid(missing, "window_queries.shm");
-  shm_unlink(name.c_str());
   ExpectStillServing();
 }
 
