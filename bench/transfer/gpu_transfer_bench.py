@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -24,7 +25,7 @@ import transfer_bench as tb
 
 
 def shape_namespace(rate):
-    """The shaped namespace's name; None where the machine does not allow it."""
+    """The shaped namespace's name; None where the machine does not allow `ip netns`."""
     if shutil.which("ip") is None or shutil.which("tc") is None:
         print(f"shaped link {rate} not available here: no ip or tc", file=sys.stderr)
         return None
@@ -32,19 +33,51 @@ def shape_namespace(rate):
         tb.shape_namespace(rate)
         return tb.NS
     except (RuntimeError, OSError) as e:
-        print(f"shaped link {rate} not available here: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"ip netns for {rate} not available here: {str(e).splitlines()[0]}", file=sys.stderr)
         return None
+
+
+def shape_own_lo(rate):
+    """Inside a network namespace of this process's own (unshare -n): lo up, shaped to `rate`."""
+    tb.run(["ip", "link", "set", "lo", "up"], 10)
+    tb.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "1mb",
+            "latency", "10ms"], 10)
+
+
+def link_in_unshared_namespace(rate):
+    """Where `ip netns` is refused but unshare(1) works: this script again, for the one link,
+    in a network namespace of its own (everything it starts shares that namespace)."""
+    if shutil.which("unshare") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="skv-gpubench-ns-") as work:
+        out = os.path.join(work, "link.json")
+        # The same arguments, then this link only, no goodput part, results to `out` (argparse
+        # keeps the last value of an option given twice).
+        cmd = (["unshare", "-n", sys.executable, os.path.abspath(__file__)] + sys.argv[1:] +
+               ["--in-namespace", "--rates", rate, "--goodput", "--json", out])
+        p = subprocess.run(cmd, text=True, timeout=1800)
+        if p.returncode != 0 or not os.path.exists(out):
+            print(f"shaped link {rate} in an unshared namespace failed (exit {p.returncode})",
+                  file=sys.stderr)
+            return None
+        with open(out) as f:
+            links = json.load(f)["links"]
+        return links[0] if links else None
 
 
 def one_link(args, rate):
-    ns = shape_namespace(rate) if rate else None
-    if rate and ns is None:
-        return None
+    ns = None
+    if rate and args.in_namespace:
+        shape_own_lo(rate)
+    elif rate:
+        ns = shape_namespace(rate)
+        if ns is None:
+            return link_in_unshared_namespace(rate)
     try:
         link = tb.perftest(512 << 20, 6, ns=ns, tls=args.tls, test="tag_bw")
         res = {"link": rate or "loopback", "perftest_512MiB_Bps": link, "runs": []}
         with tempfile.TemporaryDirectory(prefix="skv-gpubench-") as work:
-            d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk)
+            d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers)
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:
@@ -63,19 +96,33 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tls", default="tcp")
-    ap.add_argument("--chunk", default="4MiB")
+    ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
+    ap.add_argument("--workers", type=int, default=2, help="codec.worker_threads of both daemons")
+    ap.add_argument("--goodput", nargs="*", default=[], metavar="POOLS",
+                    help="also measure uncompressed goodput against ucx_perftest (16, 64, "
+                         "256 MiB) with these pools (cuda, host)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256], metavar="MIB",
+                    help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[],
+                    help="goodput: also measure this many transfers in flight at once")
     ap.add_argument("--rates", nargs="*", default=["", "10gbit", "25gbit"],
                     help="'' is plain loopback")
     ap.add_argument("--pool-memory", nargs="*", default=["cuda", "host"])
     ap.add_argument("--scorings", nargs="*", default=["key_norm"])
     ap.add_argument("--bin", default=tb.BIN, help="folder with spectrumkvd and spectrumkv")
     ap.add_argument("--json", default="")
+    ap.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     tb.BIN = args.bin
     if shutil.which("ucx_perftest") is None:
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
-    result = {"tls": args.tls, "chunk": args.chunk, "rounds": args.rounds,
-              "cpus": os.cpu_count(), "kernel": os.uname().release, "links": []}
+    result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
+              "rounds": args.rounds, "cpus": os.cpu_count(), "kernel": os.uname().release,
+              "links": [], "goodput": []}
+    for memory in args.goodput:
+        result["goodput"] += tb.goodput(args, memory)
+    if result["goodput"]:
+        tb.print_goodput(result["goodput"], args.tls)
     for rate in args.rates:
         res = one_link(args, rate)
         if res is not None:

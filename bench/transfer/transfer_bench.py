@@ -102,32 +102,83 @@ def perftest(size, iters, ns=None, tls="tcp", test="tag_bw", port=24777):
     return float(final[6]) * 1048576  # "overall" bandwidth; ucx_perftest's MB is 2^20 bytes
 
 
-def goodput(args):
+TOKEN_BYTES = 128 << 10  # FP16 KV of one llama3-8b token: 32 layers x 2 x 8 heads x 128 x 2 B
+
+
+def goodput(args, pool_memory="host"):
+    """Uncompressed transfers of each size: the daemons' goodput one transfer at a time (logical
+    bytes / the end-to-end median) and, for each --concurrency above 1, the aggregate goodput of
+    that many transfers in flight (bytes of a batch / its wall time); ucx_perftest of the same
+    message size on the same transport in the same run."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
-        d = Daemons(work, tls=args.tls, chunk=args.chunk)
+        d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers)
         try:
-            for mib, tokens in ((16, 128), (64, 512), (256, 2048)):
+            for mib in args.sizes:
+                tokens = (mib << 20) // TOKEN_BYTES
                 size = mib << 20
-                r = d.frontend(["--model", "llama3-8b", "--tokens", str(tokens), "--budgets",
-                                "1.0", "--rounds", str(args.rounds), "--timeout-s", "120"])
-                rnd = r["rounds"][0]
-                e2e = rnd["median_s"]["end_to_end"]
-                logical = rnd["logical_bytes"] / rnd["ok"]
-                wire = rnd["wire_bytes"] / rnd["ok"]
+                row = {"size_mib": mib, "tokens": tokens, "pool_memory": pool_memory,
+                       "concurrent": {}}
+                for c in sorted(set([1] + args.concurrency)):
+                    r = d.frontend(["--model", "llama3-8b", "--tokens", str(tokens), "--budgets",
+                                    "1.0", "--rounds", str(args.rounds), "--concurrency", str(c),
+                                    "--pool-memory", pool_memory, "--timeout-s", "120"])
+                    rnd = r["rounds"][0]
+                    if rnd["failed"] or not rnd["verified"]:
+                        raise RuntimeError(f"goodput {mib} MiB x{c}: {rnd['errors'][:3]}")
+                    if c == 1:
+                        e2e = rnd["median_s"]["end_to_end"]
+                        logical = rnd["logical_bytes"] / rnd["ok"]
+                        row.update({"logical_bytes": logical,
+                                    "wire_bytes": rnd["wire_bytes"] / rnd["ok"],
+                                    "daemon_e2e_s": e2e, "daemon_goodput_Bps": logical / e2e,
+                                    "stages_s": rnd["median_s"]})
+                    else:
+                        row["concurrent"][str(c)] = {"goodput_Bps": rnd["goodput_Bps"],
+                                                     "batch_wall_s": rnd["batch_wall_s"]}
                 perf = {}
                 for test in ("tag_bw", "ucp_am_bw"):
                     bw = [perftest(size, max(4, 2048 // mib), tls=args.tls, test=test)
                           for _ in range(3)]
                     perf[test] = statistics.median(bw)
-                rows.append({"size_mib": mib, "tokens": tokens, "logical_bytes": logical,
-                             "wire_bytes": wire, "daemon_e2e_s": e2e,
-                             "daemon_goodput_Bps": logical / e2e,
-                             "perftest_Bps": perf,
-                             "stages_s": rnd["median_s"]})
+                row["perftest_Bps"] = perf
+                rows.append(row)
         finally:
             d.stop()
+    # The daemons' UCX transport alone (bench/transport_bench.cc): same chunking, no codec.
+    tool = os.path.join(BIN, "transport_bench")
+    if os.path.exists(tool):
+        out = json.loads(run([tool, "--sizes"] + [str(m) for m in args.sizes] +
+                             ["--chunk-bytes", str(parse_bytes(args.chunk)), "--tls", args.tls,
+                              "--rounds", str(max(5, args.rounds)), "--json"], 600).stdout)
+        for row, t in zip(rows, out["rows"]):
+            row["transport_alone_Bps"] = {"cold": t["cold_Bps"], "hot": t["hot_Bps"]}
     return rows
+
+
+def parse_bytes(text):
+    """"4MiB" -> 4194304 (the config's byte sizes: B, KiB, MiB, GiB or a plain number)."""
+    for suffix, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)):
+        if text.endswith(suffix):
+            return int(float(text[:-len(suffix)]) * scale)
+    return int(text)
+
+
+def print_goodput(rows, tls):
+    print("\nGoodput, uncompressed (budget 1.0), UCX_TLS=%s, medians" % tls)
+    print("%6s %9s %12s %14s %14s %14s %14s %8s  %s" % (
+        "pools", "size", "daemon GB/s", "transport GB/s", "tag_bw GB/s", "am_bw GB/s", "e2e ms",
+        "vs best", "in flight: GB/s (vs best)"))
+    for r in rows:
+        best = max(r["perftest_Bps"].values())
+        conc = "  ".join("x%s: %.2f (%.0f%%)" % (c, v["goodput_Bps"] / 1e9,
+                                                  100 * v["goodput_Bps"] / best)
+                         for c, v in r["concurrent"].items())
+        alone = r.get("transport_alone_Bps", {}).get("cold", 0)
+        print("%6s %5d MiB %12.2f %14.2f %14.2f %14.2f %14.1f %7.0f%%  %s" % (
+            r["pool_memory"], r["size_mib"], r["daemon_goodput_Bps"] / 1e9, alone / 1e9,
+            r["perftest_Bps"]["tag_bw"] / 1e9, r["perftest_Bps"]["ucp_am_bw"] / 1e9,
+            r["daemon_e2e_s"] * 1e3, 100 * r["daemon_goodput_Bps"] / best, conc))
 
 
 def shape_namespace(rate):
@@ -170,7 +221,7 @@ def shaped(args):
         try:
             link = perftest(256 << 20, 6, ns=NS, tls=args.tls, test="tag_bw")
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
-                d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk)
+                d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers)
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
@@ -187,7 +238,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tls", default="tcp")
-    ap.add_argument("--chunk", default="4MiB")
+    ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
+    ap.add_argument("--workers", type=int, default=2, help="codec.worker_threads of both daemons")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256], metavar="MIB",
+                    help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[],
+                    help="goodput: also measure this many transfers in flight at once")
     ap.add_argument("--rates", nargs="*", default=["10gbit", "25gbit"])
     ap.add_argument("--scorings", nargs="*", default=["key_norm", "external"])
     ap.add_argument("--skip-goodput", action="store_true")
@@ -196,19 +252,12 @@ def main():
     args = ap.parse_args()
     if shutil.which("ucx_perftest") is None:
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
-    result = {"tls": args.tls, "chunk": args.chunk, "rounds": args.rounds,
+    result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
+              "rounds": args.rounds,
               "cpus": os.cpu_count(), "kernel": os.uname().release}
     if not args.skip_goodput:
         result["goodput"] = goodput(args)
-        print("\nGoodput, uncompressed (budget 1.0), UCX_TLS=%s, medians" % args.tls)
-        print("%9s %12s %14s %14s %14s %8s" % ("size", "daemon GB/s", "tag_bw GB/s",
-                                                "am_bw GB/s", "e2e ms", "vs best"))
-        for r in result["goodput"]:
-            best = max(r["perftest_Bps"].values())
-            print("%6d MiB %12.2f %14.2f %14.2f %14.1f %7.0f%%" % (
-                r["size_mib"], r["daemon_goodput_Bps"] / 1e9, r["perftest_Bps"]["tag_bw"] / 1e9,
-                r["perftest_Bps"]["ucp_am_bw"] / 1e9, r["daemon_e2e_s"] * 1e3,
-                100 * r["daemon_goodput_Bps"] / best))
+        print_goodput(result["goodput"], args.tls)
     if not args.skip_shaped:
         result["shaped"] = shaped(args)
         print("\nShaped loopback (tc tbf), llama3-8b 4096 tokens, medians")
