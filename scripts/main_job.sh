@@ -31,7 +31,7 @@ listen: {unix_socket: $work/$1.sock}
 metrics: {address: "127.0.0.1:0"}
 transport: {kind: ucx, address: "127.0.0.1:0", ucx_tls: tcp}
 limits: {staging_bytes: 2GiB, max_inflight_bytes: 2GiB}
-codec: {chunk_bytes: 16MiB, worker_threads: 2}
+codec: {chunk_bytes: 4MiB, worker_threads: 2}
 YAML
   build/bin/spectrumkvd --config "$work/$1.yaml" 2> "$work/$1.log" &
   pids+=($!)

@@ -155,7 +155,7 @@ struct TransferManagerOptions {
   double default_deadline_s = 30;
   double max_deadline_s = 600;
   double result_ttl_s = 300;
-  uint64_t chunk_bytes = 16ull << 20;
+  uint64_t chunk_bytes = 4ull << 20;
   uint32_t pack_threads = 1;  // executor workers that pack one payload's chunks in parallel
   uint64_t incarnation = 0;
 };
