@@ -2,9 +2,11 @@
 """Transfer benchmarks of spectrumkvd (docs/BENCHMARKS.md, "Daemon to daemon").
 
 Part 1, goodput: two daemons over UCX on loopback move uncompressed payloads (budget 1.0) of
-16, 64 and 256 MiB (llama3-8b KV of 128, 512, 2048 tokens) and ucx_perftest moves messages of
-the same sizes over the same UCX transport, in the same run. Goodput = logical KV bytes / the
-end-to-end time the client sees (Send call to both Send and Receive returning).
+16, 64 and 256 MiB (--sizes; llama3-8b KV of 128, 512, 2048 tokens) and ucx_perftest moves
+messages of the same sizes over the same UCX transport, in the same run; so does the daemons'
+UCX transport alone (build/bin/transport_bench: same chunking, no codec or gRPC). Goodput =
+logical KV bytes / the end-to-end time the client sees (Send call to both Send and Receive
+returning); with --concurrency N also N transfers at once (bytes of a batch / its wall time).
 
 Part 2, shaped links: a network namespace of the benchmark's own, its loopback shaped with
 `tc tbf` to 10 and 25 Gbit/s; both daemons and the client run inside it; the 4096-token
