@@ -25,6 +25,7 @@
 #include "absl/strings/str_format.h"
 #include "client/kvgen/host_pool.h"
 #include "client/kvgen/model_shapes.h"
+#include "common/lcg.h"
 #include "kernels/api/codec.h"
 #include "kernels/cuda/cuda_codec.h"
 #include "kernels/cuda/device.h"
@@ -84,18 +85,8 @@ Timing TimeCall(CudaCodec& codec, int warmup, int reps, F&& f) {
   return {Median(device), Median(wall)};
 }
 
-class Lcg {
- public:
-  explicit Lcg(uint64_t seed) : state_(seed) {}
-  uint32_t Next() {
-    state_ = state_ * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<uint32_t>(state_ >> 33);
-  }
-  float Symmetric() { return static_cast<float>(Next() & 0xFFFFFF) / 8388608.0f - 1.0f; }
-
- private:
-  uint64_t state_;
-};
+// Uniform in [-1, 1).
+float Symmetric(Lcg& rng) { return static_cast<float>(rng.Next() & 0xFFFFFF) / 8388608.0f - 1.0f; }
 
 // A paged pool in device memory. Its contents are a host sample of `sample_tokens` tokens
 // (per-row log-normal magnitudes, a few large "sink" rows, two key outlier channels), repeated.
@@ -143,11 +134,11 @@ std::vector<uint8_t> MakeSample(const ModelShape& shape, uint64_t bytes, uint64_
   Lcg rng(seed);
   for (uint64_t row = 0; row * shape.head_dim < n; ++row) {
     // log-normal-ish magnitude, 1 row in 64 a large "sink" row.
-    const float u = rng.Symmetric() + rng.Symmetric() + rng.Symmetric();
+    const float u = Symmetric(rng) + Symmetric(rng) + Symmetric(rng);
     float magnitude = std::exp(0.6f * u);
     if (rng.Next() % 64 == 0) magnitude *= 6.0f;
     for (uint32_t c = 0; c < shape.head_dim && row * shape.head_dim + c < n; ++c) {
-      float x = magnitude * (rng.Symmetric() + rng.Symmetric());
+      float x = magnitude * (Symmetric(rng) + Symmetric(rng));
       if (c == 5 || c == 77 % shape.head_dim) x += 8.0f;
       v[row * shape.head_dim + c] = FloatToHalfRne(x);
     }
@@ -242,7 +233,7 @@ int Run(int argc, char** argv) {
       const double read_bytes = double(n) * double(shape.Fp16BytesPerToken());
       std::vector<float> queries(uint64_t{shape.num_layers} * window * q_heads * shape.head_dim);
       Lcg qrng(11);
-      for (float& q : queries) q = qrng.Symmetric() + qrng.Symmetric();
+      for (float& q : queries) q = Symmetric(qrng) + Symmetric(qrng);
       for (const std::string& scoring : scorings) {
         ScoreOptions so;
         so.mode = scoring == "attention" ? ScoringMode::kAttention : ScoringMode::kKeyNorm;

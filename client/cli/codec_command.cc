@@ -15,6 +15,7 @@
 #include "client/kvgen/npy.h"
 #include "client/kvgen/synthetic.h"
 #include "common/exit_codes.h"
+#include "common/lcg.h"
 #include "common/status.h"
 #include "kernels/api/codec.h"
 #include "kernels/registry/codec_registry.h"
@@ -289,11 +290,8 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
   } else if (scoring == ScoringMode::kExternal) {
     // No frontend here: stand-in scores, seeded, so the external path is exercised end to end.
     external.resize(n);
-    uint64_t state = o.seed;
-    for (float& s : external) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;
-      s = static_cast<float>(state >> 40) / static_cast<float>(1 << 24);
-    }
+    Lcg rng(o.seed);
+    for (float& s : external) s = rng.Unit();
     score_options.external_scores = external;
   }
 

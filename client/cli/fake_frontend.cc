@@ -24,6 +24,7 @@
 #include "client/lib/client.h"
 #include "common/exit_codes.h"
 #include "common/half.h"
+#include "common/lcg.h"
 #include "nlohmann/json.hpp"
 #include "proto/layout_convert.h"
 
@@ -375,11 +376,8 @@ int Run(const Options& o) {
           // Scores the frontend computed itself (seeded stand-ins here): no scoring pass over
           // the KV on the daemon.
           si->set_mode(v1::SCORING_EXTERNAL);
-          uint64_t state = o.seed + i;
-          for (uint32_t t = 0; t < n; ++t) {
-            state = state * 6364136223846793005ull + 1442695040888963407ull;
-            si->add_token_scores(static_cast<float>(state >> 40) / float(1 << 24));
-          }
+          Lcg rng(o.seed + i);
+          for (uint32_t t = 0; t < n; ++t) si->add_token_scores(rng.Unit());
         } else {
           si->set_mode(v1::SCORING_KEY_NORM);
         }

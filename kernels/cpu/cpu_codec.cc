@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "common/lcg.h"
 #include "common/status.h"
 #include "kernels/cpu/quant_math.h"
 
@@ -89,11 +90,7 @@ CpuCodec::CpuCodec(const RowKernels& kernels)
 
 bool CpuCodec::SelfTest(const RowKernels& kernels) {
   const RowKernels& ref = ScalarRowKernels();
-  uint64_t state = 0x5EC7A1u;
-  auto next = [&state] {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<uint32_t>(state >> 33);
-  };
+  Lcg rng(0x5EC7A1u);
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     for (uint32_t dim : {8u, 24u, 64u, 128u, 136u, 256u}) {
       for (int trial = 0; trial < 6; ++trial) {
@@ -108,7 +105,7 @@ bool CpuCodec::SelfTest(const RowKernels& kernels) {
         };
         for (uint32_t i = 0; i < dim; ++i) {
           const float magnitude = trial == 0 ? 0.0f : (trial == 1 ? 1e-6f : 4.0f);
-          const float x = (static_cast<float>(next() % 20001) / 10000.0f - 1.0f) * magnitude;
+          const float x = (static_cast<float>(rng.Next() % 20001) / 10000.0f - 1.0f) * magnitude;
           row[i] = FromFloatRne(dtype, x);
         }
         std::vector<int8_t> c8a(dim), c8b(dim);
@@ -130,8 +127,8 @@ bool CpuCodec::SelfTest(const RowKernels& kernels) {
         if (differ()) return false;
         std::vector<float> offset(dim), factor(dim), inv(dim);
         for (uint32_t i = 0; i < dim; ++i) {
-          offset[i] = static_cast<float>(next() % 7) - 3.0f;
-          factor[i] = 0.5f + static_cast<float>(next() % 4);
+          offset[i] = static_cast<float>(rng.Next() % 7) - 3.0f;
+          factor[i] = 0.5f + static_cast<float>(rng.Next() % 4);
           inv[i] = 1.0f / factor[i];
         }
         if (!kernels.quantize_int4_kcn(dtype, row.data(), dim, offset.data(), inv.data(),

@@ -253,28 +253,43 @@ struct CudaCodec::Arena {
   }
 
   absl::Status Reserve(uint64_t device_need, uint64_t pinned_need, cudaStream_t stream) {
-    if (device_need > device_bytes) {
-      SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-      if (device != nullptr) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaFree(device));
-      device = nullptr;
-      device_bytes = 0;
-      const uint64_t want = AlignUp(device_need + device_need / 2, 1 << 20);
-      void* p = nullptr;
-      SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, want));
-      device = static_cast<uint8_t*>(p);
-      device_bytes = want;
+    SPECTRUMKV_RETURN_IF_ERROR(
+        Grow(device_need, 1 << 20, stream, &device, &device_bytes,
+             Kind{"cudaMalloc", [](void** p, size_t n) { return cudaMalloc(p, n); },
+                  [](void* p) { return cudaFree(p); }}));
+    return Grow(pinned_need, 1 << 16, stream, &pinned, &pinned_bytes,
+                Kind{"cudaMallocHost", [](void** p, size_t n) { return cudaMallocHost(p, n); },
+                     [](void* p) { return cudaFreeHost(p); }});
+  }
+
+ private:
+  // How one of the two buffers is allocated and freed.
+  struct Kind {
+    const char* alloc_name;
+    cudaError_t (*alloc)(void**, size_t);
+    cudaError_t (*free)(void*);
+  };
+
+  // Replaces `*buffer` by one of at least `need` bytes (half again for headroom, rounded up to
+  // `align`) once the stream is done with the old one; nothing if it is large enough.
+  static absl::Status Grow(uint64_t need, uint64_t align, cudaStream_t stream, uint8_t** buffer,
+                           uint64_t* bytes, const Kind& kind) {
+    if (need <= *bytes) return absl::OkStatus();
+    SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    if (*buffer != nullptr) {
+      if (cudaError_t e = kind.free(*buffer); e != cudaSuccess) {
+        return cuda::CudaStatus(e, "freeing a codec scratch buffer");
+      }
     }
-    if (pinned_need > pinned_bytes) {
-      SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-      if (pinned != nullptr) SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaFreeHost(pinned));
-      pinned = nullptr;
-      pinned_bytes = 0;
-      const uint64_t want = AlignUp(pinned_need + pinned_need / 2, 1 << 16);
-      void* p = nullptr;
-      SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaMallocHost(&p, want));
-      pinned = static_cast<uint8_t*>(p);
-      pinned_bytes = want;
+    *buffer = nullptr;
+    *bytes = 0;
+    const uint64_t want = AlignUp(need + need / 2, align);
+    void* p = nullptr;
+    if (cudaError_t e = kind.alloc(&p, want); e != cudaSuccess) {
+      return cuda::CudaStatus(e, kind.alloc_name);
     }
+    *buffer = static_cast<uint8_t*>(p);
+    *bytes = want;
     return absl::OkStatus();
   }
 };

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "common/lcg.h"
 #include "common/status.h"
 #include "kernels/cpu/cpu_codec.h"
 #include "kernels/cuda/cuda_codec.h"
@@ -14,20 +15,9 @@
 namespace spectrumkv {
 namespace {
 
-class Lcg {
- public:
-  explicit Lcg(uint64_t seed) : state_(seed) {}
-  uint32_t Next() {
-    state_ = state_ * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<uint32_t>(state_ >> 33);
-  }
-  float Uniform() { return static_cast<float>(Next() % 1000003) / 1000003.0f; }
-  // Roughly gaussian (sum of uniforms).
-  float Gauss() { return Uniform() + Uniform() + Uniform() + Uniform() - 2.0f; }
-
- private:
-  uint64_t state_;
-};
+float Uniform(Lcg& rng) { return static_cast<float>(rng.Next() % 1000003) / 1000003.0f; }
+// Roughly gaussian (sum of uniforms).
+float Gauss(Lcg& rng) { return Uniform(rng) + Uniform(rng) + Uniform(rng) + Uniform(rng) - 2.0f; }
 
 // A KV in host memory plus a device copy with the same layout: one region per layer and part,
 // vLLM NHD-like ([block][slot][head][dim]) or HND-like ([block][head][slot][dim]) rows.
@@ -73,12 +63,12 @@ absl::Status MakeKv(const ModelShape& shape, DType dtype, uint32_t block_size, b
       const size_t n = region.size() / 2;
       for (size_t i = 0; i < n; i += shape.head_dim) {
         const uint32_t kind = rng.Next() % 16;
-        float magnitude = std::exp(rng.Gauss());
+        float magnitude = std::exp(Gauss(rng));
         if (kind == 0) magnitude = 0.0f;
         if (kind == 1) magnitude = 1e-5f;
         if (kind == 2) magnitude = 2000.0f;
         for (uint32_t c = 0; c < shape.head_dim; ++c) {
-          float x = rng.Gauss() * magnitude;
+          float x = Gauss(rng) * magnitude;
           if (c == 3 && kind > 2) x += 12.0f;  // an outlier channel
           v[i + c] = FromFloatRne(dtype, x);
         }
@@ -159,7 +149,7 @@ absl::Status RunCase(CudaCodec& codec, const SelfTestCase& c, uint64_t seed) {
   // Scores within the conformance tolerance.
   std::vector<float> queries(uint64_t{c.shape.num_layers} * 4 * 2 * c.shape.num_kv_heads *
                              c.shape.head_dim);
-  for (float& q : queries) q = rng.Gauss();
+  for (float& q : queries) q = Gauss(rng);
   for (ScoringMode mode : {ScoringMode::kKeyNorm, ScoringMode::kAttention}) {
     ScoreOptions o;
     o.mode = mode;
@@ -194,7 +184,7 @@ absl::Status RunPlanCase(CudaCodec& codec, uint64_t seed) {
                             std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity()};
   std::vector<float> scores(n);
-  for (float& x : scores) x = rng.Next() % 2 ? specials[rng.Next() % 6] : rng.Gauss();
+  for (float& x : scores) x = rng.Next() % 2 ? specials[rng.Next() % 6] : Gauss(rng);
   SPECTRUMKV_ASSIGN_OR_RETURN(cuda::DeviceBuffer device, cuda::DeviceBuffer::Allocate(4 * n));
   SPECTRUMKV_RETURN_IF_ERROR(cuda::CopyToDevice(device.data(), scores.data(), 4 * n));
   const std::span<const float> device_scores(reinterpret_cast<const float*>(device.data()), n);
