@@ -8,12 +8,15 @@
 // cache: "cold" walks each payload through a --region-mib region on both sides, so consecutive
 // transfers touch different memory, as the daemons' staging arena does; "hot" sends every
 // transfer from and into the same bytes. Medians of --rounds transfers per size, as GB/s of
-// payload (first SendData call to the last chunk in place and every send completed).
+// payload (first SendData call to the last chunk in place and every send completed). "stream"
+// posts --rounds cold transfers back to back and counts all their bytes over the time until the
+// last is in place (median of 3), as ucx_perftest streams its messages.
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,26 +30,31 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Counts the chunks of the transfer in flight; they land in `base` + chunk offset.
+// Counts the chunks of the transfers in flight; a chunk of transfer t lands in the base given for
+// t, at its offset.
 class Sink final : public TransportHandler {
  public:
-  void Expect(uint8_t* base, uint32_t chunks) {
+  void Expect(uint64_t transfer_id, uint8_t* base, uint32_t chunks) {
     std::lock_guard<std::mutex> lock(mu_);
-    base_ = base;
-    left_ = chunks;
-    failed_ = false;
+    bases_[transfer_id] = base;
+    left_ += chunks;
   }
   // True if every chunk arrived intact.
   bool Wait() {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return left_ == 0; });
-    return !failed_;
+    bases_.clear();
+    const bool ok = !failed_;
+    failed_ = false;
+    return ok;
   }
   void OnControl(const std::string&, const v1::PeerMessage&) override {}
   absl::StatusOr<std::span<uint8_t>> OnDataBegin(const std::string&,
                                                  const DataChunkHeader& h) override {
     std::lock_guard<std::mutex> lock(mu_);
-    return std::span<uint8_t>(base_ + h.offset, h.size);
+    auto it = bases_.find(h.transfer_id);
+    if (it == bases_.end()) return absl::InvalidArgumentError("unexpected transfer");
+    return std::span<uint8_t>(it->second + h.offset, h.size);
   }
   void OnDataEnd(const std::string&, const DataChunkHeader&, absl::Status status) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -61,8 +69,8 @@ class Sink final : public TransportHandler {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  uint8_t* base_ = nullptr;
-  uint32_t left_ = 0;
+  std::map<uint64_t, uint8_t*> bases_;
+  uint64_t left_ = 0;
   bool failed_ = false;
 };
 
@@ -114,25 +122,30 @@ int Run(int argc, char** argv) {
   for (uint64_t i = 0; i < region; i += 4096) src[i] = static_cast<uint8_t>(i >> 12);
   std::memset(dst.data(), 0, region);
 
+  // Posts every chunk of one transfer of `size` bytes per offset in `ats` (the transfers follow
+  // each other on the connection, with no gap), waits for all; the seconds it took, or -1.
   uint64_t transfer_id = 0;
-  auto transfer = [&](uint64_t size, uint64_t at) -> double {
-    std::vector<DataChunkHeader> chunks;
-    for (uint64_t off = 0; off < size; off += chunk_bytes) {
-      DataChunkHeader h;
-      h.transfer_id = transfer_id;
-      h.index = static_cast<uint32_t>(chunks.size());
-      h.offset = off;
-      h.size = std::min(chunk_bytes, size - off);
-      chunks.push_back(h);
+  auto transfers = [&](uint64_t size, const std::vector<uint64_t>& ats) -> double {
+    std::vector<std::pair<DataChunkHeader, uint64_t>> chunks;  // header, offset of its transfer
+    for (uint64_t at : ats) {
+      uint32_t index = 0;
+      for (uint64_t off = 0; off < size; off += chunk_bytes) {
+        DataChunkHeader h;
+        h.transfer_id = transfer_id;
+        h.index = index++;
+        h.offset = off;
+        h.size = std::min(chunk_bytes, size - off);
+        chunks.emplace_back(h, at);
+      }
+      sink.Expect(transfer_id, dst.data() + at, index);
+      ++transfer_id;
     }
-    ++transfer_id;
-    sink.Expect(dst.data() + at, static_cast<uint32_t>(chunks.size()));
     std::mutex mu;
     std::condition_variable cv;
     size_t sends_left = chunks.size();
     bool send_failed = false;
     const auto t0 = Clock::now();
-    for (const DataChunkHeader& h : chunks) {
+    for (const auto& [h, at] : chunks) {
       (*tx)->SendData(peer, h, std::span<const uint8_t>(src.data() + at + h.offset, h.size),
                       [&](absl::Status s) {
                         std::lock_guard<std::mutex> lock(mu);
@@ -149,6 +162,7 @@ int Run(int argc, char** argv) {
     if (!received || send_failed) return -1;
     return seconds;
   };
+  auto transfer = [&](uint64_t size, uint64_t at) { return transfers(size, {at}); };
 
   // Warm-up: connection set-up, UCX's first-use costs, and the sockets' buffer autotuning
   // (measured: a first 16 MiB size ran at about half the speed after a single warm-up transfer).
@@ -160,30 +174,44 @@ int Run(int argc, char** argv) {
   }
   struct Row {
     uint64_t mib;
-    double cold_gbps, hot_gbps;
+    double cold_gbps, hot_gbps, stream_gbps;
   };
   std::vector<Row> rows;
   for (uint64_t mib : sizes_mib) {
     const uint64_t size = mib << 20;
-    std::vector<double> cold, hot;
+    std::vector<double> cold, hot, stream;
     uint64_t at = 0;
-    for (int r = 0; r < rounds; ++r) {
-      // Alternate the modes so that drifts of a shared machine hit both alike.
+    auto next_at = [&] {
       at = at + size <= region ? at : 0;
-      const double c = transfer(size, at);
+      const uint64_t here = at;
       at += size;
+      return here;
+    };
+    for (int r = 0; r < rounds; ++r) {
+      // Alternate the modes so that drifts of a shared machine hit all alike. The stream is
+      // `rounds` cold transfers posted back to back.
+      const double c = transfer(size, next_at());
       const double h = transfer(size, 0);
-      if (c < 0 || h < 0) {
+      double st = 0;
+      if (r < 3) {
+        std::vector<uint64_t> ats;
+        for (int k = 0; k < rounds; ++k) ats.push_back(next_at());
+        st = transfers(size, ats);
+      }
+      if (c < 0 || h < 0 || st < 0) {
         std::fprintf(stderr, "transport_bench: a %lu MiB transfer failed\n",
                      static_cast<unsigned long>(mib));
         return 1;
       }
       cold.push_back(double(size) / c / 1e9);
       hot.push_back(double(size) / h / 1e9);
+      if (r < 3) stream.push_back(double(size) * rounds / st / 1e9);
     }
-    std::sort(cold.begin(), cold.end());
-    std::sort(hot.begin(), hot.end());
-    rows.push_back({mib, cold[cold.size() / 2], hot[hot.size() / 2]});
+    auto median = [](std::vector<double>& v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    rows.push_back({mib, median(cold), median(hot), median(stream)});
   }
   (*tx)->Shutdown();
   (*rx)->Shutdown();
@@ -192,18 +220,19 @@ int Run(int argc, char** argv) {
     std::printf("{\"tls\": \"%s\", \"chunk_bytes\": %lu, \"rounds\": %d, \"rows\": [", tls.c_str(),
                 static_cast<unsigned long>(chunk_bytes), rounds);
     for (size_t i = 0; i < rows.size(); ++i) {
-      std::printf("%s{\"size_mib\": %lu, \"cold_Bps\": %.0f, \"hot_Bps\": %.0f}", i ? ", " : "",
-                  static_cast<unsigned long>(rows[i].mib), rows[i].cold_gbps * 1e9,
-                  rows[i].hot_gbps * 1e9);
+      std::printf(
+          "%s{\"size_mib\": %lu, \"cold_Bps\": %.0f, \"hot_Bps\": %.0f, \"stream_Bps\": %.0f}",
+          i ? ", " : "", static_cast<unsigned long>(rows[i].mib), rows[i].cold_gbps * 1e9,
+          rows[i].hot_gbps * 1e9, rows[i].stream_gbps * 1e9);
     }
     std::printf("]}\n");
   } else {
     std::printf("UcxTransport alone, UCX_TLS=%s, %lu-byte chunks, medians of %d\n", tls.c_str(),
                 static_cast<unsigned long>(chunk_bytes), rounds);
-    std::printf("%9s %14s %14s\n", "size", "cold GB/s", "hot GB/s");
+    std::printf("%9s %14s %14s %14s\n", "size", "cold GB/s", "hot GB/s", "stream GB/s");
     for (const Row& r : rows) {
-      std::printf("%5lu MiB %14.2f %14.2f\n", static_cast<unsigned long>(r.mib), r.cold_gbps,
-                  r.hot_gbps);
+      std::printf("%5lu MiB %14.2f %14.2f %14.2f\n", static_cast<unsigned long>(r.mib), r.cold_gbps,
+                  r.hot_gbps, r.stream_gbps);
     }
   }
   return 0;

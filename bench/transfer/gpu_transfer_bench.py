@@ -104,7 +104,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256], metavar="MIB",
                     help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[],
-                    help="goodput: also measure this many transfers in flight at once")
+                    help="goodput: also measure a stream with this many transfers in flight")
     ap.add_argument("--rates", nargs="*", default=["", "10gbit", "25gbit"],
                     help="'' is plain loopback")
     ap.add_argument("--pool-memory", nargs="*", default=["cuda", "host"])

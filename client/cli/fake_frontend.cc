@@ -56,6 +56,7 @@ struct Options {
   uint32_t window = 32;
   uint32_t q_heads = 0;
   uint32_t concurrency = 1;
+  bool streaming = false;
   uint32_t rounds = 1;
   std::string order = "receive-first";
   double timeout_s = 120;
@@ -326,7 +327,148 @@ int Run(const Options& o) {
   for (size_t bi = 0; bi < o.budgets.size(); ++bi) {
     Round round;
     round.budget = o.budgets[bi];
-    for (uint32_t rep = 0; rep < o.rounds; ++rep) {
+    // The Receive and Send requests of slot i (its blocks in both pools) under request id `rid`.
+    auto requests = [&](uint32_t i, const std::string& rid) {
+      v1::ReceiveRequest rr;
+      rr.set_request_id(rid);
+      rr.set_pool_id(dst_id);
+      for (uint32_t b : dst_tables[i]) rr.add_block_ids(b);
+      rr.set_num_tokens(n);
+      v1::SendRequest sr;
+      sr.set_request_id(rid);
+      sr.set_pool_id(src_id);
+      for (uint32_t b : src_tables[i]) sr.add_block_ids(b);
+      sr.set_num_tokens(n);
+      sr.set_peer(peer);
+      sr.set_model(o.kv_file.empty() ? o.model : "");
+      v1::CompressionOptions* co = sr.mutable_compression();
+      co->set_budget(round.budget);
+      co->set_policy(policy);
+      co->set_budget_kind(o.budget_kind == "wire" ? v1::BUDGET_KIND_WIRE : v1::BUDGET_KIND_ELEMENT);
+      co->set_quantizer(o.quantizer == "kcn" ? v1::QUANTIZER_KEY_CHANNEL_NORM
+                                             : v1::QUANTIZER_ABSMAX);
+      co->set_seed(o.seed);
+      v1::ScoringInputs* si = sr.mutable_scoring();
+      if (o.scoring == "attention") {
+        si->set_mode(v1::SCORING_ATTENTION);
+        v1::WindowQueries* w = si->mutable_window_queries();
+        w->set_window(std::min(o.window, n));
+        w->set_num_q_heads(q_heads);
+        if (query_shms.empty()) {
+          w->set_data(reinterpret_cast<const char*>(queries[i].data()), queries[i].size() * 4);
+        } else {
+          w->mutable_shm()->set_name(query_shms[i]->name());
+          w->mutable_shm()->set_size_bytes(queries[i].size() * 4);
+        }
+      } else if (o.scoring == "positional") {
+        si->set_mode(v1::SCORING_POSITIONAL);
+      } else if (o.scoring == "external") {
+        // Scores the frontend computed itself (seeded stand-ins here): no scoring pass over
+        // the KV on the daemon.
+        si->set_mode(v1::SCORING_EXTERNAL);
+        Lcg rng(o.seed + i);
+        for (uint32_t t = 0; t < n; ++t) si->add_token_scores(rng.Unit());
+      } else {
+        si->set_mode(v1::SCORING_KEY_NORM);
+      }
+      return std::make_pair(rr, sr);
+    };
+    // One finished transfer of slot i: its stage times and bytes, and (if `verify`) the rows
+    // that arrived in the destination pool, which the caller has fetched.
+    auto account = [&](uint32_t i, const absl::StatusOr<v1::SendResponse>& send,
+                       const absl::StatusOr<v1::ReceiveResponse>& recv, Clock::time_point start,
+                       Clock::time_point end, bool verify) {
+      if (!send.ok() || !recv.ok()) {
+        ++round.failed;
+        round.errors.push_back(!send.ok() ? "Send: " + send.status().ToString()
+                                          : "Receive: " + recv.status().ToString());
+        return uint64_t{0};
+      }
+      ++round.ok;
+      const v1::TransferStats& ss = send->stats();
+      const v1::TransferStats& rs = recv->stats();
+      if (round.ok == 1) round.send_stats = ss;
+      round.wire_bytes += ss.wire_bytes();
+      round.logical_bytes += ss.logical_bytes();
+      // The daemons count savings per transfer and never negative (a counter only grows).
+      total_saved +=
+          ss.logical_bytes() > ss.wire_bytes() ? ss.logical_bytes() - ss.wire_bytes() : 0;
+      round.score.push_back(ss.timings().score_s());
+      round.plan.push_back(ss.timings().plan_s());
+      round.pack.push_back(ss.timings().pack_s());
+      round.stage.push_back(ss.timings().stage_copy_s());
+      round.network.push_back(rs.timings().network_s());
+      round.unpack.push_back(rs.timings().unpack_s());
+      round.e2e.push_back(std::chrono::duration<double>(end - start).count());
+      if (verify) {
+        Verify((*src_pool)->View(src_tables[i], n), (*dst_pool)->View(dst_tables[i], n), *recv,
+               o.quantizer == "kcn", &round.verify);
+      }
+      return ss.logical_bytes();
+    };
+    auto add_batch = [&](Clock::time_point begin, Clock::time_point end, uint64_t bytes) {
+      if (bytes == 0) return;
+      round.batch_wall.push_back(std::chrono::duration<double>(end - begin).count());
+      round.batch_logical_bytes += bytes;
+    };
+
+    if (o.streaming) {
+      // Every slot runs its `rounds` transfers back to back (Receive and Send at once, the next
+      // as soon as both returned); the pools' contents are the same for every transfer of a
+      // slot, so its last one is verified.
+      if (absl::Status s = (*dst_pool)->Zero(); !s.ok()) {
+        round.failed += c * o.rounds;
+        round.errors.push_back("zeroing the destination pool: " + s.ToString());
+      } else {
+        struct Done {
+          absl::StatusOr<v1::SendResponse> send = absl::UnknownError("not run");
+          absl::StatusOr<v1::ReceiveResponse> recv = absl::UnknownError("not run");
+          Clock::time_point start, end;
+        };
+        std::vector<std::vector<Done>> done(c, std::vector<Done>(o.rounds));
+        std::vector<std::thread> slots;
+        const Clock::time_point begin = Clock::now();
+        for (uint32_t i = 0; i < c; ++i) {
+          slots.emplace_back([&, i] {
+            for (uint32_t rep = 0; rep < o.rounds; ++rep) {
+              const auto req =
+                  requests(i, absl::StrFormat("ff-%d-b%u-r%u-s%u", getpid(), bi, rep, i));
+              const v1::ReceiveRequest& rr = req.first;
+              const v1::SendRequest& sr = req.second;
+              Done& d = done[i][rep];
+              Clock::time_point end_recv;
+              std::thread receive([&] {
+                d.recv = receiver->Receive(rr, o.timeout_s);
+                end_recv = Clock::now();
+              });
+              d.start = Clock::now();
+              d.send = sender->Send(sr, o.timeout_s);
+              const Clock::time_point end_send = Clock::now();
+              receive.join();
+              d.end = std::max(end_send, end_recv);
+            }
+          });
+        }
+        for (auto& t : slots) t.join();
+        Clock::time_point end = begin;
+        for (const auto& slot : done)
+          for (const Done& d : slot) end = std::max(end, d.end);
+        if (absl::Status fetched = (*dst_pool)->Fetch(); !fetched.ok()) {
+          round.failed += c * o.rounds;
+          round.errors.push_back("reading the destination pool: " + fetched.ToString());
+        } else {
+          uint64_t bytes = 0;
+          for (uint32_t i = 0; i < c; ++i) {
+            for (uint32_t rep = 0; rep < o.rounds; ++rep) {
+              const Done& d = done[i][rep];
+              bytes += account(i, d.send, d.recv, d.start, d.end, rep + 1 == o.rounds);
+            }
+          }
+          add_batch(begin, end, bytes);
+        }
+      }
+    }
+    for (uint32_t rep = 0; !o.streaming && rep < o.rounds; ++rep) {
       if (absl::Status s = (*dst_pool)->Zero(); !s.ok()) {
         round.failed += c;
         round.errors.push_back("zeroing the destination pool: " + s.ToString());
@@ -337,50 +479,9 @@ int Run(const Options& o) {
       std::vector<Clock::time_point> start(c), end_send(c), end_recv(c);
       std::vector<std::thread> threads;
       for (uint32_t i = 0; i < c; ++i) {
-        const std::string rid = absl::StrFormat("ff-%d-b%u-r%u-s%u", getpid(), bi, rep, i);
-        v1::ReceiveRequest rr;
-        rr.set_request_id(rid);
-        rr.set_pool_id(dst_id);
-        for (uint32_t b : dst_tables[i]) rr.add_block_ids(b);
-        rr.set_num_tokens(n);
-        v1::SendRequest sr;
-        sr.set_request_id(rid);
-        sr.set_pool_id(src_id);
-        for (uint32_t b : src_tables[i]) sr.add_block_ids(b);
-        sr.set_num_tokens(n);
-        sr.set_peer(peer);
-        sr.set_model(o.kv_file.empty() ? o.model : "");
-        v1::CompressionOptions* co = sr.mutable_compression();
-        co->set_budget(round.budget);
-        co->set_policy(policy);
-        co->set_budget_kind(o.budget_kind == "wire" ? v1::BUDGET_KIND_WIRE
-                                                    : v1::BUDGET_KIND_ELEMENT);
-        co->set_quantizer(o.quantizer == "kcn" ? v1::QUANTIZER_KEY_CHANNEL_NORM
-                                               : v1::QUANTIZER_ABSMAX);
-        co->set_seed(o.seed);
-        v1::ScoringInputs* si = sr.mutable_scoring();
-        if (o.scoring == "attention") {
-          si->set_mode(v1::SCORING_ATTENTION);
-          v1::WindowQueries* w = si->mutable_window_queries();
-          w->set_window(std::min(o.window, n));
-          w->set_num_q_heads(q_heads);
-          if (query_shms.empty()) {
-            w->set_data(reinterpret_cast<const char*>(queries[i].data()), queries[i].size() * 4);
-          } else {
-            w->mutable_shm()->set_name(query_shms[i]->name());
-            w->mutable_shm()->set_size_bytes(queries[i].size() * 4);
-          }
-        } else if (o.scoring == "positional") {
-          si->set_mode(v1::SCORING_POSITIONAL);
-        } else if (o.scoring == "external") {
-          // Scores the frontend computed itself (seeded stand-ins here): no scoring pass over
-          // the KV on the daemon.
-          si->set_mode(v1::SCORING_EXTERNAL);
-          Lcg rng(o.seed + i);
-          for (uint32_t t = 0; t < n; ++t) si->add_token_scores(rng.Unit());
-        } else {
-          si->set_mode(v1::SCORING_KEY_NORM);
-        }
+        const auto req = requests(i, absl::StrFormat("ff-%d-b%u-r%u-s%u", getpid(), bi, rep, i));
+        const v1::ReceiveRequest& rr = req.first;
+        const v1::SendRequest& sr = req.second;
         const bool send_first = o.order == "send-first";
         auto do_recv = [&, i, rr] {
           recvs[i] = receiver->Receive(rr, o.timeout_s);
@@ -417,39 +518,14 @@ int Run(const Options& o) {
       Clock::time_point batch_begin = Clock::time_point::max(), batch_end{};
       uint64_t batch_bytes = 0;
       for (uint32_t i = 0; i < c; ++i) {
-        if (!sends[i].ok() || !recvs[i].ok()) {
-          ++round.failed;
-          round.errors.push_back(!sends[i].ok() ? "Send: " + sends[i].status().ToString()
-                                                : "Receive: " + recvs[i].status().ToString());
-          continue;
-        }
-        ++round.ok;
-        const v1::TransferStats& ss = sends[i]->stats();
-        const v1::TransferStats& rs = recvs[i]->stats();
-        if (round.ok == 1) round.send_stats = ss;
-        round.wire_bytes += ss.wire_bytes();
-        round.logical_bytes += ss.logical_bytes();
-        // The daemons count savings per transfer and never negative (a counter only grows).
-        total_saved +=
-            ss.logical_bytes() > ss.wire_bytes() ? ss.logical_bytes() - ss.wire_bytes() : 0;
-        round.score.push_back(ss.timings().score_s());
-        round.plan.push_back(ss.timings().plan_s());
-        round.pack.push_back(ss.timings().pack_s());
-        round.stage.push_back(ss.timings().stage_copy_s());
-        round.network.push_back(rs.timings().network_s());
-        round.unpack.push_back(rs.timings().unpack_s());
-        round.e2e.push_back(
-            std::chrono::duration<double>(std::max(end_send[i], end_recv[i]) - start[i]).count());
+        const Clock::time_point end = std::max(end_send[i], end_recv[i]);
+        const uint64_t bytes = account(i, sends[i], recvs[i], start[i], end, true);
+        if (bytes == 0) continue;
         batch_begin = std::min(batch_begin, start[i]);
-        batch_end = std::max({batch_end, end_send[i], end_recv[i]});
-        batch_bytes += ss.logical_bytes();
-        Verify((*src_pool)->View(src_tables[i], n), (*dst_pool)->View(dst_tables[i], n), *recvs[i],
-               o.quantizer == "kcn", &round.verify);
+        batch_end = std::max(batch_end, end);
+        batch_bytes += bytes;
       }
-      if (batch_bytes > 0) {
-        round.batch_wall.push_back(std::chrono::duration<double>(batch_end - batch_begin).count());
-        round.batch_logical_bytes += batch_bytes;
-      }
+      add_batch(batch_begin, batch_end, batch_bytes);
     }
     total_logical += round.logical_bytes;
     total_wire += round.wire_bytes;
@@ -508,6 +584,7 @@ int Run(const Options& o) {
     j["model"] = o.kv_file.empty() ? o.model : o.kv_file;
     j["tokens"] = n;
     j["concurrency"] = c;
+    j["streaming"] = o.streaming;
     j["rounds"] = nlohmann::json::array();
     for (const Round& r : rounds) {
       nlohmann::json x;
@@ -558,11 +635,12 @@ int Run(const Options& o) {
                 receiver_target.c_str(), peer.c_str());
     std::printf(
         "  KV %s: %u layers, %u KV heads, head_dim %u, %s, %u tokens; %s/%u -> %s/%u; "
-        "%u request(s) at a time, %u round(s); policy %s, scoring %s, quantizer %s\n",
+        "%u request(s) at a time%s, %u round(s); policy %s, scoring %s, quantizer %s\n",
         o.kv_file.empty() ? o.model.c_str() : o.kv_file.c_str(), shape.num_layers,
         shape.num_kv_heads, shape.head_dim, DTypeName(dtype), n, o.src_layout.c_str(),
-        o.src_block_size, o.dst_layout.c_str(), o.dst_block_size, c, o.rounds, o.policy.c_str(),
-        o.scoring.c_str(), o.quantizer.c_str());
+        o.src_block_size, o.dst_layout.c_str(), o.dst_block_size, c,
+        o.streaming ? " (streaming)" : "", o.rounds, o.policy.c_str(), o.scoring.c_str(),
+        o.quantizer.c_str());
     std::printf("\n%-7s %-23s %10s %10s %7s %8s %8s %8s %8s %8s %9s  %s\n", "budget",
                 "tiers fp16/int8/int4/drop", "wire MB", "saved MB", "saved", "score ms", "pack ms",
                 "stage ms", "net ms", "unpack ms", "e2e ms", "verified");
@@ -587,6 +665,15 @@ int Run(const Options& o) {
         "\n  per request; times are medians. score/pack/stage: sender; net/unpack: "
         "receiver (first to last byte; unpack work); e2e: Send call to both calls "
         "returning, as the client saw it\n");
+    if (c > 1 || o.streaming) {
+      for (const Round& r : rounds) {
+        double wall = 0;
+        for (double w : r.batch_wall) wall += w;
+        std::printf("  budget %.2f: %.2f GB/s of KV over the wall time of the %s\n", r.budget,
+                    wall > 0 ? double(r.batch_logical_bytes) / wall / 1e9 : 0.0,
+                    o.streaming ? "stream" : "batches");
+      }
+    }
     if (o.check_metrics) {
       std::printf("  metrics: %s\n", metric_problems.empty()
                                          ? "logical, wire and saved bytes agree on both sides"
@@ -651,6 +738,11 @@ void AddFakeFrontendCommand(CLI::App& app, int* exit_code) {
   cmd->add_option("--concurrency", o->concurrency, "Requests in flight at once")
       ->capture_default_str();
   cmd->add_option("--rounds", o->rounds, "Repetitions per budget")->capture_default_str();
+  cmd->add_flag("--streaming", o->streaming,
+                "Keep --concurrency requests in flight for all --rounds: each slot starts its next "
+                "transfer (Receive and Send at once, --order is not used) as soon as the last one "
+                "returned, instead of rounds of requests started together; goodput is every byte "
+                "over the whole wall time; each slot's last transfer is verified");
   cmd->add_option("--order", o->order, "receive-first, send-first or concurrent")
       ->check(CLI::IsMember({"receive-first", "send-first", "concurrent"}))
       ->capture_default_str();

@@ -104,6 +104,21 @@ TEST_F(UcxDaemonsTest, SixtyFourConcurrentTransfers) {
   EXPECT_EQ(code, 0) << out;
 }
 
+TEST_F(UcxDaemonsTest, StreamedTransfersBackToBack) {
+  // 8 slots x 6 transfers each, every slot starting its next Receive + Send as soon as the last
+  // returned: request ids never collide, the metrics count all 48 per budget, the last transfer
+  // of each slot is verified.
+  std::string out;
+  const int code = FakeFrontend({"--model", "tiny", "--tokens", "700", "--budgets", "1.0", "0.3",
+                                 "--concurrency", "8", "--rounds", "6", "--streaming"},
+                                &out);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("8 request(s) at a time (streaming), 6 round(s)"), std::string::npos) << out;
+  EXPECT_NE(out.find("GB/s of KV over the wall time of the stream"), std::string::npos) << out;
+  EXPECT_NE(out.find("agree on both sides"), std::string::npos) << out;
+  EXPECT_EQ(out.find("FAILED"), std::string::npos) << out;
+}
+
 TEST_F(UcxDaemonsTest, OneGibibyteTransfer) {
   std::string out;
   // llama3-8b at 8192 tokens is 1.07 GB of FP16 KV; b = 1.0 sends all of it.
