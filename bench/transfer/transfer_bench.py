@@ -48,7 +48,7 @@ def ns_prefix(ns):
 class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
-    def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2):
+    def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info"):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -60,6 +60,7 @@ metrics: {{address: "127.0.0.1:0"}}
 transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}"}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
 codec: {{chunk_bytes: {chunk}, worker_threads: {workers}}}
+logging: {{level: {log_level}}}
 """)
             log = open(os.path.join(work, f"{name}.log"), "w")
             self.procs.append(subprocess.Popen(

@@ -309,6 +309,8 @@ uint64_t TransferManager::Send(SendArgs args, SteadyClock::time_point deadline, 
       });
       sends_[t->args.key] = t;
       sends_by_id_[t->id] = t;
+      spdlog::debug("send {}: accepted (request {} shard {})", t->id_str, t->args.key.request_id,
+                    t->args.key.shard);
       ++active_;
       PublishGauges();
       d.Add([this, t] {
@@ -329,6 +331,7 @@ void TransferManager::RunSend(std::shared_ptr<SendTransfer> t) {
     t->state = SendTransfer::State::kScoring;
     t->runners = 1;
   }
+  spdlog::debug("send {}: running", t->id_str);
   FinishRunner(t, PrepareSend(t));
 }
 
@@ -555,6 +558,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     t.stats.wire_budget = plan.WireBudget();
     t.stats.tiers = plan.layout.total_counts;
   }
+  spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks.size());
   transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
     if (!s.ok()) {
       FinishSend(self, absl::UnavailableError(absl::StrFormat(
@@ -637,6 +641,7 @@ void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, a
     metrics_.ObserveStage(Stage::kPack, t->stats.times.pack_s);
     if (t->on_device) metrics_.ObserveStage(Stage::kStageCopy, t->stats.times.stage_copy_s);
     metrics_.ObserveStage(Stage::kNetwork, t->stats.times.network_s);
+    spdlog::debug("send {}: done", t->id_str);
   } else {
     spdlog::info("transfer {} failed: {}", t->id_str, status.ToString());
   }
@@ -803,6 +808,8 @@ absl::Status TransferManager::BindOffer(const std::shared_ptr<RecvTransfer>& t,
   t->num_chunks = offer.num_chunks();
   t->chunk_seen.assign(offer.num_chunks(), false);
   recvs_by_wire_[{peer, t->wire_id}] = t;
+  spdlog::debug("receive {} from {}: offer of {} bytes in {} chunks accepted", t->id_str, peer,
+                total, t->num_chunks);
   return absl::OkStatus();
 }
 
@@ -935,6 +942,9 @@ void TransferManager::OnDataEnd(const std::string& peer, const DataChunkHeader& 
     } else {
       ++t->chunks_received;
       t->last_byte = SteadyClock::now();
+      if (t->chunks_received == t->num_chunks) {
+        spdlog::debug("receive {} from {}: all {} chunks in", t->id_str, peer, t->num_chunks);
+      }
       t->pending_chunks.push_back(h);
       Advance(t, d);
     }
@@ -1161,6 +1171,7 @@ void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, a
       metrics_.ObserveStage(Stage::kStageCopy, t->stage_copy_s);
     }
     metrics_.ObserveStage(Stage::kUnpack, t->unpack_s);
+    spdlog::debug("receive {}: done", t->id_str);
   } else {
     spdlog::info("receive of request {} shard {} failed: {}", t->key.request_id, t->key.shard,
                  status.ToString());
