@@ -4,7 +4,7 @@
 With `logging: {level: debug}` each daemon logs, per transfer id, when a Send was accepted, began
 to run, offered its payload, and finished, and when the receiver accepted the offer, had every
 chunk, and finished. This prints the median gap between consecutive events over all transfers
-found in both logs. Usage: timeline.py PREFILL_LOG DECODE_LOG
+found in both logs.
 """
 import collections
 import datetime
@@ -31,7 +31,7 @@ def parse(path):
 
 def main():
     if len(sys.argv) != 3:
-        sys.exit(__doc__.strip().splitlines()[-1])
+        sys.exit("usage: timeline.py PREFILL_LOG DECODE_LOG")
     sender, receiver = parse(sys.argv[1]), parse(sys.argv[2])
     gaps = collections.defaultdict(list)
     for tid, e in sender.items():
