@@ -60,7 +60,7 @@ struct CodecConfig {
   std::string on_unreachable = "drop";  // drop or reject
   uint32_t sink_tokens = 4;
   uint64_t chunk_bytes = 4ull << 20;  // target size of a data chunk (whole layers)
-  uint32_t worker_threads = 2;         // codec and transfer work
+  uint32_t worker_threads = 2;        // codec and transfer work
 };
 
 struct ModelPolicyConfig {
