@@ -3,18 +3,18 @@
 // once, each landing where the receiving handler names), between two transports of this
 // process over loopback.
 //
-// Two buffer modes tell the cost of memory that is not in cache, which ucx_perftest (one
-// message buffer per side, reused every iteration) does not pay at sizes that fit the last-level
-// cache: "cold" walks each payload through a --region-mib region on both sides, so consecutive
-// transfers touch different memory, as the daemons' staging arena does; "hot" sends every
-// transfer from and into the same bytes. Medians of --rounds transfers per size, as GB/s of
-// payload (first SendData call to the last chunk in place and every send completed). "stream"
-// posts --rounds cold transfers back to back and counts all their bytes over the time until the
-// last is in place (median of 3), as ucx_perftest streams its messages.
+// Two buffer modes tell whether memory out of cache costs anything (ucx_perftest reuses one
+// message buffer per side): "cold" walks each payload through a --region-mib region on both
+// sides, so consecutive transfers touch different memory, as the daemons' staging arena does;
+// "hot" sends every transfer from and into the same bytes. Medians of --rounds transfers per size,
+// as GB/s of payload (first SendData call to the last chunk in place and every send completed).
+// "stream" posts --rounds cold transfers back to back and counts all their bytes over the time
+// until the last is in place (median of 3), as ucx_perftest streams its messages.
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -39,12 +39,13 @@ class Sink final : public TransportHandler {
     bases_[transfer_id] = base;
     left_ += chunks;
   }
-  // True if every chunk arrived intact.
+  // True if every expected chunk was received without error within a minute.
   bool Wait() {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return left_ == 0; });
+    const bool all = cv_.wait_for(lock, std::chrono::seconds(60), [&] { return left_ == 0; });
     bases_.clear();
-    const bool ok = !failed_;
+    left_ = 0;
+    const bool ok = all && !failed_;
     failed_ = false;
     return ok;
   }
@@ -156,7 +157,11 @@ int Run(int argc, char** argv) {
     const bool received = sink.Wait();
     {
       std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return sends_left == 0; });
+      // The send callbacks use this frame: never leave it while one may still run.
+      if (!cv.wait_for(lock, std::chrono::seconds(60), [&] { return sends_left == 0; })) {
+        std::fprintf(stderr, "transport_bench: sends did not complete within a minute\n");
+        std::_Exit(1);
+      }
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     if (!received || send_failed) return -1;

@@ -157,8 +157,9 @@ struct Round {
   v1::TransferStats send_stats;  // of the first request
   uint64_t wire_bytes = 0, logical_bytes = 0;
   std::vector<double> score, plan, pack, stage, network, unpack, e2e;
-  // Per batch of `concurrency` requests: first Send call to the last Send or Receive return,
-  // and the logical bytes of its successful transfers (aggregate goodput = bytes / wall).
+  // Per batch of `concurrency` requests (--streaming: the whole stream, one entry): first Send
+  // call to the last Send or Receive return, and the logical bytes of its successful transfers
+  // (aggregate goodput = bytes / wall).
   std::vector<double> batch_wall;
   uint64_t batch_logical_bytes = 0;
   Verification verify;
@@ -605,7 +606,7 @@ int Run(const Options& o) {
                        {"pack", Median(r.pack)},       {"stage_copy", Median(r.stage)},
                        {"network", Median(r.network)}, {"unpack", Median(r.unpack)},
                        {"end_to_end", Median(r.e2e)}};
-      // Aggregate goodput of the batches: with --concurrency > 1, transfers overlap.
+      // Aggregate goodput of the batches (or of the one stream): transfers overlap there.
       double wall = 0;
       for (double w : r.batch_wall) wall += w;
       x["batch_wall_s"] = Median(r.batch_wall);
