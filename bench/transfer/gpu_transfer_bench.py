@@ -99,8 +99,8 @@ def main():
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=2, help="codec.worker_threads of both daemons")
     ap.add_argument("--goodput", nargs="*", default=[], metavar="POOLS",
-                    help="also measure uncompressed goodput against ucx_perftest (16, 64, "
-                         "256 MiB) with these pools (cuda, host)")
+                    help="also measure uncompressed goodput against ucx_perftest (sizes: "
+                         "--sizes) with these pools (cuda, host)")
     ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256], metavar="MIB",
                     help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[],
