@@ -94,17 +94,10 @@ def one_link(args, rate):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tls", default="tcp")
-    ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
-    ap.add_argument("--workers", type=int, default=2, help="codec.worker_threads of both daemons")
+    tb.add_common_args(ap)
     ap.add_argument("--goodput", nargs="*", default=[], metavar="POOLS",
                     help="also measure uncompressed goodput against ucx_perftest (sizes: "
                          "--sizes) with these pools (cuda, host)")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256], metavar="MIB",
-                    help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
-    ap.add_argument("--concurrency", type=int, nargs="*", default=[],
-                    help="goodput: also measure a stream with this many transfers in flight")
     ap.add_argument("--rates", nargs="*", default=["", "10gbit", "25gbit"],
                     help="'' is plain loopback")
     ap.add_argument("--pool-memory", nargs="*", default=["cuda", "host"])

@@ -242,8 +242,8 @@ def shaped(args):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(ap):
+    """The options of the daemons and of goodput(), shared with gpu_transfer_bench.py."""
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tls", default="tcp")
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
@@ -252,6 +252,11 @@ def main():
                     help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[],
                     help="goodput: also measure a stream with this many transfers in flight")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     ap.add_argument("--rates", nargs="*", default=["10gbit", "25gbit"])
     ap.add_argument("--scorings", nargs="*", default=["key_norm", "external"])
     ap.add_argument("--skip-goodput", action="store_true")
