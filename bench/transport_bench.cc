@@ -79,7 +79,7 @@ int Run(int argc, char** argv) {
   std::vector<uint64_t> sizes_mib = {16, 64, 256};
   uint64_t chunk_bytes = 4ull << 20, region_mib = 2048;
   std::string tls = "tcp";
-  int rounds = 9;
+  int rounds = 9, lanes = 1;
   bool json = false;
   CLI::App app{
       "The UCX transport alone: chunked payloads between two transports on loopback, "
@@ -89,6 +89,9 @@ int Run(int argc, char** argv) {
   app.add_option("--region-mib", region_mib, "Cold mode: region each side walks through, MiB")
       ->capture_default_str();
   app.add_option("--tls", tls, "UCX transports (UCX_TLS)")->capture_default_str();
+  app.add_option("--lanes", lanes, "UCX lanes (workers and connections) of each transport")
+      ->capture_default_str()
+      ->check(CLI::Range(1, UcxTransportOptions::kMaxLanes));
   app.add_option("--rounds", rounds, "Transfers per size and mode (median)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000));
@@ -105,6 +108,7 @@ int Run(int argc, char** argv) {
   UcxTransportOptions options;
   options.listen_address = "127.0.0.1:0";
   options.tls = tls;
+  options.lanes = lanes;
   Sink sender_sink, sink;
   auto tx = UcxTransport::Create(options);
   auto rx = UcxTransport::Create(options);
@@ -222,8 +226,9 @@ int Run(int argc, char** argv) {
   (*rx)->Shutdown();
 
   if (json) {
-    std::printf("{\"tls\": \"%s\", \"chunk_bytes\": %lu, \"rounds\": %d, \"rows\": [", tls.c_str(),
-                static_cast<unsigned long>(chunk_bytes), rounds);
+    std::printf(
+        "{\"tls\": \"%s\", \"lanes\": %d, \"chunk_bytes\": %lu, \"rounds\": %d, \"rows\": [",
+        tls.c_str(), lanes, static_cast<unsigned long>(chunk_bytes), rounds);
     for (size_t i = 0; i < rows.size(); ++i) {
       std::printf(
           "%s{\"size_mib\": %lu, \"cold_Bps\": %.0f, \"hot_Bps\": %.0f, \"stream_Bps\": %.0f}",
@@ -232,8 +237,8 @@ int Run(int argc, char** argv) {
     }
     std::printf("]}\n");
   } else {
-    std::printf("UcxTransport alone, UCX_TLS=%s, %lu-byte chunks, medians of %d\n", tls.c_str(),
-                static_cast<unsigned long>(chunk_bytes), rounds);
+    std::printf("UcxTransport alone, UCX_TLS=%s, %d lane(s), %lu-byte chunks, medians of %d\n",
+                tls.c_str(), lanes, static_cast<unsigned long>(chunk_bytes), rounds);
     std::printf("%9s %14s %14s %14s\n", "size", "cold GB/s", "hot GB/s", "stream GB/s");
     for (const Row& r : rows) {
       std::printf("%5lu MiB %14.2f %14.2f %14.2f\n", static_cast<unsigned long>(r.mib), r.cold_gbps,

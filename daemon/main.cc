@@ -289,6 +289,7 @@ int Run(int argc, char** argv) {
     ucx.advertise_host = config.transport.advertise_host;
     ucx.tls = config.transport.ucx_tls;
     ucx.ucx_options = config.transport.ucx_options;
+    ucx.lanes = static_cast<int>(config.transport.ucx_lanes);
     absl::StatusOr<std::unique_ptr<UcxTransport>> created = UcxTransport::Create(ucx);
     if (!created.ok()) {
       spdlog::error("transport: {}", created.status().ToString());

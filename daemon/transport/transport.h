@@ -5,7 +5,9 @@
 // only sees this interface.
 //
 // Contract:
-//  - Messages to one peer are delivered in the order they were sent.
+//  - Control messages to one peer are delivered in the order they were sent, and a data chunk
+//    after every control message sent to that peer before it; data chunks may overtake each
+//    other (a transport may move them over several connections).
 //  - A send's `done` callback runs exactly once, on a transport thread, never inside the Send*
 //    call itself; OK means the bytes left this process (for data: the buffer may be reused).
 //    Whether the peer accepted the transfer is said by control messages, not by `done`.

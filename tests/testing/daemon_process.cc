@@ -38,9 +38,10 @@ void DaemonProcess::Start() {
   std::ofstream(config) << absl::StrFormat(R"(node_name: %s
 listen: {unix_socket: %s}
 metrics: {address: "127.0.0.1:0"}
-transport: {kind: ucx, address: "127.0.0.1:%d", ucx_tls: tcp}
+transport: {kind: ucx, address: "127.0.0.1:%d", ucx_tls: tcp%s}
 %s)",
-                                           name, socket, port, settings);
+                                           name, socket, port,
+                                           transport.empty() ? "" : ", " + transport, settings);
   ASSERT_TRUE(process.Start({binary, "--config", config}, log_path()));
   client = Client::Connect("unix:" + socket);
   for (int i = 0; i < 600; ++i) {
@@ -53,7 +54,7 @@ transport: {kind: ucx, address: "127.0.0.1:%d", ucx_tls: tcp}
 }
 
 void DaemonPair::Start(const std::string& binary, const std::string& dir,
-                       const std::string& settings) {
+                       const std::string& settings, const std::string& transport) {
   for (auto* d : {&prefill, &decode}) {
     *d = std::make_unique<DaemonProcess>();
     DaemonProcess& p = **d;
@@ -61,6 +62,7 @@ void DaemonPair::Start(const std::string& binary, const std::string& dir,
     p.name = d == &prefill ? "prefill" : "decode";
     p.dir = dir;
     p.settings = settings;
+    p.transport = transport;
     p.socket = dir + "/" + p.name + ".sock";
     p.port = FreeLoopbackPort();
     p.ucx_address = absl::StrFormat("ucx://127.0.0.1:%d", p.port);

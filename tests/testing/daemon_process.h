@@ -16,10 +16,11 @@ namespace spectrumkv::testing {
 int FreeLoopbackPort();
 
 struct DaemonProcess {
-  std::string binary;    // the spectrumkvd to run
-  std::string name;      // node name; also names the config, socket and log files
-  std::string dir;       // where they go
-  std::string settings;  // YAML appended to the config: limits, codec
+  std::string binary;     // the spectrumkvd to run
+  std::string name;       // node name; also names the config, socket and log files
+  std::string dir;        // where they go
+  std::string settings;   // YAML appended to the config: limits, codec
+  std::string transport;  // further entries of the transport map, e.g. "ucx_lanes: 4"
   std::string socket, ucx_address;
   int port = 0;
   Subprocess process;
@@ -36,7 +37,8 @@ struct DaemonProcess {
 struct DaemonPair {
   std::unique_ptr<DaemonProcess> prefill, decode;
 
-  void Start(const std::string& binary, const std::string& dir, const std::string& settings);
+  void Start(const std::string& binary, const std::string& dir, const std::string& settings,
+             const std::string& transport = "");
   // SIGTERM to both; each must exit 0.
   void Stop();
 };

@@ -26,7 +26,6 @@ constexpr char kScheme[] = "ucx://";
 constexpr unsigned kAmControl = 1;
 constexpr unsigned kAmData = 2;
 constexpr uint16_t kHeaderMagic = 0x4B53;  // "SK"
-constexpr uint8_t kHeaderVersion = 1;
 constexpr size_t kDataHeaderBytes = 40;
 
 absl::Status FromUcs(ucs_status_t s, const std::string& what) {
@@ -67,41 +66,48 @@ absl::Status Resolve(const std::string& host, uint16_t port, bool passive, socka
 
 // Header of every active message: magic, version, kind, the sender's address, the sender's
 // stream (an epoch per outbound endpoint and a sequence number in it, so the receiver can
-// restore the sending order, which UCX does not keep between eager and rendezvous messages), and
-// for data the chunk framing. Little-endian.
-constexpr size_t kFixedHeaderBytes = 22;
-
-std::string EncodeHeader(uint8_t kind, const std::string& sender, uint64_t epoch, uint64_t seq,
-                         const DataChunkHeader* data) {
-  std::string h(kFixedHeaderBytes + sender.size() + (data ? kDataHeaderBytes : 0), '\0');
-  auto* p = reinterpret_cast<uint8_t*>(h.data());
-  StoreLe16(p, kHeaderMagic);
-  p[2] = kHeaderVersion;
-  p[3] = kind;
-  StoreLe16(p + 4, static_cast<uint16_t>(sender.size()));
-  StoreLe64(p + 6, epoch);
-  StoreLe64(p + 14, seq);
-  std::memcpy(p + kFixedHeaderBytes, sender.data(), sender.size());
-  if (data != nullptr) {
-    uint8_t* d = p + kFixedHeaderBytes + sender.size();
-    StoreLe64(d, data->transfer_id);
-    StoreLe32(d + 8, data->index);
-    StoreLe32(d + 12, data->first_layer);
-    StoreLe32(d + 16, data->last_layer);
-    StoreLe32(d + 20, 0);
-    StoreLe64(d + 24, data->offset);
-    StoreLe64(d + 32, data->size);
-  }
-  return h;
-}
+// restore the sending order, which UCX does not keep between eager and rendezvous messages), the
+// sender's origin (random per transport life) with an order number (control: its number among
+// the control messages to this peer; data: its fence, the number of the last control message
+// sent to this peer before it), and for data the chunk framing. Little-endian.
+constexpr uint8_t kHeaderVersion = 2;
+constexpr size_t kFixedHeaderBytes = 38;
 
 struct ParsedHeader {
   uint8_t kind = 0;
   std::string sender;
   uint64_t epoch = 0;
   uint64_t seq = 0;
+  uint64_t origin = 0;
+  uint64_t order = 0;
   DataChunkHeader data;
 };
+
+std::string EncodeHeader(const ParsedHeader& m) {
+  const bool data = m.kind == kAmData;
+  std::string h(kFixedHeaderBytes + m.sender.size() + (data ? kDataHeaderBytes : 0), '\0');
+  auto* p = reinterpret_cast<uint8_t*>(h.data());
+  StoreLe16(p, kHeaderMagic);
+  p[2] = kHeaderVersion;
+  p[3] = m.kind;
+  StoreLe16(p + 4, static_cast<uint16_t>(m.sender.size()));
+  StoreLe64(p + 6, m.epoch);
+  StoreLe64(p + 14, m.seq);
+  StoreLe64(p + 22, m.origin);
+  StoreLe64(p + 30, m.order);
+  std::memcpy(p + kFixedHeaderBytes, m.sender.data(), m.sender.size());
+  if (data) {
+    uint8_t* d = p + kFixedHeaderBytes + m.sender.size();
+    StoreLe64(d, m.data.transfer_id);
+    StoreLe32(d + 8, m.data.index);
+    StoreLe32(d + 12, m.data.first_layer);
+    StoreLe32(d + 16, m.data.last_layer);
+    StoreLe32(d + 20, 0);
+    StoreLe64(d + 24, m.data.offset);
+    StoreLe64(d + 32, m.data.size);
+  }
+  return h;
+}
 
 // Never trusts a length it has not checked.
 bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
@@ -113,6 +119,8 @@ bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
   const size_t sender_len = LoadLe16(p + 4);
   out->epoch = LoadLe64(p + 6);
   out->seq = LoadLe64(p + 14);
+  out->origin = LoadLe64(p + 22);
+  out->order = LoadLe64(p + 30);
   if (sender_len == 0 || kFixedHeaderBytes + sender_len > length) return false;
   out->sender.assign(reinterpret_cast<const char*>(p + kFixedHeaderBytes), sender_len);
   if (out->kind == kAmData) {
@@ -129,11 +137,21 @@ bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
   return out->kind == kAmControl && length == kFixedHeaderBytes + sender_len;
 }
 
+// Unique per connection and per process life.
+uint64_t SplitMix(uint64_t* seed) {
+  *seed += 0x9E3779B97F4A7C15ull;
+  uint64_t z = *seed;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 }  // namespace
 
 struct UcxTransport::Impl {
+  struct Lane;
   struct Endpoint {
-    Impl* impl = nullptr;
+    Lane* lane = nullptr;
     ucp_ep_h ep = nullptr;
     std::string peer;  // known for outbound; learned from messages for inbound
     bool outbound = false;
@@ -141,23 +159,29 @@ struct UcxTransport::Impl {
     uint64_t epoch = 0;     // outbound: this connection's stream id
     uint64_t next_seq = 0;  // outbound: sequence number of the next message
   };
-  // An operation handed to the progress thread.
+  using StreamKey = std::pair<std::string, uint64_t>;  // (sender, epoch): one connection
+  // An operation handed to a lane's progress thread.
   struct Op {
-    bool data = false;
+    enum class Kind { kControl, kData, kAccept, kResume } kind = Kind::kControl;
     std::string peer;
+    uint64_t order = 0;                // control: its number; data: its fence
     DataChunkHeader chunk;             // data
     std::string header;                // encoded when the endpoint is known
     std::string control;               // serialized PeerMessage (control)
     std::span<const uint8_t> payload;  // data: the caller keeps it valid until done
     SendCallback done;
+    ucp_conn_request_h conn = nullptr;  // accept: a connection the listener handed over
+    StreamKey stream;                   // resume: a stream whose fence opened
   };
-  // A message that arrived ahead of its turn: its rendezvous descriptor or a copy of its bytes.
+  // A message that arrived ahead of its turn (or whose fence is closed): its rendezvous
+  // descriptor or a copy of its bytes.
   struct Early {
     ParsedHeader header;
     bool rndv = false;
     void* desc = nullptr;
     size_t length = 0;
     std::string bytes;
+    void* data() { return rndv ? desc : bytes.data(); }
   };
   // One sender connection's messages, restored to their sending order.
   struct InboundStream {
@@ -165,57 +189,140 @@ struct UcxTransport::Impl {
     std::map<uint64_t, Early> early;
   };
   struct SendRequest {
-    Impl* impl;
+    Lane* lane;
     Op op;
   };
   struct RecvRequest {
-    Impl* impl;
+    Lane* lane;
     std::string peer;
     ParsedHeader header;
     std::string buffer;  // control messages received by rendezvous
   };
+  // What one sender (one process life: sender address and origin) has had delivered of its
+  // control messages, and the streams waiting for more.
+  struct Parked {
+    Lane* lane;
+    StreamKey stream;
+    uint64_t fence;
+  };
+  struct SenderOrder {
+    uint64_t delivered = 0;  // the highest control number delivered
+    std::vector<Parked> parked;
+  };
+  // What this side has sent to one peer.
+  struct PeerOut {
+    uint64_t controls = 0;  // control messages numbered so far
+    size_t next_lane = 0;   // where the next data chunk goes
+  };
+
+  struct Lane {
+    Impl* impl = nullptr;
+    int index = 0;
+    ucp_worker_h worker = nullptr;
+    int worker_fd = -1, event_fd = -1, epoll_fd = -1;
+    std::thread thread;
+
+    absl::Mutex mu;
+    std::deque<Op> queue ABSL_GUARDED_BY(mu);
+    bool stopping ABSL_GUARDED_BY(mu) = false;
+
+    // Progress-thread state.
+    std::map<std::string, Endpoint*> outbound;
+    std::set<Endpoint*> endpoints;  // every live endpoint, inbound and outbound
+    uint64_t closing = 0;           // endpoint closes in flight
+    std::map<StreamKey, InboundStream> streams;
+
+    ~Lane() {
+      if (worker) ucp_worker_destroy(worker);
+      if (event_fd >= 0) close(event_fd);
+      if (epoll_fd >= 0) close(epoll_fd);
+    }
+
+    absl::Status Init();
+    void Wake() {
+      const uint64_t one = 1;
+      (void)!write(event_fd, &one, sizeof(one));
+    }
+    // Queues `op` for this lane's thread; false (and `op` untouched) once the lane stops.
+    bool Push(Op& op) {
+      absl::MutexLock lock(&mu);
+      if (stopping) return false;
+      queue.push_back(std::move(op));
+      Wake();
+      return true;
+    }
+    void Stop() {
+      absl::MutexLock lock(&mu);
+      stopping = true;
+      Wake();
+    }
+
+    void Loop();
+    Endpoint* Connect(const std::string& peer, absl::Status* error);
+    void Execute(Op op);
+    void Accept(ucp_conn_request_h conn);
+    static void OnSendDone(void* request, ucs_status_t status, void* user_data);
+    static void OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status);
+    void CloseEndpoint(Endpoint* e, bool force);
+    static void OnClosed(void* request, ucs_status_t, void* user_data);
+    static void OnConnRequest(ucp_conn_request_h conn, void* arg);
+    void NoteSender(const ucp_am_recv_param_t* param, const std::string& sender);
+    static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
+                             size_t length, const ucp_am_recv_param_t* param);
+    void Drain(const StreamKey& key);
+    void Process(Early& m, bool in_callback);
+    void DropStreams(const std::string& sender);
+    static void OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data);
+    void Deliver(RecvRequest* req, absl::Status status);
+    void ShutdownOnThread();
+  };
 
   UcxTransportOptions options;
   ucp_context_h context = nullptr;
-  ucp_worker_h worker = nullptr;
-  ucp_listener_h listener = nullptr;
-  int worker_fd = -1, event_fd = -1, epoll_fd = -1;
+  ucp_listener_h listener = nullptr;  // on lane 0
   std::string address;
+  uint64_t origin = 0;
   TransportHandler* handler = nullptr;
-  std::thread thread;
+  std::vector<std::unique_ptr<Lane>> lanes;
+  size_t next_accept = 0;  // lane 0's thread: where the next accepted connection goes
 
-  absl::Mutex mu;
-  std::deque<Op> queue ABSL_GUARDED_BY(mu);
+  absl::Mutex mu;  // before any lane's mu
   bool stopping ABSL_GUARDED_BY(mu) = false;
   bool started ABSL_GUARDED_BY(mu) = false;
+  std::map<std::string, PeerOut> peers ABSL_GUARDED_BY(mu);
+  uint64_t epoch_seed ABSL_GUARDED_BY(mu) = 0;
 
-  // Progress-thread state.
-  std::map<std::string, Endpoint*> outbound;
-  std::set<Endpoint*> endpoints;  // every live endpoint, inbound and outbound
-  uint64_t closing = 0;           // endpoint closes in flight
-  std::map<std::pair<std::string, uint64_t>, InboundStream> streams;  // (sender, epoch)
-  uint64_t epoch_seed = 0;
+  absl::Mutex order_mu;
+  std::map<std::pair<std::string, uint64_t>, SenderOrder> orders ABSL_GUARDED_BY(order_mu);
 
   ~Impl() {
+    // Lane 0's thread destroys the listener when it stops; a transport never started still has
+    // it. Workers go before the context.
     if (listener) ucp_listener_destroy(listener);
-    if (worker) ucp_worker_destroy(worker);
+    lanes.clear();
     if (context) ucp_cleanup(context);
-    if (event_fd >= 0) close(event_fd);
-    if (epoll_fd >= 0) close(epoll_fd);
   }
 
-  void Wake() {
-    const uint64_t one = 1;
-    (void)!write(event_fd, &one, sizeof(one));
+  uint64_t NextEpoch() {
+    absl::MutexLock lock(&mu);
+    return SplitMix(&epoch_seed);
   }
 
+  // Numbers a control message or fences a chunk, and queues it: control messages on lane 0 in
+  // their numbering order, chunks on the lanes in turn.
   void Submit(Op op) {
     {
       absl::MutexLock lock(&mu);
       if (!stopping && started) {
-        queue.push_back(std::move(op));
-        Wake();
-        return;
+        PeerOut& out = peers[op.peer];
+        Lane* lane = lanes[0].get();
+        if (op.kind == Op::Kind::kControl) {
+          op.order = ++out.controls;
+        } else {
+          op.order = out.controls;
+          lane = lanes[out.next_lane++ % lanes.size()].get();
+        }
+        if (lane->Push(op)) return;
       }
     }
     // Not running: fail on a thread of our own, never inside the caller's Send*.
@@ -224,363 +331,481 @@ struct UcxTransport::Impl {
     }).detach();
   }
 
-  // --- progress thread ----------------------------------------------------------------------
+  // Whether every control message a data chunk is fenced behind has been delivered; if not,
+  // `lane` is told (kResume) when it has.
+  bool FenceOpen(Lane* lane, const StreamKey& key, const ParsedHeader& h) {
+    if (h.kind != kAmData || h.order == 0) return true;
+    absl::MutexLock lock(&order_mu);
+    SenderOrder& o = orders[{h.sender, h.origin}];
+    if (h.order <= o.delivered) return true;
+    if (o.parked.size() < 4096) o.parked.push_back({lane, key, h.order});
+    return false;
+  }
 
-  void Loop() {
-    pthread_setname_np(pthread_self(), "skv-ucx");
-    for (;;) {
-      std::deque<Op> ops;
-      bool stop = false;
-      {
-        absl::MutexLock lock(&mu);
-        ops.swap(queue);
-        stop = stopping;
+  // Control message `number` of (sender, origin) was delivered: resumes what waited for it.
+  void ControlDelivered(const ParsedHeader& h) {
+    std::vector<Parked> ready;
+    {
+      absl::MutexLock lock(&order_mu);
+      SenderOrder& o = orders[{h.sender, h.origin}];
+      o.delivered = std::max(o.delivered, h.order);
+      auto keep = std::partition(o.parked.begin(), o.parked.end(),
+                                 [&](const Parked& p) { return p.fence > o.delivered; });
+      ready.assign(keep, o.parked.end());
+      o.parked.erase(keep, o.parked.end());
+    }
+    for (Parked& p : ready) {
+      Op op;
+      op.kind = Op::Kind::kResume;
+      op.stream = std::move(p.stream);
+      p.lane->Push(op);  // a stopping lane releases what it holds itself
+    }
+  }
+
+  void ForgetSender(const std::string& sender) {
+    absl::MutexLock lock(&order_mu);
+    for (auto it = orders.begin(); it != orders.end();) {
+      it = it->first.first == sender ? orders.erase(it) : std::next(it);
+    }
+  }
+};
+
+using Impl = UcxTransport::Impl;
+
+absl::Status Impl::Lane::Init() {
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+  if (ucs_status_t s = ucp_worker_create(impl->context, &wp, &worker); s != UCS_OK) {
+    return FromUcs(s, "ucp_worker_create");
+  }
+  if (ucs_status_t s = ucp_worker_get_efd(worker, &worker_fd); s != UCS_OK) {
+    return FromUcs(s, "ucp_worker_get_efd");
+  }
+  for (unsigned id : {kAmControl, kAmData}) {
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    hp.id = id;
+    hp.cb = &Lane::OnAm;
+    hp.arg = this;
+    if (ucs_status_t s = ucp_worker_set_am_recv_handler(worker, &hp); s != UCS_OK) {
+      return FromUcs(s, "ucp_worker_set_am_recv_handler");
+    }
+  }
+  event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  if (event_fd < 0 || epoll_fd < 0) {
+    return absl::UnavailableError("cannot create the transport's event descriptors");
+  }
+  for (int fd : {worker_fd, event_fd}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      return absl::UnavailableError("epoll_ctl failed");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// --- progress threads ------------------------------------------------------------------------
+
+void Impl::Lane::Loop() {
+  pthread_setname_np(pthread_self(), absl::StrFormat("skv-ucx%d", index).c_str());
+  for (;;) {
+    std::deque<Op> ops;
+    bool stop = false;
+    {
+      absl::MutexLock lock(&mu);
+      ops.swap(queue);
+      stop = stopping;
+    }
+    for (Op& op : ops) Execute(std::move(op));
+    if (stop) break;
+    while (ucp_worker_progress(worker) != 0) {
+    }
+    const ucs_status_t armed = ucp_worker_arm(worker);
+    if (armed == UCS_ERR_BUSY) continue;
+    epoll_event events[2];
+    const int n = epoll_wait(epoll_fd, events, 2, 1000);
+    for (int i = 0; i < n; ++i) {
+      if (events[i].data.fd == event_fd) {
+        uint64_t v;
+        (void)!read(event_fd, &v, sizeof(v));
       }
-      for (Op& op : ops) Execute(std::move(op));
-      if (stop) break;
-      while (ucp_worker_progress(worker) != 0) {
-      }
-      const ucs_status_t armed = ucp_worker_arm(worker);
-      if (armed == UCS_ERR_BUSY) continue;
-      epoll_event events[2];
-      const int n = epoll_wait(epoll_fd, events, 2, 1000);
-      for (int i = 0; i < n; ++i) {
-        if (events[i].data.fd == event_fd) {
-          uint64_t v;
-          (void)!read(event_fd, &v, sizeof(v));
-        }
-      }
-    }
-    ShutdownOnThread();
-  }
-
-  uint64_t NextEpoch() {
-    // Unique per connection and per process life: a restarted sender never reuses an epoch.
-    epoch_seed += 0x9E3779B97F4A7C15ull;
-    uint64_t z = epoch_seed;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-
-  Endpoint* Connect(const std::string& peer, absl::Status* error) {
-    auto it = outbound.find(peer);
-    if (it != outbound.end()) return it->second;
-    std::string host;
-    uint16_t port = 0;
-    if (peer.rfind(kScheme, 0) != 0 ||
-        !SplitHostPort(peer.substr(sizeof(kScheme) - 1), &host, &port)) {
-      *error = absl::InvalidArgumentError(
-          absl::StrFormat("peer \"%s\" is not a UCX address (ucx://host:port)", peer));
-      return nullptr;
-    }
-    sockaddr_storage addr;
-    socklen_t len;
-    *error = Resolve(host, port, false, &addr, &len);
-    if (!error->ok()) return nullptr;
-    auto* e = new Endpoint{this, nullptr, peer, true, false, NextEpoch(), 0};
-    ucp_ep_params_t p{};
-    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                   UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
-    p.sockaddr.addrlen = len;
-    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    p.err_handler.cb = &OnEndpointError;
-    p.err_handler.arg = e;
-    const ucs_status_t s = ucp_ep_create(worker, &p, &e->ep);
-    if (s != UCS_OK) {
-      delete e;
-      *error = FromUcs(s, "connecting to " + peer);
-      return nullptr;
-    }
-    outbound[peer] = e;
-    endpoints.insert(e);
-    return e;
-  }
-
-  void Execute(Op op) {
-    absl::Status error;
-    Endpoint* e = Connect(op.peer, &error);
-    if (e == nullptr) {
-      op.done(error);
-      return;
-    }
-    op.header = EncodeHeader(op.data ? kAmData : kAmControl, address, e->epoch, e->next_seq++,
-                             op.data ? &op.chunk : nullptr);
-    auto* req = new SendRequest{this, std::move(op)};
-    ucp_request_param_t rp{};
-    rp.op_attr_mask =
-        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-    rp.cb.send = &OnSendDone;
-    rp.user_data = req;
-    rp.flags = UCP_AM_SEND_FLAG_REPLY;
-    const void* buffer;
-    size_t length;
-    if (req->op.data) {
-      buffer = req->op.payload.data();
-      length = req->op.payload.size();
-      // Large chunks by rendezvous: the receiver pulls them into its own buffer.
-      if (length >= (64u << 10)) rp.flags |= UCP_AM_SEND_FLAG_RNDV;
-    } else {
-      buffer = req->op.control.data();
-      length = req->op.control.size();
-    }
-    const ucs_status_ptr_t r =
-        ucp_am_send_nbx(e->ep, req->op.data ? kAmData : kAmControl, req->op.header.data(),
-                        req->op.header.size(), buffer, length, &rp);
-    spdlog::debug("ucx: send {} bytes to {} ({}): {}", length, req->op.peer,
-                  req->op.data ? "data" : "control",
-                  r == nullptr ? "done" : (UCS_PTR_IS_ERR(r) ? "error" : "pending"));
-    if (r == nullptr) {  // completed immediately
-      req->op.done(absl::OkStatus());
-      delete req;
-    } else if (UCS_PTR_IS_ERR(r)) {
-      req->op.done(FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer));
-      delete req;
     }
   }
+  ShutdownOnThread();
+}
 
-  static void OnSendDone(void* request, ucs_status_t status, void* user_data) {
-    auto* req = static_cast<SendRequest*>(user_data);
-    spdlog::debug("ucx: send to {} completed: {}", req->op.peer, ucs_status_string(status));
-    req->op.done(FromUcs(status, "send to " + req->op.peer));
-    ucp_request_free(request);
+Impl::Endpoint* Impl::Lane::Connect(const std::string& peer, absl::Status* error) {
+  auto it = outbound.find(peer);
+  if (it != outbound.end()) return it->second;
+  std::string host;
+  uint16_t port = 0;
+  if (peer.rfind(kScheme, 0) != 0 ||
+      !SplitHostPort(peer.substr(sizeof(kScheme) - 1), &host, &port)) {
+    *error = absl::InvalidArgumentError(
+        absl::StrFormat("peer \"%s\" is not a UCX address (ucx://host:port)", peer));
+    return nullptr;
+  }
+  sockaddr_storage addr;
+  socklen_t len;
+  *error = Resolve(host, port, false, &addr, &len);
+  if (!error->ok()) return nullptr;
+  auto* e = new Endpoint{this, nullptr, peer, true, false, impl->NextEpoch(), 0};
+  ucp_ep_params_t p{};
+  p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                 UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  p.sockaddr.addrlen = len;
+  p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  p.err_handler.cb = &OnEndpointError;
+  p.err_handler.arg = e;
+  const ucs_status_t s = ucp_ep_create(worker, &p, &e->ep);
+  if (s != UCS_OK) {
+    delete e;
+    *error = FromUcs(s, "connecting to " + peer);
+    return nullptr;
+  }
+  outbound[peer] = e;
+  endpoints.insert(e);
+  return e;
+}
+
+void Impl::Lane::Execute(Op op) {
+  if (op.kind == Op::Kind::kAccept) {
+    Accept(op.conn);
+    return;
+  }
+  if (op.kind == Op::Kind::kResume) {
+    Drain(op.stream);
+    return;
+  }
+  absl::Status error;
+  Endpoint* e = Connect(op.peer, &error);
+  if (e == nullptr) {
+    op.done(error);
+    return;
+  }
+  const bool data = op.kind == Op::Kind::kData;
+  ParsedHeader h;
+  h.kind = data ? kAmData : kAmControl;
+  h.sender = impl->address;
+  h.epoch = e->epoch;
+  h.seq = e->next_seq++;
+  h.origin = impl->origin;
+  h.order = op.order;
+  if (data) h.data = op.chunk;
+  op.header = EncodeHeader(h);
+  auto* req = new SendRequest{this, std::move(op)};
+  ucp_request_param_t rp{};
+  rp.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  rp.cb.send = &OnSendDone;
+  rp.user_data = req;
+  rp.flags = UCP_AM_SEND_FLAG_REPLY;
+  const void* buffer;
+  size_t length;
+  if (data) {
+    buffer = req->op.payload.data();
+    length = req->op.payload.size();
+    // Large chunks by rendezvous: the receiver pulls them into its own buffer.
+    if (length >= (64u << 10)) rp.flags |= UCP_AM_SEND_FLAG_RNDV;
+  } else {
+    buffer = req->op.control.data();
+    length = req->op.control.size();
+  }
+  const ucs_status_ptr_t r = ucp_am_send_nbx(e->ep, h.kind, req->op.header.data(),
+                                             req->op.header.size(), buffer, length, &rp);
+  spdlog::debug("ucx{}: send {} bytes to {} ({}): {}", index, length, req->op.peer,
+                data ? "data" : "control",
+                r == nullptr ? "done" : (UCS_PTR_IS_ERR(r) ? "error" : "pending"));
+  if (r == nullptr) {  // completed immediately
+    req->op.done(absl::OkStatus());
+    delete req;
+  } else if (UCS_PTR_IS_ERR(r)) {
+    req->op.done(FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer));
     delete req;
   }
+}
 
-  static void OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
-    auto* e = static_cast<Endpoint*>(arg);
-    Impl* impl = e->impl;
-    const std::string peer = e->peer;
-    if (!e->outbound && !peer.empty()) impl->DropStreams(peer);
-    impl->CloseEndpoint(e, /*force=*/true);
-    if (!peer.empty() && impl->handler != nullptr) {
-      impl->handler->OnPeerDown(peer, FromUcs(status, "UCX endpoint to " + peer));
-    }
+void Impl::Lane::OnSendDone(void* request, ucs_status_t status, void* user_data) {
+  auto* req = static_cast<SendRequest*>(user_data);
+  spdlog::debug("ucx{}: send to {} completed: {}", req->lane->index, req->op.peer,
+                ucs_status_string(status));
+  req->op.done(FromUcs(status, "send to " + req->op.peer));
+  ucp_request_free(request);
+  delete req;
+}
+
+void Impl::Lane::OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
+  auto* e = static_cast<Endpoint*>(arg);
+  Lane* lane = e->lane;
+  const std::string peer = e->peer;
+  if (!e->outbound && !peer.empty()) lane->DropStreams(peer);
+  lane->CloseEndpoint(e, /*force=*/true);
+  if (!peer.empty() && lane->impl->handler != nullptr) {
+    lane->impl->handler->OnPeerDown(peer, FromUcs(status, "UCX endpoint to " + peer));
   }
+}
 
-  void CloseEndpoint(Endpoint* e, bool force) {
-    if (e->closed) return;
-    e->closed = true;
-    if (e->outbound) {
-      auto it = outbound.find(e->peer);
-      if (it != outbound.end() && it->second == e) outbound.erase(it);
-    }
-    endpoints.erase(e);
-    ucp_request_param_t p{};
-    p.op_attr_mask =
-        UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
-    p.cb.send = &OnClosed;
-    p.user_data = e;
-    const ucs_status_ptr_t r = ucp_ep_close_nbx(e->ep, &p);
-    if (r == nullptr || UCS_PTR_IS_ERR(r)) {
-      delete e;
-    } else {
-      ++closing;
-    }
+void Impl::Lane::CloseEndpoint(Endpoint* e, bool force) {
+  if (e->closed) return;
+  e->closed = true;
+  if (e->outbound) {
+    auto it = outbound.find(e->peer);
+    if (it != outbound.end() && it->second == e) outbound.erase(it);
   }
-
-  static void OnClosed(void* request, ucs_status_t, void* user_data) {
-    auto* e = static_cast<Endpoint*>(user_data);
-    --e->impl->closing;
-    ucp_request_free(request);
+  endpoints.erase(e);
+  ucp_request_param_t p{};
+  p.op_attr_mask =
+      UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  p.cb.send = &OnClosed;
+  p.user_data = e;
+  const ucs_status_ptr_t r = ucp_ep_close_nbx(e->ep, &p);
+  if (r == nullptr || UCS_PTR_IS_ERR(r)) {
     delete e;
+  } else {
+    ++closing;
   }
+}
 
-  static void OnConnRequest(ucp_conn_request_h conn, void* arg) {
-    auto* impl = static_cast<Impl*>(arg);
-    auto* e = new Endpoint{impl, nullptr, "", false, false, 0, 0};
-    ucp_ep_params_t p{};
-    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
-                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_USER_DATA;
-    p.conn_request = conn;
-    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    p.err_handler.cb = &OnEndpointError;
-    p.err_handler.arg = e;
-    p.user_data = e;
-    if (ucp_ep_create(impl->worker, &p, &e->ep) != UCS_OK) {
-      delete e;
+void Impl::Lane::OnClosed(void* request, ucs_status_t, void* user_data) {
+  auto* e = static_cast<Endpoint*>(user_data);
+  --e->lane->closing;
+  ucp_request_free(request);
+  delete e;
+}
+
+// On lane 0's thread: hands the connection to the lanes in turn.
+void Impl::Lane::OnConnRequest(ucp_conn_request_h conn, void* arg) {
+  auto* lane0 = static_cast<Lane*>(arg);
+  Impl* impl = lane0->impl;
+  Lane* target = impl->lanes[impl->next_accept++ % impl->lanes.size()].get();
+  if (target == lane0) {
+    lane0->Accept(conn);
+    return;
+  }
+  Op op;
+  op.kind = Op::Kind::kAccept;
+  op.conn = conn;
+  if (!target->Push(op) && impl->listener != nullptr) ucp_listener_reject(impl->listener, conn);
+}
+
+void Impl::Lane::Accept(ucp_conn_request_h conn) {
+  auto* e = new Endpoint{this, nullptr, "", false, false, 0, 0};
+  ucp_ep_params_t p{};
+  p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                 UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_USER_DATA;
+  p.conn_request = conn;
+  p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  p.err_handler.cb = &OnEndpointError;
+  p.err_handler.arg = e;
+  p.user_data = e;
+  if (ucp_ep_create(worker, &p, &e->ep) != UCS_OK) {
+    delete e;
+    return;
+  }
+  endpoints.insert(e);
+}
+
+// Learns which peer an inbound endpoint belongs to, so its failure can be reported.
+void Impl::Lane::NoteSender(const ucp_am_recv_param_t* param, const std::string& sender) {
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep == nullptr) {
+    return;
+  }
+  for (Endpoint* e : endpoints) {
+    if (e->ep == param->reply_ep) {
+      if (e->peer.empty()) e->peer = sender;
       return;
     }
-    impl->endpoints.insert(e);
   }
+}
 
-  // Learns which peer an inbound endpoint belongs to, so its failure can be reported.
-  void NoteSender(const ucp_am_recv_param_t* param, const std::string& sender) {
-    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep == nullptr) {
-      return;
-    }
-    for (Endpoint* e : endpoints) {
-      if (e->ep == param->reply_ep) {
-        if (e->peer.empty()) e->peer = sender;
-        return;
-      }
-    }
-  }
-
-  static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
-                           size_t length, const ucp_am_recv_param_t* param) {
-    auto* impl = static_cast<Impl*>(arg);
-    Early m;
-    m.rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
-    m.length = length;
-    // Returning UCS_OK without receiving drops a rendezvous message (its sender completes);
-    // returning UCS_INPROGRESS keeps its descriptor for a later ucp_am_recv_data_nbx or
-    // ucp_am_data_release.
-    if (!DecodeHeader(header, header_length, &m.header) || impl->handler == nullptr) {
-      spdlog::warn("ucx: dropped a malformed active message ({} header bytes)", header_length);
-      return UCS_OK;
-    }
-    impl->NoteSender(param, m.header.sender);
-    spdlog::debug("ucx: {} message {} from {}: {} bytes{}",
-                  m.header.kind == kAmData ? "data" : "control", m.header.seq, m.header.sender,
-                  length, m.rndv ? " rndv" : "");
-    InboundStream& stream = impl->streams[{m.header.sender, m.header.epoch}];
-    if (m.header.seq < stream.expected || stream.early.count(m.header.seq)) {
-      spdlog::warn("ucx: duplicate message {} from {}", m.header.seq, m.header.sender);
-      return UCS_OK;
-    }
-    if (m.header.seq > stream.expected) {  // ahead of its turn: keep it
-      if (stream.early.size() >= 4096) {
-        spdlog::warn("ucx: {} is {} messages ahead; dropping", m.header.sender,
-                     m.header.seq - stream.expected);
-        return UCS_OK;
-      }
-      const bool keep = m.rndv;
-      if (m.rndv) {
-        m.desc = data;  // valid until received or released
-      } else {
-        m.bytes.assign(static_cast<const char*>(data), length);
-      }
-      stream.early.emplace(m.header.seq, std::move(m));
-      return keep ? UCS_INPROGRESS : UCS_OK;
-    }
-    const std::pair<std::string, uint64_t> key{m.header.sender, m.header.epoch};
-    impl->Process(std::move(m), data, /*in_callback=*/true);
-    // Whatever was waiting for this one.
-    for (;;) {
-      InboundStream& s = impl->streams[key];
-      ++s.expected;
-      auto next = s.early.find(s.expected);
-      if (next == s.early.end()) break;
-      Early e = std::move(next->second);
-      s.early.erase(next);
-      void* desc = e.rndv ? e.desc : e.bytes.data();
-      impl->Process(std::move(e), desc, /*in_callback=*/false);
-    }
+ucs_status_t Impl::Lane::OnAm(void* arg, const void* header, size_t header_length, void* data,
+                              size_t length, const ucp_am_recv_param_t* param) {
+  auto* lane = static_cast<Lane*>(arg);
+  Impl* impl = lane->impl;
+  Early m;
+  m.rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+  m.length = length;
+  // Returning UCS_OK without receiving drops a rendezvous message (its sender completes);
+  // returning UCS_INPROGRESS keeps its descriptor for a later ucp_am_recv_data_nbx or
+  // ucp_am_data_release.
+  if (!DecodeHeader(header, header_length, &m.header) || impl->handler == nullptr) {
+    spdlog::warn("ucx: dropped a malformed active message ({} header bytes)", header_length);
     return UCS_OK;
   }
+  lane->NoteSender(param, m.header.sender);
+  spdlog::debug("ucx{}: {} message {} from {}: {} bytes{}", lane->index,
+                m.header.kind == kAmData ? "data" : "control", m.header.seq, m.header.sender,
+                length, m.rndv ? " rndv" : "");
+  const StreamKey key{m.header.sender, m.header.epoch};
+  InboundStream& stream = lane->streams[key];
+  if (m.header.seq < stream.expected || stream.early.count(m.header.seq)) {
+    spdlog::warn("ucx: duplicate message {} from {}", m.header.seq, m.header.sender);
+    return UCS_OK;
+  }
+  if (m.header.seq == stream.expected && impl->FenceOpen(lane, key, m.header)) {
+    ++stream.expected;
+    m.desc = data;
+    lane->Process(m, /*in_callback=*/true);
+    lane->Drain(key);  // whatever was waiting for this one
+    return UCS_OK;
+  }
+  // Ahead of its turn, or behind a fence: keep it.
+  if (stream.early.size() >= 4096) {
+    spdlog::warn("ucx: {} is {} messages ahead; dropping", m.header.sender,
+                 m.header.seq - stream.expected);
+    return UCS_OK;
+  }
+  if (m.rndv) {
+    m.desc = data;  // valid until received or released
+  } else {
+    m.bytes.assign(static_cast<const char*>(data), length);
+  }
+  const bool keep = m.rndv;
+  stream.early.emplace(m.header.seq, std::move(m));
+  return keep ? UCS_INPROGRESS : UCS_OK;
+}
 
-  // Delivers one message in order: `data` is its rendezvous descriptor or its bytes. A dropped
-  // rendezvous descriptor is released explicitly unless we are inside its own callback.
-  void Process(Early m, void* data, bool in_callback) {
-    auto drop = [&] {
-      if (m.rndv && !in_callback) ucp_am_data_release(worker, data);
-    };
-    const ParsedHeader& h = m.header;
-    auto* req = new RecvRequest{this, h.sender, h, {}};
-    void* dst = nullptr;
-    if (h.kind == kAmControl) {
-      if (m.length > (1u << 20)) {  // control messages are small; refuse anything else
-        delete req;
-        drop();
-        return;
-      }
-      req->buffer.resize(m.length);
-      dst = req->buffer.data();
-    } else {
-      if (m.length != h.data.size) {
-        spdlog::warn("ucx: chunk {} from {} has {} bytes, its header says {}", h.data.index,
-                     h.sender, m.length, h.data.size);
-        delete req;
-        drop();
-        return;
-      }
-      absl::StatusOr<std::span<uint8_t>> span = handler->OnDataBegin(h.sender, h.data);
-      if (!span.ok()) {
-        spdlog::debug("ucx: chunk {} of transfer {} from {} refused: {}", h.data.index,
-                      h.data.transfer_id, h.sender, span.status().ToString());
-        delete req;
-        drop();
-        return;
-      }
-      dst = span->data();
-    }
-    if (!m.rndv) {
-      std::memcpy(dst, data, m.length);
-      Deliver(req, absl::OkStatus());
+// Delivers the stream's kept messages from its expected one on, while they are here and their
+// fences are open (a closed fence resumes this later).
+void Impl::Lane::Drain(const StreamKey& key) {
+  for (;;) {
+    auto s = streams.find(key);
+    if (s == streams.end()) return;
+    auto next = s->second.early.find(s->second.expected);
+    if (next == s->second.early.end()) return;
+    if (!impl->FenceOpen(this, key, next->second.header)) return;
+    Early e = std::move(next->second);
+    s->second.early.erase(next);
+    ++s->second.expected;
+    Process(e, /*in_callback=*/false);
+  }
+}
+
+// Delivers one message in order: its rendezvous descriptor (`m.desc`) or its bytes (`m.bytes`,
+// or `m.desc` inside the callback that brought them). A dropped rendezvous descriptor is
+// released explicitly unless we are inside its own callback.
+void Impl::Lane::Process(Early& m, bool in_callback) {
+  void* data = in_callback || m.rndv ? m.desc : m.bytes.data();
+  auto drop = [&] {
+    if (m.rndv && !in_callback) ucp_am_data_release(worker, data);
+  };
+  const ParsedHeader& h = m.header;
+  auto* req = new RecvRequest{this, h.sender, h, {}};
+  void* dst = nullptr;
+  if (h.kind == kAmControl) {
+    if (m.length > (1u << 20)) {  // control messages are small; refuse anything else
+      delete req;
+      drop();
+      impl->ControlDelivered(h);
       return;
     }
-    ucp_request_param_t rp{};
-    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    rp.cb.recv_am = &OnRecvDone;
-    rp.user_data = req;
-    const ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker, data, dst, m.length, &rp);
-    if (r == nullptr) {
-      Deliver(req, absl::OkStatus());
-    } else if (UCS_PTR_IS_ERR(r)) {
-      Deliver(req, FromUcs(UCS_PTR_STATUS(r), "receive from " + h.sender));
+    req->buffer.resize(m.length);
+    dst = req->buffer.data();
+  } else {
+    if (m.length != h.data.size) {
+      spdlog::warn("ucx: chunk {} from {} has {} bytes, its header says {}", h.data.index, h.sender,
+                   m.length, h.data.size);
+      delete req;
+      drop();
+      return;
     }
-  }
-
-  // Forgets a sender's streams (its connection failed): releases messages kept for later.
-  void DropStreams(const std::string& sender) {
-    for (auto it = streams.begin(); it != streams.end();) {
-      if (it->first.first != sender) {
-        ++it;
-        continue;
-      }
-      for (auto& [seq, e] : it->second.early) {
-        if (e.rndv) ucp_am_data_release(worker, e.desc);
-      }
-      it = streams.erase(it);
+    absl::StatusOr<std::span<uint8_t>> span = impl->handler->OnDataBegin(h.sender, h.data);
+    if (!span.ok()) {
+      spdlog::debug("ucx: chunk {} of transfer {} from {} refused: {}", h.data.index,
+                    h.data.transfer_id, h.sender, span.status().ToString());
+      delete req;
+      drop();
+      return;
     }
+    dst = span->data();
   }
-
-  static void OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data) {
-    auto* req = static_cast<RecvRequest*>(user_data);
-    req->impl->Deliver(req, FromUcs(status, "receive from " + req->peer));
-    ucp_request_free(request);
+  if (!m.rndv) {
+    std::memcpy(dst, data, m.length);
+    Deliver(req, absl::OkStatus());
+    return;
   }
+  ucp_request_param_t rp{};
+  rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  rp.cb.recv_am = &OnRecvDone;
+  rp.user_data = req;
+  const ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker, data, dst, m.length, &rp);
+  if (r == nullptr) {
+    Deliver(req, absl::OkStatus());
+  } else if (UCS_PTR_IS_ERR(r)) {
+    Deliver(req, FromUcs(UCS_PTR_STATUS(r), "receive from " + h.sender));
+  }
+}
 
-  void Deliver(RecvRequest* req, absl::Status status) {
-    if (req->header.kind == kAmData) {
-      handler->OnDataEnd(req->peer, req->header.data, status);
-    } else if (status.ok()) {
+// Forgets a sender's streams on this lane (its connection failed): releases messages kept for
+// later.
+void Impl::Lane::DropStreams(const std::string& sender) {
+  for (auto it = streams.begin(); it != streams.end();) {
+    if (it->first.first != sender) {
+      ++it;
+      continue;
+    }
+    for (auto& [seq, e] : it->second.early) {
+      if (e.rndv) ucp_am_data_release(worker, e.desc);
+    }
+    it = streams.erase(it);
+  }
+  if (index == 0) impl->ForgetSender(sender);
+}
+
+void Impl::Lane::OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data) {
+  auto* req = static_cast<RecvRequest*>(user_data);
+  req->lane->Deliver(req, FromUcs(status, "receive from " + req->peer));
+  ucp_request_free(request);
+}
+
+void Impl::Lane::Deliver(RecvRequest* req, absl::Status status) {
+  if (req->header.kind == kAmData) {
+    impl->handler->OnDataEnd(req->peer, req->header.data, status);
+  } else {
+    if (status.ok()) {
       v1::PeerMessage m;
       if (m.ParseFromString(req->buffer)) {
-        handler->OnControl(req->peer, m);
+        impl->handler->OnControl(req->peer, m);
       } else {
         spdlog::warn("ucx: unparsable control message from {}", req->peer);
       }
     }
-    delete req;
+    impl->ControlDelivered(req->header);
   }
+  delete req;
+}
 
-  void ShutdownOnThread() {
-    for (auto& [key, stream] : streams) {
-      for (auto& [seq, e] : stream.early) {
-        if (e.rndv) ucp_am_data_release(worker, e.desc);
-      }
+void Impl::Lane::ShutdownOnThread() {
+  for (auto& [key, stream] : streams) {
+    for (auto& [seq, e] : stream.early) {
+      if (e.rndv) ucp_am_data_release(worker, e.desc);
     }
-    streams.clear();
-    if (listener != nullptr) {
-      ucp_listener_destroy(listener);
-      listener = nullptr;
-    }
-    std::vector<Endpoint*> all(endpoints.begin(), endpoints.end());
-    for (Endpoint* e : all) CloseEndpoint(e, /*force=*/true);
-    for (int i = 0; i < 10000 && closing > 0; ++i) ucp_worker_progress(worker);
-    std::deque<Op> left;
-    {
-      absl::MutexLock lock(&mu);
-      left.swap(queue);
-    }
-    for (Op& op : left) op.done(absl::UnavailableError("the UCX transport shut down"));
   }
-};
+  streams.clear();
+  if (index == 0 && impl->listener != nullptr) {
+    ucp_listener_destroy(impl->listener);
+    impl->listener = nullptr;
+  }
+  std::vector<Endpoint*> all(endpoints.begin(), endpoints.end());
+  for (Endpoint* e : all) CloseEndpoint(e, /*force=*/true);
+  for (int i = 0; i < 10000 && closing > 0; ++i) ucp_worker_progress(worker);
+  std::deque<Op> left;
+  {
+    absl::MutexLock lock(&mu);
+    left.swap(queue);
+  }
+  for (Op& op : left) {
+    if (op.done) op.done(absl::UnavailableError("the UCX transport shut down"));
+  }
+}
 
 UcxTransport::UcxTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
@@ -588,10 +813,18 @@ UcxTransport::~UcxTransport() { Shutdown(); }
 
 absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     const UcxTransportOptions& options) {
+  if (options.lanes < 1 || options.lanes > UcxTransportOptions::kMaxLanes) {
+    return absl::InvalidArgumentError(absl::StrFormat("UCX lanes %d: expected 1..%d", options.lanes,
+                                                      UcxTransportOptions::kMaxLanes));
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   std::random_device rd;
-  impl->epoch_seed = (uint64_t{rd()} << 32) ^ rd();
+  {
+    absl::MutexLock lock(&impl->mu);
+    impl->epoch_seed = (uint64_t{rd()} << 32) ^ rd();
+    impl->origin = SplitMix(&impl->epoch_seed);
+  }
   std::string host;
   uint16_t port = 0;
   if (!SplitHostPort(options.listen_address, &host, &port)) {
@@ -618,32 +851,21 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     }
   }
   ucp_params_t params{};
-  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
+  params.field_mask =
+      UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
   params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
   params.name = "spectrumkvd";
+  params.mt_workers_shared = options.lanes > 1 ? 1 : 0;  // one worker per lane thread
   const ucs_status_t init = ucp_init(&params, config, &impl->context);
   ucp_config_release(config);
   if (init != UCS_OK) return FromUcs(init, "ucp_init");
 
-  ucp_worker_params_t wp{};
-  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
-  if (ucs_status_t s = ucp_worker_create(impl->context, &wp, &impl->worker); s != UCS_OK) {
-    return FromUcs(s, "ucp_worker_create");
-  }
-  if (ucs_status_t s = ucp_worker_get_efd(impl->worker, &impl->worker_fd); s != UCS_OK) {
-    return FromUcs(s, "ucp_worker_get_efd");
-  }
-  for (unsigned id : {kAmControl, kAmData}) {
-    ucp_am_handler_param_t hp{};
-    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG;
-    hp.id = id;
-    hp.cb = &Impl::OnAm;
-    hp.arg = impl.get();
-    if (ucs_status_t s = ucp_worker_set_am_recv_handler(impl->worker, &hp); s != UCS_OK) {
-      return FromUcs(s, "ucp_worker_set_am_recv_handler");
-    }
+  for (int i = 0; i < options.lanes; ++i) {
+    auto lane = std::make_unique<Impl::Lane>();
+    lane->impl = impl.get();
+    lane->index = i;
+    impl->lanes.push_back(std::move(lane));
+    if (absl::Status s = impl->lanes.back()->Init(); !s.ok()) return s;
   }
 
   sockaddr_storage addr;
@@ -656,9 +878,10 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
   lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
   lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
   lp.sockaddr.addrlen = len;
-  lp.conn_handler.cb = &Impl::OnConnRequest;
-  lp.conn_handler.arg = impl.get();
-  if (ucs_status_t s = ucp_listener_create(impl->worker, &lp, &impl->listener); s != UCS_OK) {
+  lp.conn_handler.cb = &Impl::Lane::OnConnRequest;
+  lp.conn_handler.arg = impl->lanes[0].get();
+  if (ucs_status_t s = ucp_listener_create(impl->lanes[0]->worker, &lp, &impl->listener);
+      s != UCS_OK) {
     return FromUcs(s, "listening on " + options.listen_address);
   }
   ucp_listener_attr_t la{};
@@ -684,19 +907,6 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
   }
   impl->address = absl::StrFormat("%s%s:%u", kScheme, advertise, bound);
 
-  impl->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  impl->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-  if (impl->event_fd < 0 || impl->epoll_fd < 0) {
-    return absl::UnavailableError("cannot create the transport's event descriptors");
-  }
-  for (int fd : {impl->worker_fd, impl->event_fd}) {
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.fd = fd;
-    if (epoll_ctl(impl->epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
-      return absl::UnavailableError("epoll_ctl failed");
-    }
-  }
   return std::unique_ptr<UcxTransport>(new UcxTransport(std::move(impl)));
 }
 
@@ -705,7 +915,9 @@ absl::Status UcxTransport::Start(TransportHandler* handler) {
   if (impl_->started) return absl::FailedPreconditionError("already started");
   impl_->handler = handler;
   impl_->started = true;
-  impl_->thread = std::thread([this] { impl_->Loop(); });
+  for (auto& lane : impl_->lanes) {
+    lane->thread = std::thread([l = lane.get()] { l->Loop(); });
+  }
   return absl::OkStatus();
 }
 
@@ -714,9 +926,9 @@ void UcxTransport::Shutdown() {
     absl::MutexLock lock(&impl_->mu);
     if (!impl_->started || impl_->stopping) return;
     impl_->stopping = true;
-    impl_->Wake();
   }
-  impl_->thread.join();
+  for (auto& lane : impl_->lanes) lane->Stop();
+  for (auto& lane : impl_->lanes) lane->thread.join();
 }
 
 std::string UcxTransport::address() const { return impl_->address; }
@@ -724,6 +936,7 @@ std::string UcxTransport::address() const { return impl_->address; }
 void UcxTransport::SendControl(const std::string& peer, const v1::PeerMessage& message,
                                SendCallback done) {
   Impl::Op op;
+  op.kind = Impl::Op::Kind::kControl;
   op.peer = peer;
   op.control = message.SerializeAsString();
   op.done = std::move(done);
@@ -733,7 +946,7 @@ void UcxTransport::SendControl(const std::string& peer, const v1::PeerMessage& m
 void UcxTransport::SendData(const std::string& peer, const DataChunkHeader& header,
                             std::span<const uint8_t> data, SendCallback done) {
   Impl::Op op;
-  op.data = true;
+  op.kind = Impl::Op::Kind::kData;
   op.peer = peer;
   op.chunk = header;
   op.payload = data;

@@ -1,13 +1,21 @@
 // UcxTransport: the Transport between daemons on different hosts (or processes), over UCX.
 //
-// The only code of the project that includes UCX headers. One UCP context and worker, driven by
-// one progress thread that sleeps on the worker's event fd (epoll) when idle: no core is burnt
-// while nothing moves. Other threads hand operations to that thread through a queue and an
-// eventfd. Daemons find each other by "ucx://host:port" (the listen address a daemon
-// advertises); endpoints are created on first use, with UCX's peer error handling, and
-// re-created after a peer restarts. Control messages and payload chunks are UCX active
-// messages; large chunks use rendezvous and land directly in the memory the receiving handler
-// names (zero copy on the receive side where the transport allows it).
+// The only code of the project that includes UCX headers. One UCP context and `lanes` workers,
+// each driven by a progress thread of its own that sleeps on the worker's event fd (epoll) when
+// idle: no core is burnt while nothing moves. Other threads hand operations to a lane's thread
+// through a queue and an eventfd. Daemons find each other by "ucx://host:port" (the listen
+// address a daemon advertises); every lane connects to a peer on first use, with UCX's peer
+// error handling, and reconnects after the peer restarts; the listener (on lane 0) hands the
+// connections it accepts to the lanes in turn. Control messages and payload chunks are UCX
+// active messages; large chunks use rendezvous and land directly in the memory the receiving
+// handler names (zero copy on the receive side where the transport allows it).
+//
+// Lanes: control messages to a peer all travel on lane 0, in order; payload chunks go to the
+// lanes in turn, so that one peer's chunks move over several connections, each copied by its
+// own thread (one TCP connection is bound by one core's copies). Each chunk carries a fence,
+// the number of control messages sent to that peer before it, and the receiver delivers it only
+// once those have been delivered: a transfer's offer always reaches the handler before its
+// chunks.
 //
 // Thread-safety: all public methods are thread-safe. Handler callbacks run on the progress
 // thread.
@@ -33,6 +41,10 @@ struct UcxTransportOptions {
   std::string tls = "tcp";
   // Further UCX settings, name without the UCX_ prefix -> value (e.g. RNDV_THRESH -> 64k).
   std::map<std::string, std::string> ucx_options;
+  // UCX workers, each with its own progress thread and its own connection to every peer
+  // (1..kMaxLanes).
+  int lanes = 1;
+  static constexpr int kMaxLanes = 64;
 };
 
 class UcxTransport final : public Transport {

@@ -1,0 +1,202 @@
+// UcxTransport between two transports of this process over TCP loopback: the delivery contract
+// of transport.h with one lane and with several (control messages in order; every chunk after
+// the control messages sent before it, whichever connection it took), chunks landing where the
+// handler names them, and the errors of bad options and bad peers.
+#include "daemon/transport/ucx/ucx_transport.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <future>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace spectrumkv {
+namespace {
+
+// Records what arrives: the transfer ids of offers, in order; every chunk's bytes into the
+// buffer of its transfer; whether a chunk ever came before its transfer's offer.
+class Recorder final : public TransportHandler {
+ public:
+  void OnControl(const std::string&, const v1::PeerMessage& m) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    offers_.push_back(m.offer().transfer_id());
+    buffers_[m.offer().transfer_id()].resize(m.offer().total_bytes());
+    cv_.notify_all();
+  }
+  absl::StatusOr<std::span<uint8_t>> OnDataBegin(const std::string&,
+                                                 const DataChunkHeader& h) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    threads_.insert(std::this_thread::get_id());
+    auto it = buffers_.find(h.transfer_id);
+    if (it == buffers_.end()) {
+      ++before_offer_;
+      cv_.notify_all();
+      return absl::NotFoundError("no offer yet");
+    }
+    if (h.offset + h.size > it->second.size()) return absl::InvalidArgumentError("out of range");
+    return std::span<uint8_t>(it->second.data() + h.offset, h.size);
+  }
+  void OnDataEnd(const std::string&, const DataChunkHeader&, absl::Status status) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    status.ok() ? ++chunks_ : ++failed_;
+    cv_.notify_all();
+  }
+  void OnPeerDown(const std::string&, const absl::Status&) override {}
+
+  // Waits (at most 60 s) until `chunks` chunks and `offers` offers are in, or something went
+  // wrong.
+  bool Wait(size_t offers, size_t chunks) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(60), [&] {
+      return (offers_.size() >= offers && chunks_ >= chunks) || before_offer_ > 0 || failed_ > 0;
+    });
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<uint64_t> offers_;
+  std::map<uint64_t, std::vector<uint8_t>> buffers_;
+  std::set<std::thread::id> threads_;
+  size_t chunks_ = 0, failed_ = 0, before_offer_ = 0;
+};
+
+std::unique_ptr<UcxTransport> Make(int lanes) {
+  UcxTransportOptions o;
+  o.listen_address = "127.0.0.1:0";
+  o.tls = "tcp";
+  o.lanes = lanes;
+  auto t = UcxTransport::Create(o);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? std::move(*t) : nullptr;
+}
+
+class UcxTransportTest : public ::testing::TestWithParam<int> {
+ protected:
+  static void SetUpTestSuite() {
+    setenv("UCX_ERROR_SIGNALS", "", 1);  // no UCX signal handlers under the sanitizers
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);
+  }
+};
+
+v1::PeerMessage Offer(uint64_t id, uint64_t total) {
+  v1::PeerMessage m;
+  m.mutable_offer()->set_transfer_id(id);
+  m.mutable_offer()->set_total_bytes(total);
+  return m;
+}
+
+uint8_t Byte(uint64_t transfer, uint64_t offset) {
+  return static_cast<uint8_t>((transfer * 131 + offset * 7 + (offset >> 9)) & 0xFF);
+}
+
+TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
+  const int lanes = GetParam();
+  // Chunks small enough to go eagerly and large enough for rendezvous, each transfer's offer
+  // posted just before its chunks: with several lanes the chunks race the offer over other
+  // connections, and must still be delivered after it.
+  constexpr uint64_t kTransfers = 96, kChunks = 5;
+  constexpr uint64_t kSizes[kChunks] = {512, 70000, 300, 256 << 10, 4096};
+  uint64_t total = 0;
+  for (uint64_t s : kSizes) total += s;
+  std::vector<uint8_t> payload(kTransfers * total);
+  for (uint64_t t = 0; t < kTransfers; ++t) {
+    for (uint64_t i = 0; i < total; ++i) payload[t * total + i] = Byte(t, i);
+  }
+  // Declared before the transports, which call into them until they are shut down.
+  Recorder sent, received;
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t done = 0, errors = 0;
+  auto on_done = [&](absl::Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    ++done;
+    errors += !s.ok();
+    cv.notify_all();
+  };
+  auto tx = Make(lanes), rx = Make(lanes);
+  ASSERT_TRUE(tx && rx);
+  ASSERT_TRUE(tx->Start(&sent).ok());
+  ASSERT_TRUE(rx->Start(&received).ok());
+  for (uint64_t t = 0; t < kTransfers; ++t) {
+    tx->SendControl(rx->address(), Offer(t, total), on_done);
+    uint64_t offset = 0;
+    for (uint32_t c = 0; c < kChunks; ++c) {
+      DataChunkHeader h;
+      h.transfer_id = t;
+      h.index = c;
+      h.offset = offset;
+      h.size = kSizes[c];
+      tx->SendData(rx->address(), h,
+                   std::span<const uint8_t>(payload.data() + t * total + offset, kSizes[c]),
+                   on_done);
+      offset += kSizes[c];
+    }
+  }
+  ASSERT_TRUE(received.Wait(kTransfers, kTransfers * kChunks));
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60),
+                            [&] { return done == kTransfers * (kChunks + 1); }));
+    EXPECT_EQ(errors, 0u);
+  }
+  std::lock_guard<std::mutex> lock(received.mu_);
+  EXPECT_EQ(received.before_offer_, 0u) << "a chunk overtook its transfer's offer";
+  EXPECT_EQ(received.failed_, 0u);
+  ASSERT_EQ(received.offers_.size(), kTransfers);
+  for (uint64_t t = 0; t < kTransfers; ++t) {
+    EXPECT_EQ(received.offers_[t], t) << "control messages out of order";
+    const std::vector<uint8_t>& b = received.buffers_[t];
+    ASSERT_EQ(b.size(), total);
+    EXPECT_EQ(0, std::memcmp(b.data(), payload.data() + t * total, total)) << "transfer " << t;
+  }
+  // One thread per lane receives: with several lanes, chunks came in on more than one.
+  if (lanes > 1) {
+    EXPECT_GT(received.threads_.size(), 1u);
+  }
+  tx->Shutdown();
+  rx->Shutdown();
+}
+
+TEST_P(UcxTransportTest, SendsToAnUnusableAddressFail) {
+  Recorder sink;
+  std::promise<absl::Status> control, data, late;
+  auto tx = Make(GetParam());
+  ASSERT_TRUE(tx);
+  ASSERT_TRUE(tx->Start(&sink).ok());
+  tx->SendControl("tcp://127.0.0.1:1", Offer(1, 8), [&](absl::Status s) { control.set_value(s); });
+  uint8_t bytes[8] = {};
+  DataChunkHeader h;
+  h.size = sizeof(bytes);
+  tx->SendData("ucx://127.0.0.1", h, bytes, [&](absl::Status s) { data.set_value(s); });
+  EXPECT_EQ(control.get_future().get().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(data.get_future().get().code(), absl::StatusCode::kInvalidArgument);
+  tx->Shutdown();
+  // After shutdown, sends fail too, on a thread of the transport's, never inside the call.
+  tx->SendControl("ucx://127.0.0.1:1", Offer(2, 8), [&](absl::Status s) { late.set_value(s); });
+  EXPECT_EQ(late.get_future().get().code(), absl::StatusCode::kUnavailable);
+}
+
+INSTANTIATE_TEST_SUITE_P(Lanes, UcxTransportTest, ::testing::Values(1, 4),
+                         [](const ::testing::TestParamInfo<int>& i) {
+                           return std::to_string(i.param) + "lane";
+                         });
+
+TEST(UcxTransportOptionsTest, LanesOutOfRangeAreRefused) {
+  for (int lanes : {0, -1, UcxTransportOptions::kMaxLanes + 1}) {
+    UcxTransportOptions o;
+    o.listen_address = "127.0.0.1:0";
+    o.lanes = lanes;
+    auto t = UcxTransport::Create(o);
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << lanes;
+  }
+}
+
+}  // namespace
+}  // namespace spectrumkv
