@@ -77,7 +77,8 @@ def one_link(args, rate):
         link = tb.perftest(512 << 20, 6, ns=ns, tls=args.tls, test="tag_bw")
         res = {"link": rate or "loopback", "perftest_512MiB_Bps": link, "runs": []}
         with tempfile.TemporaryDirectory(prefix="skv-gpubench-") as work:
-            d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers)
+            d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers,
+                           lanes=args.lanes[0])
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:
@@ -110,8 +111,8 @@ def main():
     if shutil.which("ucx_perftest") is None:
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
-              "rounds": args.rounds, "cpus": os.cpu_count(), "kernel": os.uname().release,
-              "links": [], "goodput": []}
+              "rounds": args.rounds, "lanes": args.lanes, "cpus": os.cpu_count(),
+              "kernel": os.uname().release, "links": [], "goodput": []}
     for memory in args.goodput:
         result["goodput"] += tb.goodput(args, memory)
     if result["goodput"]:

@@ -7,7 +7,9 @@ messages of the same sizes over the same UCX transport, in the same run; so does
 UCX transport alone (build/bin/transport_bench: same chunking, no codec or gRPC). Goodput =
 logical KV bytes / the end-to-end time the client sees (Send call to both Send and Receive
 returning); with --concurrency N also a stream of transfers, N in flight at any time (all bytes /
-the wall time).
+the wall time). With --lanes 1 4 the daemons run once per lane count (transport.ucx_lanes:
+chunks over that many UCX connections), and ucx_perftest also runs as that many pairs at once,
+the like-for-like peer of a daemon with several connections.
 
 Part 2, shaped links: a network namespace of the benchmark's own, its loopback shaped with
 `tc tbf` to 10 and 25 Gbit/s; both daemons and the client run inside it; the 4096-token
@@ -48,7 +50,8 @@ def ns_prefix(ns):
 class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
-    def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info"):
+    def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
+                 lanes=1):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -57,7 +60,7 @@ class Daemons:
                 f.write(f"""node_name: {name}
 listen: {{unix_socket: {work}/{name}.sock}}
 metrics: {{address: "127.0.0.1:0"}}
-transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}"}}
+transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {lanes}}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
 codec: {{chunk_bytes: {chunk}, worker_threads: {workers}}}
 logging: {{level: {log_level}}}
@@ -102,65 +105,102 @@ def perftest(size, iters, ns=None, tls="tcp", test="tag_bw", port=24777):
                   env=env).stdout
     finally:
         server.wait(timeout=30)
+    return perftest_bandwidth(out)
+
+
+def perftest_bandwidth(out):
     final = [l for l in out.splitlines() if l.startswith("Final:")][-1].split()
     return float(final[6]) * 1048576  # "overall" bandwidth; ucx_perftest's MB is 2^20 bytes
+
+
+def perftest_pairs(size, iters, pairs, tls="tcp", port=24800):
+    """`pairs` ucx_perftest tag_bw pairs at once, each on its own port (connection): the sum of
+    their bandwidths, the peer of a daemon whose transport uses that many connections."""
+    env = dict(os.environ, UCX_TLS=tls, UCX_WARN_UNUSED_ENV_VARS="n")
+    servers = [subprocess.Popen(["ucx_perftest", "-p", str(port + i)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env) for i in range(pairs)]
+    time.sleep(0.5)
+    clients = []
+    try:
+        clients = [subprocess.Popen(["ucx_perftest", "127.0.0.1", "-p", str(port + i), "-t",
+                                     "tag_bw", "-s", str(size), "-n", str(iters), "-w", "3"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env) for i in range(pairs)]
+        outs = [c.communicate(timeout=300)[0] for c in clients]
+    finally:
+        for p in clients + servers:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+    return sum(perftest_bandwidth(o) for o in outs)
 
 
 TOKEN_BYTES = 128 << 10  # FP16 KV of one llama3-8b token: 32 layers x 2 x 8 heads x 128 x 2 B
 
 
 def goodput(args, pool_memory="host"):
-    """Uncompressed transfers of each size: the daemons' goodput one transfer at a time (logical
-    bytes / the end-to-end median) and, for each --concurrency N above 1, the goodput of a
-    stream that keeps N transfers in flight (fake-frontend --streaming: N slots of --rounds
-    transfers each, all bytes / the wall time); ucx_perftest of the same message size on the
-    same transport in the same run."""
+    """Uncompressed transfers of each size, for each --lanes count: the daemons' goodput one
+    transfer at a time (logical bytes / the end-to-end median) and, for each --concurrency N
+    above 1, the goodput of a stream that keeps N transfers in flight (fake-frontend
+    --streaming: N slots of --rounds transfers each, all bytes / the wall time); ucx_perftest of
+    the same message size on the same transport in the same run (one pair, and as many pairs at
+    once as the daemons have lanes); the daemons' UCX transport alone with the same lanes."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
-        d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers)
-        try:
-            for mib in args.sizes:
-                tokens = (mib << 20) // TOKEN_BYTES
-                size = mib << 20
-                row = {"size_mib": mib, "tokens": tokens, "pool_memory": pool_memory,
-                       "concurrent": {}}
-                for c in sorted(set([1] + args.concurrency)):
-                    r = d.frontend(["--model", "llama3-8b", "--tokens", str(tokens), "--budgets",
-                                    "1.0", "--rounds", str(args.rounds), "--concurrency", str(c),
-                                    "--pool-memory", pool_memory, "--timeout-s", "120"]
-                                   + (["--streaming"] if c > 1 else []))
-                    rnd = r["rounds"][0]
-                    if rnd["failed"] or not rnd["verified"]:
-                        raise RuntimeError(f"goodput {mib} MiB x{c}: {rnd['errors'][:3]}")
-                    if c == 1:
-                        e2e = rnd["median_s"]["end_to_end"]
-                        logical = rnd["logical_bytes"] / rnd["ok"]
-                        row.update({"logical_bytes": logical,
-                                    "wire_bytes": rnd["wire_bytes"] / rnd["ok"],
-                                    "daemon_e2e_s": e2e, "daemon_goodput_Bps": logical / e2e,
-                                    "stages_s": rnd["median_s"]})
-                    else:
-                        row["concurrent"][str(c)] = {"goodput_Bps": rnd["goodput_Bps"],
-                                                     "batch_wall_s": rnd["batch_wall_s"]}
-                perf = {}
-                for test in ("tag_bw", "ucp_am_bw"):
-                    bw = [perftest(size, max(4, 2048 // mib), tls=args.tls, test=test)
-                          for _ in range(3)]
-                    perf[test] = statistics.median(bw)
-                row["perftest_Bps"] = perf
-                rows.append(row)
-        finally:
-            d.stop()
-    # The daemons' UCX transport alone (bench/transport_bench.cc): same chunking, no codec.
-    tool = os.path.join(BIN, "transport_bench")
-    if os.path.exists(tool):
-        out = json.loads(run([tool, "--sizes"] + [str(m) for m in args.sizes] +
-                             ["--chunk-bytes", str(parse_bytes(args.chunk)), "--tls", args.tls,
-                              "--rounds", str(max(5, args.rounds)), "--json"], 600).stdout)
-        for row, t in zip(rows, out["rows"]):
-            row["transport_alone_Bps"] = {"cold": t["cold_Bps"], "hot": t["hot_Bps"],
-                                          "stream": t["stream_Bps"]}
+    for lanes in args.lanes:
+        block = []
+        with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
+            d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers, lanes=lanes)
+            try:
+                for mib in args.sizes:
+                    block.append(goodput_row(args, d, mib, pool_memory, lanes))
+                    print_goodput(block[-1:], args.tls, header=False, file=sys.stderr)
+            finally:
+                d.stop()
+        # The daemons' UCX transport alone (bench/transport_bench.cc): same chunking, no codec.
+        tool = os.path.join(BIN, "transport_bench")
+        if os.path.exists(tool):
+            out = json.loads(run([tool, "--sizes"] + [str(m) for m in args.sizes] +
+                                 ["--chunk-bytes", str(parse_bytes(args.chunk)), "--tls",
+                                  args.tls, "--lanes", str(lanes), "--rounds",
+                                  str(max(5, args.rounds)), "--json"], 600).stdout)
+            for row, t in zip(block, out["rows"]):
+                row["transport_alone_Bps"] = {"cold": t["cold_Bps"], "hot": t["hot_Bps"],
+                                              "stream": t["stream_Bps"]}
+        rows += block
     return rows
+
+
+def goodput_row(args, d, mib, pool_memory, lanes):
+    tokens = (mib << 20) // TOKEN_BYTES
+    size = mib << 20
+    row = {"size_mib": mib, "tokens": tokens, "pool_memory": pool_memory, "lanes": lanes,
+           "concurrent": {}}
+    for c in sorted(set([1] + args.concurrency)):
+        r = d.frontend(["--model", "llama3-8b", "--tokens", str(tokens), "--budgets", "1.0",
+                        "--rounds", str(args.rounds), "--concurrency", str(c), "--pool-memory",
+                        pool_memory, "--timeout-s", "120"] + (["--streaming"] if c > 1 else []))
+        rnd = r["rounds"][0]
+        if rnd["failed"] or not rnd["verified"]:
+            raise RuntimeError(f"goodput {mib} MiB x{c}: {rnd['errors'][:3]}")
+        if c == 1:
+            e2e = rnd["median_s"]["end_to_end"]
+            logical = rnd["logical_bytes"] / rnd["ok"]
+            row.update({"logical_bytes": logical, "wire_bytes": rnd["wire_bytes"] / rnd["ok"],
+                        "daemon_e2e_s": e2e, "daemon_goodput_Bps": logical / e2e,
+                        "stages_s": rnd["median_s"]})
+        else:
+            row["concurrent"][str(c)] = {"goodput_Bps": rnd["goodput_Bps"],
+                                         "batch_wall_s": rnd["batch_wall_s"]}
+    iters = max(4, 2048 // mib)
+    perf = {}
+    for test in ("tag_bw", "ucp_am_bw"):
+        perf[test] = statistics.median(
+            [perftest(size, iters, tls=args.tls, test=test) for _ in range(3)])
+    row["perftest_Bps"] = perf
+    if lanes > 1:
+        row["perftest_pairs_Bps"] = statistics.median(
+            [perftest_pairs(size, iters, lanes, tls=args.tls) for _ in range(3)])
+    return row
 
 
 def parse_bytes(text):
@@ -171,22 +211,33 @@ def parse_bytes(text):
     return int(text)
 
 
-def print_goodput(rows, tls):
-    print("\nGoodput, uncompressed (budget 1.0), UCX_TLS=%s, medians" % tls)
-    print("%6s %9s %12s %19s %12s %12s %9s %8s  %s" % (
-        "pools", "size", "daemon GB/s", "transport 1/stream", "tag_bw GB/s", "am_bw GB/s",
-        "e2e ms", "vs best", "daemon streaming, N in flight: GB/s (vs best)"))
+def print_goodput(rows, tls, header=True, file=None):
+    """The rows as a table on `file` (stdout); header=False: the rows alone, flushed (progress)."""
+    if header:
+        print_goodput_header(tls, file)
     for r in rows:
         best = max(r["perftest_Bps"].values())
-        conc = "  ".join("x%s: %.2f (%.0f%%)" % (c, v["goodput_Bps"] / 1e9,
-                                                  100 * v["goodput_Bps"] / best)
-                         for c, v in r["concurrent"].items())
+        pairs = r.get("perftest_pairs_Bps", best)
+        conc = "  ".join("x%s: %.2f (%.0f%%, %.0f%%)" % (
+            c, v["goodput_Bps"] / 1e9, 100 * v["goodput_Bps"] / best,
+            100 * v["goodput_Bps"] / pairs) for c, v in r["concurrent"].items())
         alone = r.get("transport_alone_Bps", {})
-        print("%6s %5d MiB %12.2f %9.2f/%-9.2f %12.2f %12.2f %9.1f %7.0f%%  %s" % (
-            r["pool_memory"], r["size_mib"], r["daemon_goodput_Bps"] / 1e9,
+        print("%6s %5d %5d MiB %12.2f %9.2f/%-9.2f %12.2f %12.2f %12.2f %9.1f %5.0f%% %5.0f%%  %s" % (
+            r["pool_memory"], r.get("lanes", 1), r["size_mib"], r["daemon_goodput_Bps"] / 1e9,
             alone.get("cold", 0) / 1e9, alone.get("stream", 0) / 1e9,
             r["perftest_Bps"]["tag_bw"] / 1e9, r["perftest_Bps"]["ucp_am_bw"] / 1e9,
-            r["daemon_e2e_s"] * 1e3, 100 * r["daemon_goodput_Bps"] / best, conc))
+            pairs / 1e9, r["daemon_e2e_s"] * 1e3, 100 * r["daemon_goodput_Bps"] / best,
+            100 * r["daemon_goodput_Bps"] / pairs, conc), file=file, flush=True)
+
+
+def print_goodput_header(tls, file=None):
+    print("\nGoodput, uncompressed (budget 1.0), UCX_TLS=%s, medians; 'vs 1' is the share of the "
+          "best ucx_perftest of one pair, 'vs N' of N tag_bw pairs at once (N = lanes)" % tls,
+          file=file)
+    print("%6s %5s %9s %12s %19s %12s %12s %12s %9s %6s %6s  %s" % (
+        "pools", "lanes", "size", "daemon GB/s", "transport 1/stream", "tag_bw GB/s",
+        "am_bw GB/s", "N pairs GB/s", "e2e ms", "vs 1", "vs N",
+        "daemon streaming, K in flight: GB/s (vs 1, vs N)"), file=file)
 
 
 def shape_namespace(rate):
@@ -229,7 +280,8 @@ def shaped(args):
         try:
             link = perftest(256 << 20, 6, ns=NS, tls=args.tls, test="tag_bw")
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
-                d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers)
+                d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers,
+                            lanes=args.lanes[0])
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
@@ -252,6 +304,9 @@ def add_common_args(ap):
                     help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[],
                     help="goodput: also measure a stream with this many transfers in flight")
+    ap.add_argument("--lanes", type=int, nargs="+", default=[1],
+                    help="transport.ucx_lanes of both daemons; goodput runs once per value "
+                         "(shaped links and GPU deliveries use the first)")
 
 
 def main():
@@ -266,7 +321,7 @@ def main():
     if shutil.which("ucx_perftest") is None:
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
-              "rounds": args.rounds,
+              "rounds": args.rounds, "lanes": args.lanes,
               "cpus": os.cpu_count(), "kernel": os.uname().release}
     if not args.skip_goodput:
         result["goodput"] = goodput(args)

@@ -32,7 +32,7 @@ struct TransportConfig {
   std::string advertise_host;   // ucx: the host peers use (default: listen host or hostname)
   std::string ucx_tls = "tcp";  // ucx: UCX_TLS, e.g. tcp, "posix,tcp", "rc,tcp"; "" = all
   std::map<std::string, std::string> ucx_options;  // ucx: further UCX settings (no UCX_ prefix)
-  uint32_t ucx_lanes = 1;  // ucx: UCX workers (progress threads), each with its own connection
+  uint32_t ucx_lanes = 4;  // ucx: UCX workers (progress threads), each with its own connection
 };
 
 struct LimitsConfig {

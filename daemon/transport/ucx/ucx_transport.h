@@ -42,8 +42,8 @@ struct UcxTransportOptions {
   // Further UCX settings, name without the UCX_ prefix -> value (e.g. RNDV_THRESH -> 64k).
   std::map<std::string, std::string> ucx_options;
   // UCX workers, each with its own progress thread and its own connection to every peer
-  // (1..kMaxLanes).
-  int lanes = 1;
+  // (1..kMaxLanes). One TCP connection moves about what one core copies (docs/BENCHMARKS.md).
+  int lanes = 4;
   static constexpr int kMaxLanes = 64;
 };
 

@@ -18,7 +18,7 @@ TEST(ConfigTest, ParsesEveryKey) {
 node_name: prefill-0
 listen: {unix_socket: /tmp/x.sock, tcp: "127.0.0.1:5000"}
 metrics: {address: "0.0.0.0:9464"}
-transport: {kind: inproc, address: p0}
+transport: {kind: inproc, address: p0, ucx_lanes: 2}
 limits:
   max_inflight_transfers: 8
   max_inflight_bytes: 3GiB
@@ -58,6 +58,7 @@ logging: {level: debug, format: json}
   EXPECT_DOUBLE_EQ(c->limits.early_ttl_s, 2.5);
   EXPECT_FALSE(c->limits.staging_prefault);
   EXPECT_EQ(c->codec.chunk_bytes, 4u << 20);
+  EXPECT_EQ(c->transport.ucx_lanes, 2u);
   EXPECT_EQ(c->codec.quantizer, "kcn");
   ASSERT_EQ(c->models.size(), 2u);
   EXPECT_EQ(c->models[0].model, "qwen2.5-7b");
@@ -98,6 +99,8 @@ TEST(ConfigTest, TypesAndSyntax) {
   EXPECT_FALSE(ParseConfig("limits: [1, 2]\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  max_pools: -1\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  max_pools: 1.5\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 0}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 65}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_prefault: yes\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_bytes: 12XB\n", "t.yaml").ok());
   auto c = ParseConfig("codec: {budget: 0.5\n", "syntax.yaml");
