@@ -181,7 +181,6 @@ struct UcxTransport::Impl {
     void* desc = nullptr;
     size_t length = 0;
     std::string bytes;
-    void* data() { return rndv ? desc : bytes.data(); }
   };
   // One sender connection's messages, restored to their sending order.
   struct InboundStream {
