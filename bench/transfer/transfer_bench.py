@@ -126,7 +126,13 @@ def perftest_pairs(size, iters, pairs, tls="tcp", port=24800):
                                      "tag_bw", "-s", str(size), "-n", str(iters), "-w", "3"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env=env) for i in range(pairs)]
-        outs = [c.communicate(timeout=300)[0] for c in clients]
+        outs = []
+        for i, c in enumerate(clients):
+            out, err = c.communicate(timeout=300)
+            if c.returncode != 0 or "Final:" not in out:
+                raise RuntimeError(f"ucx_perftest pair {i} (port {port + i}) exited "
+                                   f"{c.returncode}:\n{out}\n{err}")
+            outs.append(out)
     finally:
         for p in clients + servers:
             if p.poll() is None:
