@@ -636,7 +636,15 @@ ucs_status_t Impl::Lane::OnAm(void* arg, const void* header, size_t header_lengt
   // returning UCS_INPROGRESS keeps its descriptor for a later ucp_am_recv_data_nbx or
   // ucp_am_data_release.
   if (!DecodeHeader(header, header_length, &m.header) || impl->handler == nullptr) {
-    spdlog::warn("ucx: dropped a malformed active message ({} header bytes)", header_length);
+    const auto* p = static_cast<const uint8_t*>(header);
+    if (header_length >= 3 && LoadLe16(p) == kHeaderMagic && p[2] != kHeaderVersion) {
+      spdlog::warn(
+          "ucx: dropped a message of transport header version {}; this daemon speaks "
+          "version {} (daemons of both versions cannot talk: upgrade both)",
+          p[2], kHeaderVersion);
+    } else {
+      spdlog::warn("ucx: dropped a malformed active message ({} header bytes)", header_length);
+    }
     return UCS_OK;
   }
   lane->NoteSender(param, m.header.sender);
