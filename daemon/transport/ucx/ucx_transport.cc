@@ -150,6 +150,7 @@ uint64_t SplitMix(uint64_t* seed) {
 
 struct UcxTransport::Impl {
   struct Lane;
+  using StreamKey = std::pair<std::string, uint64_t>;  // (sender, epoch): one connection
   struct Endpoint {
     Lane* lane = nullptr;
     ucp_ep_h ep = nullptr;
@@ -158,8 +159,11 @@ struct UcxTransport::Impl {
     bool closed = false;
     uint64_t epoch = 0;     // outbound: this connection's stream id
     uint64_t next_seq = 0;  // outbound: sequence number of the next message
+    // Inbound: the sender streams and origins that arrived on it, forgotten when it fails (and
+    // only those: a restarted sender's new connection may already be talking).
+    std::set<StreamKey> streams;
+    std::set<uint64_t> origins;
   };
-  using StreamKey = std::pair<std::string, uint64_t>;  // (sender, epoch): one connection
   // An operation handed to a lane's progress thread.
   struct Op {
     enum class Kind { kControl, kData, kAccept, kResume } kind = Kind::kControl;
@@ -265,12 +269,12 @@ struct UcxTransport::Impl {
     void CloseEndpoint(Endpoint* e, bool force);
     static void OnClosed(void* request, ucs_status_t, void* user_data);
     static void OnConnRequest(ucp_conn_request_h conn, void* arg);
-    void NoteSender(const ucp_am_recv_param_t* param, const std::string& sender);
+    void NoteSender(const ucp_am_recv_param_t* param, const ParsedHeader& h);
     static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data,
                              size_t length, const ucp_am_recv_param_t* param);
     void Drain(const StreamKey& key);
     void Process(Early& m, bool in_callback);
-    void DropStreams(const std::string& sender);
+    void DropStreams(const Endpoint& e);
     static void OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data);
     void Deliver(RecvRequest* req, absl::Status status);
     void ShutdownOnThread();
@@ -361,11 +365,9 @@ struct UcxTransport::Impl {
     }
   }
 
-  void ForgetSender(const std::string& sender) {
+  void ForgetOrigins(const std::string& sender, const std::set<uint64_t>& origins) {
     absl::MutexLock lock(&order_mu);
-    for (auto it = orders.begin(); it != orders.end();) {
-      it = it->first.first == sender ? orders.erase(it) : std::next(it);
-    }
+    for (uint64_t o : origins) orders.erase({sender, o});
   }
 };
 
@@ -453,7 +455,11 @@ Impl::Endpoint* Impl::Lane::Connect(const std::string& peer, absl::Status* error
   socklen_t len;
   *error = Resolve(host, port, false, &addr, &len);
   if (!error->ok()) return nullptr;
-  auto* e = new Endpoint{this, nullptr, peer, true, false, impl->NextEpoch(), 0};
+  auto* e = new Endpoint;
+  e->lane = this;
+  e->peer = peer;
+  e->outbound = true;
+  e->epoch = impl->NextEpoch();
   ucp_ep_params_t p{};
   p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
                  UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -544,7 +550,7 @@ void Impl::Lane::OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
   auto* e = static_cast<Endpoint*>(arg);
   Lane* lane = e->lane;
   const std::string peer = e->peer;
-  if (!e->outbound && !peer.empty()) lane->DropStreams(peer);
+  if (!e->outbound) lane->DropStreams(*e);
   lane->CloseEndpoint(e, /*force=*/true);
   if (!peer.empty() && lane->impl->handler != nullptr) {
     lane->impl->handler->OnPeerDown(peer, FromUcs(status, "UCX endpoint to " + peer));
@@ -596,7 +602,8 @@ void Impl::Lane::OnConnRequest(ucp_conn_request_h conn, void* arg) {
 }
 
 void Impl::Lane::Accept(ucp_conn_request_h conn) {
-  auto* e = new Endpoint{this, nullptr, "", false, false, 0, 0};
+  auto* e = new Endpoint;
+  e->lane = this;
   ucp_ep_params_t p{};
   p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                  UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_USER_DATA;
@@ -612,14 +619,17 @@ void Impl::Lane::Accept(ucp_conn_request_h conn) {
   endpoints.insert(e);
 }
 
-// Learns which peer an inbound endpoint belongs to, so its failure can be reported.
-void Impl::Lane::NoteSender(const ucp_am_recv_param_t* param, const std::string& sender) {
+// Learns which peer, streams and origins an inbound endpoint carries, so that its failure can
+// be reported and its state forgotten.
+void Impl::Lane::NoteSender(const ucp_am_recv_param_t* param, const ParsedHeader& h) {
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep == nullptr) {
     return;
   }
   for (Endpoint* e : endpoints) {
     if (e->ep == param->reply_ep) {
-      if (e->peer.empty()) e->peer = sender;
+      if (e->peer.empty()) e->peer = h.sender;
+      e->streams.emplace(h.sender, h.epoch);
+      e->origins.insert(h.origin);
       return;
     }
   }
@@ -647,7 +657,7 @@ ucs_status_t Impl::Lane::OnAm(void* arg, const void* header, size_t header_lengt
     }
     return UCS_OK;
   }
-  lane->NoteSender(param, m.header.sender);
+  lane->NoteSender(param, m.header);
   spdlog::debug("ucx{}: {} message {} from {}: {} bytes{}", lane->index,
                 m.header.kind == kAmData ? "data" : "control", m.header.seq, m.header.sender,
                 length, m.rndv ? " rndv" : "");
@@ -751,20 +761,18 @@ void Impl::Lane::Process(Early& m, bool in_callback) {
   }
 }
 
-// Forgets a sender's streams on this lane (its connection failed): releases messages kept for
-// later.
-void Impl::Lane::DropStreams(const std::string& sender) {
-  for (auto it = streams.begin(); it != streams.end();) {
-    if (it->first.first != sender) {
-      ++it;
-      continue;
+// Forgets what arrived over a failed inbound endpoint: its streams (releasing the messages kept
+// for later) and what its sender processes had delivered of their control messages.
+void Impl::Lane::DropStreams(const Endpoint& e) {
+  for (const StreamKey& key : e.streams) {
+    auto it = streams.find(key);
+    if (it == streams.end()) continue;
+    for (auto& [seq, early] : it->second.early) {
+      if (early.rndv) ucp_am_data_release(worker, early.desc);
     }
-    for (auto& [seq, e] : it->second.early) {
-      if (e.rndv) ucp_am_data_release(worker, e.desc);
-    }
-    it = streams.erase(it);
+    streams.erase(it);
   }
-  if (index == 0) impl->ForgetSender(sender);
+  impl->ForgetOrigins(e.peer, e.origins);
 }
 
 void Impl::Lane::OnRecvDone(void* request, ucs_status_t status, size_t, void* user_data) {

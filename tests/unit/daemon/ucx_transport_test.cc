@@ -92,75 +92,136 @@ v1::PeerMessage Offer(uint64_t id, uint64_t total) {
   return m;
 }
 
-uint8_t Byte(uint64_t transfer, uint64_t offset) {
-  return static_cast<uint8_t>((transfer * 131 + offset * 7 + (offset >> 9)) & 0xFF);
-}
+// Transfers of five chunks each, small enough to go eagerly and large enough for rendezvous;
+// transfer t's bytes are a pattern of t.
+struct Workload {
+  static constexpr uint64_t kChunks = 5;
+  static constexpr uint64_t kSizes[kChunks] = {512, 70000, 300, 256 << 10, 4096};
+  static constexpr uint64_t kTotal = 512 + 70000 + 300 + (256 << 10) + 4096;
 
-TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
-  const int lanes = GetParam();
-  // Chunks small enough to go eagerly and large enough for rendezvous, each transfer's offer
-  // posted just before its chunks: with several lanes the chunks race the offer over other
-  // connections, and must still be delivered after it.
-  constexpr uint64_t kTransfers = 96, kChunks = 5;
-  constexpr uint64_t kSizes[kChunks] = {512, 70000, 300, 256 << 10, 4096};
-  uint64_t total = 0;
-  for (uint64_t s : kSizes) total += s;
-  std::vector<uint8_t> payload(kTransfers * total);
-  for (uint64_t t = 0; t < kTransfers; ++t) {
-    for (uint64_t i = 0; i < total; ++i) payload[t * total + i] = Byte(t, i);
+  explicit Workload(uint64_t transfers) : payload(transfers * kTotal) {
+    for (uint64_t t = 0; t < transfers; ++t) {
+      for (uint64_t i = 0; i < kTotal; ++i) {
+        payload[t * kTotal + i] = static_cast<uint8_t>((t * 131 + i * 7 + (i >> 9)) & 0xFF);
+      }
+    }
   }
-  // Declared before the transports, which call into them until they are shut down.
-  Recorder sent, received;
+  // Posts transfers [first, first + count): each one's offer just before its chunks, so that
+  // with several lanes the chunks race the offer over other connections.
+  void Post(UcxTransport& tx, const std::string& to, uint64_t first, uint64_t count,
+            const SendCallback& done) const {
+    for (uint64_t t = first; t < first + count; ++t) {
+      tx.SendControl(to, Offer(t, kTotal), done);
+      uint64_t offset = 0;
+      for (uint32_t c = 0; c < kChunks; ++c) {
+        DataChunkHeader h;
+        h.transfer_id = t;
+        h.index = c;
+        h.offset = offset;
+        h.size = kSizes[c];
+        tx.SendData(to, h, std::span<const uint8_t>(payload.data() + t * kTotal + offset, h.size),
+                    done);
+        offset += h.size;
+      }
+    }
+  }
+  // Every transfer of [first, first + count) arrived whole, its offer before its chunks.
+  void Check(Recorder& received, uint64_t first, uint64_t count) const {
+    std::lock_guard<std::mutex> lock(received.mu_);
+    EXPECT_EQ(received.before_offer_, 0u) << "a chunk overtook its transfer's offer";
+    EXPECT_EQ(received.failed_, 0u);
+    for (uint64_t t = first; t < first + count; ++t) {
+      const std::vector<uint8_t>& b = received.buffers_[t];
+      ASSERT_EQ(b.size(), kTotal) << "transfer " << t;
+      EXPECT_EQ(0, std::memcmp(b.data(), payload.data() + t * kTotal, kTotal)) << "transfer " << t;
+    }
+  }
+
+  std::vector<uint8_t> payload;
+};
+
+// Counts send completions and their errors.
+struct Completions {
+  void Wait(size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return done >= n; }));
+    EXPECT_EQ(errors, 0u);
+  }
+  SendCallback Callback() {
+    return [this](absl::Status s) {
+      std::lock_guard<std::mutex> lock(mu);
+      ++done;
+      errors += !s.ok();
+      cv.notify_all();
+    };
+  }
   std::mutex mu;
   std::condition_variable cv;
   size_t done = 0, errors = 0;
-  auto on_done = [&](absl::Status s) {
-    std::lock_guard<std::mutex> lock(mu);
-    ++done;
-    errors += !s.ok();
-    cv.notify_all();
-  };
+};
+
+TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
+  const int lanes = GetParam();
+  constexpr uint64_t kTransfers = 96;
+  const Workload work(kTransfers);
+  // Declared before the transports, which call into them until they are shut down.
+  Recorder sent, received;
+  Completions sends;
   auto tx = Make(lanes), rx = Make(lanes);
   ASSERT_TRUE(tx && rx);
   ASSERT_TRUE(tx->Start(&sent).ok());
   ASSERT_TRUE(rx->Start(&received).ok());
-  for (uint64_t t = 0; t < kTransfers; ++t) {
-    tx->SendControl(rx->address(), Offer(t, total), on_done);
-    uint64_t offset = 0;
-    for (uint32_t c = 0; c < kChunks; ++c) {
-      DataChunkHeader h;
-      h.transfer_id = t;
-      h.index = c;
-      h.offset = offset;
-      h.size = kSizes[c];
-      tx->SendData(rx->address(), h,
-                   std::span<const uint8_t>(payload.data() + t * total + offset, kSizes[c]),
-                   on_done);
-      offset += kSizes[c];
+  work.Post(*tx, rx->address(), 0, kTransfers, sends.Callback());
+  ASSERT_TRUE(received.Wait(kTransfers, kTransfers * Workload::kChunks));
+  sends.Wait(kTransfers * (Workload::kChunks + 1));
+  work.Check(received, 0, kTransfers);
+  {
+    std::lock_guard<std::mutex> lock(received.mu_);
+    ASSERT_EQ(received.offers_.size(), kTransfers);
+    for (uint64_t t = 0; t < kTransfers; ++t) {
+      EXPECT_EQ(received.offers_[t], t) << "control messages out of order";
+    }
+    // One thread per lane receives: with several lanes, chunks came in on more than one.
+    if (lanes > 1) {
+      EXPECT_GT(received.threads_.size(), 1u);
     }
   }
-  ASSERT_TRUE(received.Wait(kTransfers, kTransfers * kChunks));
-  {
-    std::unique_lock<std::mutex> lock(mu);
-    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60),
-                            [&] { return done == kTransfers * (kChunks + 1); }));
-    EXPECT_EQ(errors, 0u);
-  }
-  std::lock_guard<std::mutex> lock(received.mu_);
-  EXPECT_EQ(received.before_offer_, 0u) << "a chunk overtook its transfer's offer";
-  EXPECT_EQ(received.failed_, 0u);
-  ASSERT_EQ(received.offers_.size(), kTransfers);
-  for (uint64_t t = 0; t < kTransfers; ++t) {
-    EXPECT_EQ(received.offers_[t], t) << "control messages out of order";
-    const std::vector<uint8_t>& b = received.buffers_[t];
-    ASSERT_EQ(b.size(), total);
-    EXPECT_EQ(0, std::memcmp(b.data(), payload.data() + t * total, total)) << "transfer " << t;
-  }
-  // One thread per lane receives: with several lanes, chunks came in on more than one.
-  if (lanes > 1) {
-    EXPECT_GT(received.threads_.size(), 1u);
-  }
   tx->Shutdown();
+  rx->Shutdown();
+}
+
+TEST_P(UcxTransportTest, ASenderRestartedOnItsAddressIsHeardAgain) {
+  // A sender goes away and a new one listens on its address (the same name to the receiver, a
+  // new process life): the receiver forgets the old one's connections and hears the new one.
+  const int lanes = GetParam();
+  constexpr uint64_t kTransfers = 8;
+  const Workload work(2 * kTransfers);
+  Recorder sent, received;
+  Completions sends;
+  auto rx = Make(lanes), tx = Make(lanes);
+  ASSERT_TRUE(tx && rx);
+  ASSERT_TRUE(rx->Start(&received).ok());
+  ASSERT_TRUE(tx->Start(&sent).ok());
+  work.Post(*tx, rx->address(), 0, kTransfers, sends.Callback());
+  ASSERT_TRUE(received.Wait(kTransfers, kTransfers * Workload::kChunks));
+  sends.Wait(kTransfers * (Workload::kChunks + 1));
+  const std::string address = tx->address();
+  tx->Shutdown();
+  tx.reset();
+
+  UcxTransportOptions o;
+  o.listen_address = address.substr(std::string("ucx://").size());
+  o.tls = "tcp";
+  o.lanes = lanes;
+  auto again = UcxTransport::Create(o);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_EQ((*again)->address(), address);
+  ASSERT_TRUE((*again)->Start(&sent).ok());
+  work.Post(**again, rx->address(), kTransfers, kTransfers, sends.Callback());
+  ASSERT_TRUE(received.Wait(2 * kTransfers, 2 * kTransfers * Workload::kChunks));
+  sends.Wait(2 * kTransfers * (Workload::kChunks + 1));
+  work.Check(received, 0, 2 * kTransfers);
+  (*again)->Shutdown();
   rx->Shutdown();
 }
 
