@@ -297,6 +297,8 @@ struct UcxTransport::Impl {
 
   absl::Mutex order_mu;
   std::map<std::pair<std::string, uint64_t>, SenderOrder> orders ABSL_GUARDED_BY(order_mu);
+  // The origin (process life) each sender was last heard from under.
+  std::map<std::string, uint64_t> current_origin ABSL_GUARDED_BY(order_mu);
 
   ~Impl() {
     // Lane 0's thread destroys the listener when it stops; a transport never started still has
@@ -368,6 +370,21 @@ struct UcxTransport::Impl {
   void ForgetOrigins(const std::string& sender, const std::set<uint64_t>& origins) {
     absl::MutexLock lock(&order_mu);
     for (uint64_t o : origins) orders.erase({sender, o});
+    auto it = current_origin.find(sender);
+    if (it != current_origin.end() && origins.count(it->second)) current_origin.erase(it);
+  }
+
+  void NoteOrigin(const std::string& sender, uint64_t o) {
+    absl::MutexLock lock(&order_mu);
+    current_origin[sender] = o;
+  }
+
+  // Whether an inbound connection carried only earlier lives of its sender than the one last
+  // heard from (its failure is then old news, not the sender going down).
+  bool Stale(const std::string& sender, const std::set<uint64_t>& origins) {
+    absl::MutexLock lock(&order_mu);
+    auto it = current_origin.find(sender);
+    return !origins.empty() && it != current_origin.end() && !origins.count(it->second);
   }
 };
 
@@ -550,9 +567,13 @@ void Impl::Lane::OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
   auto* e = static_cast<Endpoint*>(arg);
   Lane* lane = e->lane;
   const std::string peer = e->peer;
+  const bool stale = !e->outbound && lane->impl->Stale(peer, e->origins);
   if (!e->outbound) lane->DropStreams(*e);
   lane->CloseEndpoint(e, /*force=*/true);
-  if (!peer.empty() && lane->impl->handler != nullptr) {
+  if (stale) {
+    spdlog::debug("ucx{}: a connection from an earlier life of {} failed: {}", lane->index, peer,
+                  ucs_status_string(status));
+  } else if (!peer.empty() && lane->impl->handler != nullptr) {
     lane->impl->handler->OnPeerDown(peer, FromUcs(status, "UCX endpoint to " + peer));
   }
 }
@@ -629,7 +650,7 @@ void Impl::Lane::NoteSender(const ucp_am_recv_param_t* param, const ParsedHeader
     if (e->ep == param->reply_ep) {
       if (e->peer.empty()) e->peer = h.sender;
       e->streams.emplace(h.sender, h.epoch);
-      e->origins.insert(h.origin);
+      if (e->origins.insert(h.origin).second) impl->NoteOrigin(h.sender, h.origin);
       return;
     }
   }
