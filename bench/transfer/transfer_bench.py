@@ -51,7 +51,7 @@ class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
     def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
-                 lanes=1):
+                 lanes=4):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -310,9 +310,9 @@ def add_common_args(ap):
                     help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[],
                     help="goodput: also measure a stream with this many transfers in flight")
-    ap.add_argument("--lanes", type=int, nargs="+", default=[1],
-                    help="transport.ucx_lanes of both daemons; goodput runs once per value "
-                         "(shaped links and GPU deliveries use the first)")
+    ap.add_argument("--lanes", type=int, nargs="+", default=[4],
+                    help="transport.ucx_lanes of both daemons (the daemon's default: 4); goodput "
+                         "runs once per value (shaped links and GPU deliveries use the first)")
 
 
 def main():
