@@ -79,7 +79,7 @@ int Run(int argc, char** argv) {
   std::vector<uint64_t> sizes_mib = {16, 64, 256};
   uint64_t chunk_bytes = 4ull << 20, region_mib = 2048;
   std::string tls = "tcp";
-  int rounds = 9, lanes = 1;
+  int rounds = 9, lanes = UcxTransportOptions{}.lanes;
   bool json = false;
   CLI::App app{
       "The UCX transport alone: chunked payloads between two transports on loopback, "
