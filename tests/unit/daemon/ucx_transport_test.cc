@@ -22,49 +22,49 @@ namespace {
 
 // Records what arrives: the transfer ids of offers, in order; every chunk's bytes into the
 // buffer of its transfer; whether a chunk ever came before its transfer's offer.
-class Recorder final : public TransportHandler {
- public:
+struct Recorder final : public TransportHandler {
   void OnControl(const std::string&, const v1::PeerMessage& m) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    offers_.push_back(m.offer().transfer_id());
-    buffers_[m.offer().transfer_id()].resize(m.offer().total_bytes());
-    cv_.notify_all();
+    std::lock_guard<std::mutex> lock(mu);
+    offers.push_back(m.offer().transfer_id());
+    buffers[m.offer().transfer_id()].resize(m.offer().total_bytes());
+    cv.notify_all();
   }
   absl::StatusOr<std::span<uint8_t>> OnDataBegin(const std::string&,
                                                  const DataChunkHeader& h) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    threads_.insert(std::this_thread::get_id());
-    auto it = buffers_.find(h.transfer_id);
-    if (it == buffers_.end()) {
-      ++before_offer_;
-      cv_.notify_all();
+    std::lock_guard<std::mutex> lock(mu);
+    threads.insert(std::this_thread::get_id());
+    auto it = buffers.find(h.transfer_id);
+    if (it == buffers.end()) {
+      ++before_offer;
+      cv.notify_all();
       return absl::NotFoundError("no offer yet");
     }
     if (h.offset + h.size > it->second.size()) return absl::InvalidArgumentError("out of range");
     return std::span<uint8_t>(it->second.data() + h.offset, h.size);
   }
   void OnDataEnd(const std::string&, const DataChunkHeader&, absl::Status status) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    status.ok() ? ++chunks_ : ++failed_;
-    cv_.notify_all();
+    std::lock_guard<std::mutex> lock(mu);
+    status.ok() ? ++chunks : ++failed;
+    cv.notify_all();
   }
   void OnPeerDown(const std::string&, const absl::Status&) override {}
 
-  // Waits (at most 60 s) until `chunks` chunks and `offers` offers are in, or something went
-  // wrong.
-  bool Wait(size_t offers, size_t chunks) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, std::chrono::seconds(60), [&] {
-      return (offers_.size() >= offers && chunks_ >= chunks) || before_offer_ > 0 || failed_ > 0;
+  // Waits (at most 60 s) until `want_offers` offers and `want_chunks` chunks are in, or
+  // something went wrong.
+  bool Wait(size_t want_offers, size_t want_chunks) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(60), [&] {
+      return (offers.size() >= want_offers && chunks >= want_chunks) || before_offer > 0 ||
+             failed > 0;
     });
   }
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<uint64_t> offers_;
-  std::map<uint64_t, std::vector<uint8_t>> buffers_;
-  std::set<std::thread::id> threads_;
-  size_t chunks_ = 0, failed_ = 0, before_offer_ = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<uint64_t> offers;
+  std::map<uint64_t, std::vector<uint8_t>> buffers;
+  std::set<std::thread::id> threads;
+  size_t chunks = 0, failed = 0, before_offer = 0;
 };
 
 std::unique_ptr<UcxTransport> Make(int lanes) {
@@ -127,11 +127,11 @@ struct Workload {
   }
   // Every transfer of [first, first + count) arrived whole, its offer before its chunks.
   void Check(Recorder& received, uint64_t first, uint64_t count) const {
-    std::lock_guard<std::mutex> lock(received.mu_);
-    EXPECT_EQ(received.before_offer_, 0u) << "a chunk overtook its transfer's offer";
-    EXPECT_EQ(received.failed_, 0u);
+    std::lock_guard<std::mutex> lock(received.mu);
+    EXPECT_EQ(received.before_offer, 0u) << "a chunk overtook its transfer's offer";
+    EXPECT_EQ(received.failed, 0u);
     for (uint64_t t = first; t < first + count; ++t) {
-      const std::vector<uint8_t>& b = received.buffers_[t];
+      const std::vector<uint8_t>& b = received.buffers[t];
       ASSERT_EQ(b.size(), kTotal) << "transfer " << t;
       EXPECT_EQ(0, std::memcmp(b.data(), payload.data() + t * kTotal, kTotal)) << "transfer " << t;
     }
@@ -176,14 +176,14 @@ TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
   sends.Wait(kTransfers * (Workload::kChunks + 1));
   work.Check(received, 0, kTransfers);
   {
-    std::lock_guard<std::mutex> lock(received.mu_);
-    ASSERT_EQ(received.offers_.size(), kTransfers);
+    std::lock_guard<std::mutex> lock(received.mu);
+    ASSERT_EQ(received.offers.size(), kTransfers);
     for (uint64_t t = 0; t < kTransfers; ++t) {
-      EXPECT_EQ(received.offers_[t], t) << "control messages out of order";
+      EXPECT_EQ(received.offers[t], t) << "control messages out of order";
     }
     // One thread per lane receives: with several lanes, chunks came in on more than one.
     if (lanes > 1) {
-      EXPECT_GT(received.threads_.size(), 1u);
+      EXPECT_GT(received.threads.size(), 1u);
     }
   }
   tx->Shutdown();
