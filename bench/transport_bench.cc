@@ -97,7 +97,8 @@ int Run(int argc, char** argv) {
       ->check(CLI::Range(1, 1000));
   app.add_flag("--json", json, "Print JSON");
   CLI11_PARSE(app, argc, argv);
-  const uint64_t largest = *std::max_element(sizes_mib.begin(), sizes_mib.end()) << 20;
+  const uint64_t largest =
+      sizes_mib.empty() ? 0 : *std::max_element(sizes_mib.begin(), sizes_mib.end()) << 20;
   if (sizes_mib.empty() || chunk_bytes == 0 || (region_mib << 20) < largest) {
     std::fprintf(stderr,
                  "transport_bench: need sizes, a chunk size, and a region >= the largest "

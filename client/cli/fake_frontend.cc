@@ -163,6 +163,13 @@ struct Round {
   std::vector<double> batch_wall;
   uint64_t batch_logical_bytes = 0;
   Verification verify;
+
+  // Aggregate goodput of the batches (or of the one stream), bytes/s; 0 if none succeeded.
+  double Goodput() const {
+    double wall = 0;
+    for (double w : batch_wall) wall += w;
+    return wall > 0 ? double(batch_logical_bytes) / wall : 0.0;
+  }
 };
 
 std::string PolicyEnumName(const std::string& policy) {
@@ -607,10 +614,8 @@ int Run(const Options& o) {
                        {"network", Median(r.network)}, {"unpack", Median(r.unpack)},
                        {"end_to_end", Median(r.e2e)}};
       // Aggregate goodput of the batches (or of the one stream): transfers overlap there.
-      double wall = 0;
-      for (double w : r.batch_wall) wall += w;
       x["batch_wall_s"] = Median(r.batch_wall);
-      x["goodput_Bps"] = wall > 0 ? double(r.batch_logical_bytes) / wall : 0.0;
+      x["goodput_Bps"] = r.Goodput();
       x["verified"] = r.verify.ok();
       x["first_violation"] = r.verify.first_violation;
       nlohmann::json tiers;
@@ -668,11 +673,8 @@ int Run(const Options& o) {
         "returning, as the client saw it\n");
     if (c > 1 || o.streaming) {
       for (const Round& r : rounds) {
-        double wall = 0;
-        for (double w : r.batch_wall) wall += w;
         std::printf("  budget %.2f: %.2f GB/s of KV over the wall time of the %s\n", r.budget,
-                    wall > 0 ? double(r.batch_logical_bytes) / wall / 1e9 : 0.0,
-                    o.streaming ? "stream" : "batches");
+                    r.Goodput() / 1e9, o.streaming ? "stream" : "batches");
       }
     }
     if (o.check_metrics) {

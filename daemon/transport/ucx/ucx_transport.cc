@@ -280,7 +280,6 @@ struct UcxTransport::Impl {
     void ShutdownOnThread();
   };
 
-  UcxTransportOptions options;
   ucp_context_h context = nullptr;
   ucp_listener_h listener = nullptr;  // on lane 0
   std::string address;
@@ -854,7 +853,6 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
                                                       UcxTransportOptions::kMaxLanes));
   }
   auto impl = std::make_unique<Impl>();
-  impl->options = options;
   std::random_device rd;
   {
     absl::MutexLock lock(&impl->mu);
