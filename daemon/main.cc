@@ -311,6 +311,9 @@ int Run(int argc, char** argv) {
   options.max_deadline_s = config.limits.max_deadline_s;
   options.result_ttl_s = config.limits.result_ttl_s;
   options.chunk_bytes = config.codec.chunk_bytes;
+  options.min_chunk_bytes = config.codec.min_chunk_bytes;
+  options.target_chunks =
+      kChunksPerLane * (config.transport.kind == "ucx" ? config.transport.ucx_lanes : 1);
   options.pack_threads = config.codec.worker_threads;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(

@@ -314,6 +314,10 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Bytes(m, q, &k.chunk_bytes, 64 << 10, 1ull << 32);
                         }},
+                       {"min_chunk_bytes",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Bytes(m, q, &k.min_chunk_bytes, 64 << 10, 1ull << 32);
+                        }},
                        {"worker_threads",
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Uint32(m, q, &k.worker_threads, 1, 256);
@@ -485,6 +489,7 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "on_unreachable" << YAML::Value << k.on_unreachable;
   out << YAML::Key << "sink_tokens" << YAML::Value << k.sink_tokens;
   out << YAML::Key << "chunk_bytes" << YAML::Value << k.chunk_bytes;
+  out << YAML::Key << "min_chunk_bytes" << YAML::Value << k.min_chunk_bytes;
   out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads << YAML::EndMap;
   out << YAML::Key << "models" << YAML::Value << YAML::BeginMap;
   for (const ModelPolicyConfig& m : c.models) {

@@ -23,7 +23,8 @@ absl::Status WithContext(const absl::Status& s, const std::string& context) {
   return absl::Status(s.code(), absl::StrFormat("%s: %s", context, s.message()));
 }
 
-// Chunks of a payload: the prelude, then groups of whole layers of about `chunk_bytes`.
+}  // namespace
+
 std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_id,
                                         uint64_t chunk_bytes) {
   std::vector<DataChunkHeader> chunks;
@@ -35,7 +36,14 @@ std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_
   uint32_t first = 0;
   while (first < layers) {
     uint32_t last = first + 1;
-    while (last < layers && wl.layers[last].end - wl.layers[first].begin <= chunk_bytes) ++last;
+    for (; last < layers; ++last) {
+      const uint64_t without = wl.layers[last - 1].end - wl.layers[first].begin;
+      const uint64_t with = wl.layers[last].end - wl.layers[first].begin;
+      if (with > chunk_bytes &&
+          (without >= chunk_bytes || with - chunk_bytes > chunk_bytes - without)) {
+        break;
+      }
+    }
     DataChunkHeader c;
     c.transfer_id = transfer_id;
     c.index = static_cast<uint32_t>(chunks.size());
@@ -49,7 +57,13 @@ std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_
   return chunks;
 }
 
-}  // namespace
+uint64_t ChunkBytesFor(uint64_t layer_bytes, uint32_t sends_in_flight,
+                       const TransferManagerOptions& o) {
+  const uint64_t n =
+      std::max<uint32_t>(o.target_chunks / std::max<uint32_t>(sends_in_flight, 1), 1);
+  const uint64_t even = (layer_bytes + n - 1) / n;
+  return std::clamp(even, std::min(o.min_chunk_bytes, o.chunk_bytes), o.chunk_bytes);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Transfer records
@@ -312,6 +326,7 @@ uint64_t TransferManager::Send(SendArgs args, SteadyClock::time_point deadline, 
       spdlog::debug("send {}: accepted (request {} shard {})", t->id_str, t->args.key.request_id,
                     t->args.key.shard);
       ++active_;
+      ++active_sends_;
       PublishGauges();
       d.Add([this, t] {
         if (!executor_.Post([this, t] { RunSend(t); })) {
@@ -492,6 +507,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   const uint64_t total = plan.layout.total_bytes;
 
   // Admission on bytes, then staging memory.
+  uint32_t sends_in_flight = 1;
   {
     absl::MutexLock lock(&mu_);
     if (t.terminal()) return absl::OkStatus();
@@ -503,8 +519,45 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     }
     inflight_bytes_ += total;
     t.reserved_bytes = total;
+    sends_in_flight = active_sends_;
     PublishGauges();
   }
+  // Offer first: the receiver binds the offer and allocates its staging while this side
+  // allocates its own and writes the prelude. Then pack and send chunk by chunk: packing chunk
+  // k+1 overlaps sending chunk k. A failure from here on reaches the peer as a PeerCancel.
+  const std::vector<DataChunkHeader> chunks =
+      PlanChunks(plan.layout, t.id,
+                 ChunkBytesFor(plan.layout.total_bytes - plan.layout.prelude_bytes, sends_in_flight,
+                               options_));
+  v1::PeerMessage offer_msg;
+  v1::PeerOffer* offer = offer_msg.mutable_offer();
+  offer->set_request_id(a.key.request_id);
+  offer->set_shard(a.key.shard);
+  offer->set_transfer_id(t.id);
+  offer->set_sender_incarnation(options_.incarnation);
+  offer->set_total_bytes(total);
+  offer->set_num_chunks(static_cast<uint32_t>(chunks.size()));
+  offer->set_logical_bytes(uint64_t{a.num_tokens} * pool->layout().shape.Fp16BytesPerToken());
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    t.offered = true;
+    t.state = SendTransfer::State::kSending;
+    t.stats.logical_bytes = offer->logical_bytes();
+    t.stats.wire_bytes = total;
+    t.stats.element_budget = plan.ElementBudget();
+    t.stats.wire_budget = plan.WireBudget();
+    t.stats.tiers = plan.layout.total_counts;
+  }
+  spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks.size());
+  transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
+    if (!s.ok()) {
+      FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                           "Send %s: cannot reach the peer: %s",
+                           Describe(self->args.key, self->args.peer), s.message())));
+    }
+  });
+
   absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(total);
   if (!buffer.ok()) {
     metrics_.AdmissionRejected(RejectReason::kBytes);
@@ -536,36 +589,6 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     t.stats.times.stage_copy_s += copy_s;
   }
 
-  // Offer, then pack and send chunk by chunk: packing chunk k+1 overlaps sending chunk k.
-  const std::vector<DataChunkHeader> chunks = PlanChunks(plan.layout, t.id, options_.chunk_bytes);
-  v1::PeerMessage offer_msg;
-  v1::PeerOffer* offer = offer_msg.mutable_offer();
-  offer->set_request_id(a.key.request_id);
-  offer->set_shard(a.key.shard);
-  offer->set_transfer_id(t.id);
-  offer->set_sender_incarnation(options_.incarnation);
-  offer->set_total_bytes(total);
-  offer->set_num_chunks(static_cast<uint32_t>(chunks.size()));
-  offer->set_logical_bytes(uint64_t{a.num_tokens} * pool->layout().shape.Fp16BytesPerToken());
-  {
-    absl::MutexLock lock(&mu_);
-    if (t.terminal()) return absl::OkStatus();
-    t.offered = true;
-    t.state = SendTransfer::State::kSending;
-    t.stats.logical_bytes = offer->logical_bytes();
-    t.stats.wire_bytes = total;
-    t.stats.element_budget = plan.ElementBudget();
-    t.stats.wire_budget = plan.WireBudget();
-    t.stats.tiers = plan.layout.total_counts;
-  }
-  spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks.size());
-  transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
-    if (!s.ok()) {
-      FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                           "Send %s: cannot reach the peer: %s",
-                           Describe(self->args.key, self->args.peer), s.message())));
-    }
-  });
   // The prelude first, then the chunks, packed by up to pack_threads workers in parallel, each
   // sent as soon as it is packed: packing overlaps sending.
   {
@@ -630,6 +653,7 @@ void TransferManager::FinishSendLocked(const std::shared_ptr<SendTransfer>& t, a
   timers_.Cancel(t->deadline_timer);
   t->stats.times.total_s = Since(t->created, now);
   --active_;
+  --active_sends_;
   metrics_.TransferEnded(Role::kSend, status.code(), t->stats.times.total_s);
   if (status.ok()) {
     t->result.transfer_id = t->id_str;

@@ -155,10 +155,32 @@ struct TransferManagerOptions {
   double default_deadline_s = 30;
   double max_deadline_s = 600;
   double result_ttl_s = 300;
+  // Payload chunks are runs of whole layers, each as near chunk_bytes as whole layers allow. A
+  // payload is cut finer, into target_chunks / (sends in flight) chunks, where that keeps them
+  // at least min_chunk_bytes (or chunk_bytes, if smaller): a lone transfer puts several chunks
+  // on every lane, so that its first bytes leave after a short pack and its last chunk's unpack
+  // is short, while many transfers in flight keep the lanes busy with large chunks. The daemon
+  // sets target_chunks to kChunksPerLane per transport lane.
   uint64_t chunk_bytes = 4ull << 20;
+  uint64_t min_chunk_bytes = 1ull << 20;
+  uint32_t target_chunks = 1;
   uint32_t pack_threads = 1;  // executor workers that pack one payload's chunks in parallel
   uint64_t incarnation = 0;
 };
+
+// TransferManagerOptions::target_chunks per transport lane (docs/BENCHMARKS.md, "chunks").
+inline constexpr uint32_t kChunksPerLane = 8;
+
+// How a payload is cut (exposed for tests). The chunk size for a payload whose layers take
+// `layer_bytes` while `sends_in_flight` sends run (this one included): see
+// TransferManagerOptions.
+uint64_t ChunkBytesFor(uint64_t layer_bytes, uint32_t sends_in_flight,
+                       const TransferManagerOptions& o);
+// The prelude as chunk 0, then runs of whole layers, each as near `chunk_bytes` as whole layers
+// allow (a layer is added while that brings the run nearer; a layer larger than `chunk_bytes`
+// travels alone).
+std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_id,
+                                        uint64_t chunk_bytes);
 
 class TransferManager final : public TransportHandler {
  public:
@@ -272,6 +294,7 @@ class TransferManager final : public TransportHandler {
   uint64_t next_transfer_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 1;
   uint32_t active_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t active_sends_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t early_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

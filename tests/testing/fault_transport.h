@@ -24,6 +24,9 @@ class FaultTransport final : public Transport {
   std::atomic<int> drop_chunk{-1};
   // Drop every PeerAck this side sends.
   std::atomic<bool> drop_acks{false};
+  // Data chunks sent (the prelude included), and the largest of them in bytes.
+  std::atomic<uint64_t> data_chunks_sent{0};
+  std::atomic<uint64_t> largest_chunk_bytes{0};
 
   absl::Status Start(TransportHandler* handler) override { return inner_.Start(handler); }
   void Shutdown() override { inner_.Shutdown(); }
@@ -43,6 +46,11 @@ class FaultTransport final : public Transport {
 
   void SendData(const std::string& peer, const DataChunkHeader& header,
                 std::span<const uint8_t> data, SendCallback done) override {
+    ++data_chunks_sent;
+    uint64_t largest = largest_chunk_bytes;
+    while (data.size() > largest &&
+           !largest_chunk_bytes.compare_exchange_weak(largest, data.size())) {
+    }
     if (static_cast<int>(header.index) == drop_chunk) {
       inner_.SendControl("inproc://nobody", v1::PeerMessage(),
                          [done](absl::Status) { done(absl::OkStatus()); });

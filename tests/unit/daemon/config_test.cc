@@ -43,6 +43,7 @@ codec:
   on_unreachable: reject
   sink_tokens: 8
   chunk_bytes: 4MiB
+  min_chunk_bytes: 256KiB
   worker_threads: 3
 models:
   qwen2.5-7b: {allow_int4: false, source: "probe 0/3"}
@@ -58,6 +59,7 @@ logging: {level: debug, format: json}
   EXPECT_DOUBLE_EQ(c->limits.early_ttl_s, 2.5);
   EXPECT_FALSE(c->limits.staging_prefault);
   EXPECT_EQ(c->codec.chunk_bytes, 4u << 20);
+  EXPECT_EQ(c->codec.min_chunk_bytes, 256u << 10);
   EXPECT_EQ(c->transport.ucx_lanes, 2u);
   EXPECT_EQ(c->codec.quantizer, "kcn");
   ASSERT_EQ(c->models.size(), 2u);
@@ -101,6 +103,7 @@ TEST(ConfigTest, TypesAndSyntax) {
   EXPECT_FALSE(ParseConfig("limits:\n  max_pools: 1.5\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 0}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 65}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {min_chunk_bytes: 1KiB}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_prefault: yes\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_bytes: 12XB\n", "t.yaml").ok());
   auto c = ParseConfig("codec: {budget: 0.5\n", "syntax.yaml");

@@ -454,23 +454,27 @@ class UncompressedTest : public ::testing::Test {
   std::string src_pool_, dst_pool_;
 };
 
-// An uncompressed payload (budget 1.0) arrives bit-exact, across a layout change.
-TEST_F(UncompressedTest, UncompressedPayloadArrivesBitExact) {
+// Sends an uncompressed payload (budget 1.0) from `src_pool` on `a` to `dst_pool` on `b` and
+// expects it bit-exact (across the pools' layout change); returns the sender's data chunk count.
+uint64_t ExpectUncompressedBitExact(Node& a, const std::string& src_pool, Node& b,
+                                    const std::string& dst_pool, const std::string& id) {
+  const uint64_t chunks_before = a.faults().data_chunks_sent;
   Pending<ReceiveResult> recv;
   Pending<SendResult> send;
-  b_.manager().Receive(MakeReceive("z1", b_, dst_pool_), In(10), recv.cb());
-  a_.manager().Send(MakeSend("z1", a_, src_pool_, b_, 1.0), In(10), send.cb());
+  b.manager().Receive(MakeReceive(id, b, dst_pool), In(10), recv.cb());
+  a.manager().Send(MakeSend(id, a, src_pool, b, 1.0), In(10), send.cb());
   auto s = send.Get();
   auto r = recv.Get();
-  ASSERT_TRUE(s.ok()) << s.status();
-  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE(r.ok()) << r.status();
+  if (!s.ok() || !r.ok()) return 0;
   EXPECT_EQ(s->stats.tiers[Tier::kFp16], kTokens);
-  const KvBuffer src = a_.View(src_pool_), dst = b_.View(dst_pool_);
+  const KvBuffer src = a.View(src_pool), dst = b.View(dst_pool);
   for (uint32_t l = 0; l < kWide.num_layers; ++l) {
     for (bool value : {false, true}) {
       for (uint32_t t = 0; t < kTokens; ++t) {
         for (uint32_t h = 0; h < kWide.num_kv_heads; ++h) {
-          ASSERT_EQ(std::memcmp(HostRowPtr(src, l, value, t, h), HostRowPtr(dst, l, value, t, h),
+          EXPECT_EQ(std::memcmp(HostRowPtr(src, l, value, t, h), HostRowPtr(dst, l, value, t, h),
                                 kWide.head_dim * 2),
                     0)
               << "layer " << l << " token " << t;
@@ -478,8 +482,54 @@ TEST_F(UncompressedTest, UncompressedPayloadArrivesBitExact) {
       }
     }
   }
-  ExpectIdle(a_);
-  ExpectIdle(b_);
+  ExpectIdle(a);
+  ExpectIdle(b);
+  return a.faults().data_chunks_sent - chunks_before - 1;  // the prelude is not a layer chunk
+}
+
+// An uncompressed payload (budget 1.0) arrives bit-exact, across a layout change.
+TEST_F(UncompressedTest, UncompressedPayloadArrivesBitExact) {
+  EXPECT_EQ(ExpectUncompressedBitExact(a_, src_pool_, b_, dst_pool_, "z1"), kWide.num_layers);
+}
+
+// How a payload is cut (TransferManagerOptions): chunks of whole layers, each as near
+// chunk_bytes as whole layers allow, and target_chunks of them as long as they stay at least
+// min_chunk_bytes; the payload arrives bit-exact whatever the cut. kWide at b = 1.0 is four
+// layers of a little over 200 KiB.
+TEST(ChunkingTest, PayloadsAreCutIntoWholeLayerChunksOfTheConfiguredSizes) {
+  struct Case {
+    uint64_t chunk_bytes, min_chunk_bytes;
+    uint32_t target_chunks;
+    uint64_t chunks, largest_layers;
+  };
+  const Case cases[] = {
+      {1 << 20, 64 << 10, 1, 1, 4},    // the whole payload fits one chunk
+      {1 << 20, 64 << 10, 4, 4, 1},    // four asked for: one layer each
+      {1 << 20, 64 << 10, 64, 4, 1},   // more asked for than layers: never below a layer
+      {1 << 20, 420 << 10, 4, 2, 2},   // four asked for, but not below 420 KiB: two layers each
+      {300 << 10, 64 << 10, 1, 4, 1},  // about 300 KiB: one layer each (two are further off)
+      {400 << 10, 64 << 10, 1, 2, 2},  // about 400 KiB: two layers, a few bytes more
+      {1, 512 << 10, 4, 4, 1},         // a chunk_bytes below min_chunk_bytes wins
+  };
+  int n = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(absl::StrFormat("chunk_bytes %u min_chunk_bytes %u target_chunks %u",
+                                 c.chunk_bytes, c.min_chunk_bytes, c.target_chunks));
+    TransferManagerOptions o;
+    o.chunk_bytes = c.chunk_bytes;
+    o.min_chunk_bytes = c.min_chunk_bytes;
+    o.target_chunks = c.target_chunks;
+    Node a(o), b(o);
+    const std::string src = a.AddPool(PoolLayoutKind::kVllmNhd, 16, kWide);
+    const std::string dst = b.AddPool(PoolLayoutKind::kVllmHnd, 8, kWide);
+    kvgen::SyntheticOptions syn;
+    syn.seed = std::random_device{}();
+    kvgen::FillSynthetic(a.View(src), syn);
+    EXPECT_EQ(ExpectUncompressedBitExact(a, src, b, dst, absl::StrFormat("cut%d", n++)), c.chunks);
+    const uint64_t layer = uint64_t{kTokens} * kWide.Fp16BytesPerToken() / kWide.num_layers;
+    EXPECT_GE(a.faults().largest_chunk_bytes, c.largest_layers * layer);
+    EXPECT_LT(a.faults().largest_chunk_bytes, (c.largest_layers + 1) * layer);
+  }
 }
 
 // A corrupted chunk of an uncompressed payload is DATA_LOSS, and its layer is never written:
@@ -513,6 +563,71 @@ TEST_F(UncompressedTest, CorruptUncompressedChunkIsDataLossAndNeverWritten) {
       EXPECT_EQ(untouched, rows) << "the corrupted layer was written";
     }
   }
+}
+
+// The chunk size: target_chunks shared among the sends in flight, within [min_chunk_bytes,
+// chunk_bytes].
+TEST(ChunkingTest, ChunkSizeSpreadsTheTargetOverTheSendsInFlight) {
+  TransferManagerOptions o;
+  o.chunk_bytes = 4 << 20;
+  o.min_chunk_bytes = 1 << 20;
+  o.target_chunks = 32;                                         // 8 per lane, 4 lanes
+  EXPECT_EQ(ChunkBytesFor(16 << 20, 1, o), 1u << 20);           // floor: 16 of 1 MiB
+  EXPECT_EQ(ChunkBytesFor(64 << 20, 1, o), 2u << 20);           // 32 of 2 MiB
+  EXPECT_EQ(ChunkBytesFor(64 << 20, 0, o), 2u << 20);           // 0 counts as 1
+  EXPECT_EQ(ChunkBytesFor(256 << 20, 1, o), 4u << 20);          // ceiling
+  EXPECT_EQ(ChunkBytesFor(64 << 20, 4, o), 4u << 20);           // 8 each for 4 sends: ceiling
+  EXPECT_EQ(ChunkBytesFor(16 << 20, 2, o), 1u << 20);           // 16 each for 2 sends
+  EXPECT_EQ(ChunkBytesFor(16 << 20, 8, o), 4u << 20);           // 4 each for 8 sends
+  EXPECT_EQ(ChunkBytesFor(16 << 20, 64, o), 4u << 20);          // at least one chunk each
+  EXPECT_EQ(ChunkBytesFor(3 * (1 << 20) + 1, 1, o), 1u << 20);  // small: chunks of the floor
+  o.min_chunk_bytes = 8 << 20;  // above chunk_bytes: chunk_bytes wins
+  EXPECT_EQ(ChunkBytesFor(1 << 20, 1, o), 4u << 20);
+}
+
+// Runs of whole layers as near the chunk size as whole layers allow: 2 MiB layers with a 16-byte
+// trailer make 4 MiB chunks of two (not one) layers at chunk_bytes = 4 MiB; a layer larger than
+// the chunk size travels alone; every layer is in exactly one chunk, in order.
+TEST(ChunkingTest, ChunksAreRunsOfWholeLayersNearestTheChunkSize) {
+  auto layout = [](std::vector<uint64_t> sizes) {
+    WireLayout wl;
+    wl.prelude_bytes = 4096;
+    uint64_t at = wl.prelude_bytes;
+    for (uint64_t size : sizes) {
+      LayerSection l;
+      l.begin = at;
+      l.end = at += size;
+      wl.layers.push_back(l);
+    }
+    wl.total_bytes = at;
+    return wl;
+  };
+  auto runs = [](const WireLayout& wl, uint64_t chunk_bytes) {
+    std::vector<uint32_t> layers;
+    const std::vector<DataChunkHeader> chunks = PlanChunks(wl, 7, chunk_bytes);
+    EXPECT_EQ(chunks[0].size, wl.prelude_bytes);
+    uint32_t next = 0;
+    for (size_t i = 1; i < chunks.size(); ++i) {
+      const DataChunkHeader& c = chunks[i];
+      EXPECT_EQ(c.index, i);
+      EXPECT_EQ(c.transfer_id, 7u);
+      EXPECT_EQ(c.first_layer, next);
+      EXPECT_EQ(c.offset, wl.layers[c.first_layer].begin);
+      EXPECT_EQ(c.offset + c.size, wl.layers[c.last_layer - 1].end);
+      layers.push_back(c.last_layer - c.first_layer);
+      next = c.last_layer;
+    }
+    EXPECT_EQ(next, wl.layers.size());
+    return layers;
+  };
+  const uint64_t mib = 1 << 20;
+  const WireLayout even = layout(std::vector<uint64_t>(8, 2 * mib + 16));
+  EXPECT_EQ(runs(even, 4 * mib), (std::vector<uint32_t>{2, 2, 2, 2}));
+  EXPECT_EQ(runs(even, 5 * mib), (std::vector<uint32_t>{2, 2, 2, 2}));  // 3 would be 6 MiB
+  EXPECT_EQ(runs(even, 1 * mib), (std::vector<uint32_t>{1, 1, 1, 1, 1, 1, 1, 1}));
+  EXPECT_EQ(runs(even, 64 * mib), (std::vector<uint32_t>{8}));
+  const WireLayout mixed = layout({mib, mib, 6 * mib, mib, 3 * mib / 2});
+  EXPECT_EQ(runs(mixed, 2 * mib), (std::vector<uint32_t>{2, 1, 2}));
 }
 
 TEST_F(TransferManagerTest, AdmissionControl) {
