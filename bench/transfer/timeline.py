@@ -5,12 +5,23 @@ With `logging: {level: debug}` each daemon logs, per transfer id, when a Send wa
 to run, offered its payload, and finished, and when the receiver accepted the offer, had every
 chunk, and finished. This prints the median gap between consecutive events over all transfers
 found in both logs.
+
+  timeline.py PREFILL_LOG DECODE_LOG      read two daemons' debug logs
+  timeline.py --run [--sizes MIB...] [--pool-memory host cuda] [--rounds N] [--lanes L]
+              [--chunk C] [--workers W] [--bin DIR]
+                                          start two daemons with debug logs (as transfer_bench.py
+                                          does), move uncompressed llama3-8b KV one transfer at a
+                                          time, and print the client's end to end beside the
+                                          daemons' timeline
 """
+import argparse
 import collections
 import datetime
+import os
 import re
 import statistics
 import sys
+import tempfile
 
 EVENT = re.compile(r"(\S+)Z D (send|receive) (\S+?)(?::| from \S+:) "
                    r"(accepted|running|offering|done|offer of|all)")
@@ -29,10 +40,9 @@ def parse(path):
     return events
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: timeline.py PREFILL_LOG DECODE_LOG")
-    sender, receiver = parse(sys.argv[1]), parse(sys.argv[2])
+def gaps_ms(prefill_log, decode_log):
+    """{"A -> B": [ms, ...]} over the transfers found in both logs."""
+    sender, receiver = parse(prefill_log), parse(decode_log)
     gaps = collections.defaultdict(list)
     for tid, e in sender.items():
         e = dict(e, **receiver.get(tid, {}))
@@ -41,10 +51,66 @@ def main():
         for a, b in zip(ORDER, ORDER[1:]):
             gaps[f"{a} -> {b}"].append((e[b] - e[a]) * 1e3)
         gaps["send accepted -> send done"].append((e["send done"] - e["send accepted"]) * 1e3)
-    if not gaps:
-        sys.exit("no transfer found in both logs (are they debug logs of a sender and a receiver?)")
+    return gaps
+
+
+def print_gaps(gaps):
     for k, v in gaps.items():
-        print("%-40s median %8.3f ms  (n=%d, min %.3f)" % (k, statistics.median(v), len(v), min(v)))
+        print("%-40s median %8.3f ms  (n=%d, min %.3f)" % (k, statistics.median(v), len(v), min(v)),
+              flush=True)
+
+
+def run(args):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import transfer_bench as tb
+    if args.bin:
+        tb.BIN = args.bin
+    for memory in args.pool_memory:
+        for mib in args.sizes:
+            with tempfile.TemporaryDirectory(prefix="skv-timeline-") as work:
+                d = tb.Daemons(work, chunk=args.chunk, workers=args.workers, log_level="debug",
+                               lanes=args.lanes)
+                try:
+                    r = d.frontend(["--model", "llama3-8b", "--tokens",
+                                    str((mib << 20) // tb.TOKEN_BYTES), "--budgets", "1.0",
+                                    "--rounds", str(args.rounds), "--pool-memory", memory,
+                                    "--timeout-s", "60"])
+                finally:
+                    d.stop()
+                rnd = r["rounds"][0]
+                if rnd["failed"] or not rnd["verified"]:
+                    sys.exit(f"{memory} pools, {mib} MiB: {rnd['errors'][:3]}")
+                e2e = rnd["median_s"]["end_to_end"]
+                print(f"\n{memory} pools, {mib} MiB, {args.lanes} lanes, chunk {args.chunk}, "
+                      f"{args.workers} workers: client end to end {e2e * 1e3:.3f} ms "
+                      f"({(mib << 20) / e2e / 1e9:.2f} GB/s), medians of {rnd['ok']}", flush=True)
+                gaps = gaps_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log"))
+                if not gaps:
+                    sys.exit("no transfer found in both daemons' logs")
+                print_gaps(gaps)
+
+
+def main():
+    if len(sys.argv) == 3 and not sys.argv[1].startswith("-"):
+        gaps = gaps_ms(sys.argv[1], sys.argv[2])
+        if not gaps:
+            sys.exit("no transfer found in both logs (are they debug logs of a sender and a "
+                     "receiver?)")
+        print_gaps(gaps)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 usage="timeline.py PREFILL_LOG DECODE_LOG | timeline.py --run ...")
+    ap.add_argument("--run", action="store_true", required=True,
+                    help="start two daemons and time transfers (else: give two log files)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16], metavar="MIB")
+    ap.add_argument("--pool-memory", nargs="+", default=["host"], choices=["host", "cuda"])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--lanes", type=int, default=4)
+    ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
+    ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
+    ap.add_argument("--bin", default="", help="folder with spectrumkvd and spectrumkv "
+                                              "(default: build/bin)")
+    run(ap.parse_args())
 
 
 if __name__ == "__main__":
