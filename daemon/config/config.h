@@ -60,7 +60,7 @@ struct CodecConfig {
   std::string quantizer = "absmax";     // absmax or kcn
   std::string on_unreachable = "drop";  // drop or reject
   uint32_t sink_tokens = 4;
-  uint64_t chunk_bytes = 4ull << 20;   // largest data chunk (whole layers)
+  uint64_t chunk_bytes = 4ull << 20;   // data chunk size (whole layers, the nearest)
   uint64_t min_chunk_bytes = 1 << 20;  // smallest chunk when a payload is cut finer
   uint32_t worker_threads = 2;         // codec and transfer work
 };

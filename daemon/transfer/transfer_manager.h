@@ -168,7 +168,8 @@ struct TransferManagerOptions {
   uint64_t incarnation = 0;
 };
 
-// TransferManagerOptions::target_chunks per transport lane (docs/BENCHMARKS.md, "chunks").
+// TransferManagerOptions::target_chunks per transport lane (docs/BENCHMARKS.md, "chunks sized to
+// the load").
 inline constexpr uint32_t kChunksPerLane = 8;
 
 // How a payload is cut (exposed for tests). The chunk size for a payload whose layers take

@@ -663,6 +663,26 @@ TEST_F(TransferManagerTest, AdmissionControl) {
   ExpectIdle(e);
 }
 
+// The offer leaves before the sender's staging is allocated: when that allocation fails, the
+// receiver hears it at once (a PeerCancel), not at its deadline, and neither side keeps memory.
+TEST_F(TransferManagerTest, SenderStagingExhaustedAfterTheOfferFailsBothSidesAtOnce) {
+  Node tiny(TestOptions(), /*staging_bytes=*/64 << 10);  // smaller than the 200 KiB payload
+  const std::string pool = tiny.AddPool(PoolLayoutKind::kVllmNhd, 16);
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  const auto start = SteadyClock::now();
+  b_.manager().Receive(MakeReceive("st1", b_, dst_pool_), In(20), recv.cb());
+  tiny.manager().Send(MakeSend("st1", tiny, pool, b_, 1.0), In(20), send.cb());
+  auto s = send.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted) << s.status();
+  auto r = recv.Get();
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("staging"), std::string::npos) << r.status();
+  EXPECT_LT(SteadyClock::now() - start, std::chrono::seconds(5)) << "the receiver waited";
+  ExpectIdle(tiny);
+  ExpectIdle(b_);
+}
+
 TEST_F(TransferManagerTest, BadRequestsFailWithTheirCodes) {
   Pending<SendResult> s1;
   SendArgs bad = MakeSend("y1", a_, src_pool_, b_);
