@@ -12,7 +12,7 @@ found in both logs.
                                           start two daemons with debug logs (as transfer_bench.py
                                           does), move uncompressed llama3-8b KV one transfer at a
                                           time, and print the client's end to end beside the
-                                          daemons' timeline
+                                          daemons' timeline and the offer's way through the lanes
 """
 import argparse
 import collections
@@ -54,9 +54,39 @@ def gaps_ms(prefill_log, decode_log):
     return gaps
 
 
+LANE_SEND = re.compile(r"(\S+)Z D ucx0: send \d+ bytes to \S+ \(control\)")
+LANE_RECV = re.compile(r"(\S+)Z D ucx0: control message \d+ from ")
+OFFERING = re.compile(r"(\S+)Z D send \S+: offering ")
+BOUND = re.compile(r"(\S+)Z D receive \S+ from \S+: offer of ")
+
+
+def offer_legs_ms(prefill_log, decode_log):
+    """The offer's way, from the lanes' debug lines: the worker hands it to lane 0 ("offering"),
+    lane 0's progress thread sends it, the receiver's lane 0 gets it, the receiver binds it.
+    Lane lines carry no transfer id, so this pairs each offer with the next control message
+    sent and received after it: meaningful for transfers run one at a time only."""
+    def times(path, pattern):
+        with open(path) as f:
+            return [datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                    for m in map(pattern.match, f) if m]
+    offering, sent = times(prefill_log, OFFERING), times(prefill_log, LANE_SEND)
+    received, bound = times(decode_log, LANE_RECV), times(decode_log, BOUND)
+    legs = collections.defaultdict(list)
+    for t0 in offering:
+        t1 = next((t for t in sent if t >= t0), None)
+        t2 = next((t for t in received if t1 is not None and t >= t1), None)
+        t3 = next((t for t in bound if t2 is not None and t >= t2), None)
+        if t3 is None:
+            continue
+        legs["offer: handed to lane 0 -> sent by it"].append((t1 - t0) * 1e3)
+        legs["offer: sent -> the receiver's lane 0 has it"].append((t2 - t1) * 1e3)
+        legs["offer: received -> bound"].append((t3 - t2) * 1e3)
+    return legs
+
+
 def print_gaps(gaps):
     for k, v in gaps.items():
-        print("%-40s median %8.3f ms  (n=%d, min %.3f)" % (k, statistics.median(v), len(v), min(v)),
+        print("%-46s median %8.3f ms  (n=%d, min %.3f)" % (k, statistics.median(v), len(v), min(v)),
               flush=True)
 
 
@@ -88,6 +118,8 @@ def run(args):
                 if not gaps:
                     sys.exit("no transfer found in both daemons' logs")
                 print_gaps(gaps)
+                print_gaps(offer_legs_ms(os.path.join(work, "prefill.log"),
+                                         os.path.join(work, "decode.log")))
 
 
 def main():
