@@ -1,6 +1,6 @@
 // A Transport decorator that injects faults into what a daemon sends (the Envoy fault filter /
 // LevelDB EnvWrapper idea): flip a byte of a chosen data chunk, drop a chunk, or drop control
-// messages of a kind. Test-only.
+// messages of a kind; it also counts the data chunks it sends. Test-only.
 #ifndef SPECTRUMKV_TESTS_TESTING_FAULT_TRANSPORT_H_
 #define SPECTRUMKV_TESTS_TESTING_FAULT_TRANSPORT_H_
 
