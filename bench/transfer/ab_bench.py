@@ -24,13 +24,7 @@ import transfer_bench as tb
 
 
 def measure(d, memory, mib, c, rounds):
-    r = d.frontend(["--model", "llama3-8b", "--tokens", str((mib << 20) // tb.TOKEN_BYTES),
-                    "--budgets", "1.0", "--rounds", str(rounds), "--concurrency", str(c),
-                    "--pool-memory", memory, "--timeout-s", "120"] +
-                   (["--streaming"] if c > 1 else []))
-    rnd = r["rounds"][0]
-    if rnd["failed"] or not rnd["verified"]:
-        raise RuntimeError(f"{memory} pools, {mib} MiB x{c}: {rnd['errors'][:3]}")
+    rnd = tb.uncompressed_round(d, mib, memory, c, rounds)
     return (mib << 20) / rnd["median_s"]["end_to_end"] if c == 1 else rnd["goodput_Bps"]
 
 

@@ -101,15 +101,9 @@ def run(args):
                 d = tb.Daemons(work, chunk=args.chunk, workers=args.workers, log_level="debug",
                                lanes=args.lanes)
                 try:
-                    r = d.frontend(["--model", "llama3-8b", "--tokens",
-                                    str((mib << 20) // tb.TOKEN_BYTES), "--budgets", "1.0",
-                                    "--rounds", str(args.rounds), "--pool-memory", memory,
-                                    "--timeout-s", "60"])
+                    rnd = tb.uncompressed_round(d, mib, memory, 1, args.rounds, timeout_s=60)
                 finally:
                     d.stop()
-                rnd = r["rounds"][0]
-                if rnd["failed"] or not rnd["verified"]:
-                    sys.exit(f"{memory} pools, {mib} MiB: {rnd['errors'][:3]}")
                 e2e = rnd["median_s"]["end_to_end"]
                 print(f"\n{memory} pools, {mib} MiB, {args.lanes} lanes, chunk {args.chunk}, "
                       f"{args.workers} workers: client end to end {e2e * 1e3:.3f} ms "

@@ -176,18 +176,27 @@ def goodput(args, pool_memory="host"):
     return rows
 
 
+def uncompressed_round(d, mib, pool_memory, concurrency, rounds, timeout_s=120):
+    """fake-frontend's round of uncompressed llama3-8b KV of `mib` MiB through daemons `d`: one
+    transfer at a time (concurrency 1), else a stream of `concurrency` in flight (--streaming);
+    raises unless every transfer succeeded and was verified."""
+    r = d.frontend(["--model", "llama3-8b", "--tokens", str((mib << 20) // TOKEN_BYTES),
+                    "--budgets", "1.0", "--rounds", str(rounds), "--concurrency",
+                    str(concurrency), "--pool-memory", pool_memory, "--timeout-s",
+                    str(timeout_s)] + (["--streaming"] if concurrency > 1 else []))
+    rnd = r["rounds"][0]
+    if rnd["failed"] or not rnd["verified"]:
+        raise RuntimeError(f"{pool_memory} pools, {mib} MiB x{concurrency}: {rnd['errors'][:3]}")
+    return rnd
+
+
 def goodput_row(args, d, mib, pool_memory, lanes):
     tokens = (mib << 20) // TOKEN_BYTES
     size = mib << 20
     row = {"size_mib": mib, "tokens": tokens, "pool_memory": pool_memory, "lanes": lanes,
            "concurrent": {}}
     for c in sorted(set([1] + args.concurrency)):
-        r = d.frontend(["--model", "llama3-8b", "--tokens", str(tokens), "--budgets", "1.0",
-                        "--rounds", str(args.rounds), "--concurrency", str(c), "--pool-memory",
-                        pool_memory, "--timeout-s", "120"] + (["--streaming"] if c > 1 else []))
-        rnd = r["rounds"][0]
-        if rnd["failed"] or not rnd["verified"]:
-            raise RuntimeError(f"goodput {mib} MiB x{c}: {rnd['errors'][:3]}")
+        rnd = uncompressed_round(d, mib, pool_memory, c, args.rounds)
         if c == 1:
             e2e = rnd["median_s"]["end_to_end"]
             logical = rnd["logical_bytes"] / rnd["ok"]
