@@ -5,6 +5,9 @@
 // checksum verified) into a vLLM HND pool with another block size. memcpy copies the same
 // number of bytes between the two pools' regions. Each step runs --reps times; medians are
 // reported, as GB/s of FP16 KV bytes and as a ratio to memcpy.
+//
+// With --score-threads, scoring also runs on that many threads (not pinned), next to a plain
+// read of the same pool bytes on as many threads: the memory floor that scoring can reach.
 #include <sched.h>
 
 #include <algorithm>
@@ -12,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -38,9 +42,39 @@ double MedianSeconds(int reps, F&& f) {
   return t[t.size() / 2];
 }
 
+// Reads every byte of the regions on `threads` threads (each a contiguous share), summing
+// 64-bit words so that the reads cannot be elided.
+void ReadPool(std::span<const MemoryRegion> regions, uint32_t threads) {
+  std::vector<std::thread> pool;
+  std::vector<uint64_t> sums(threads);
+  for (uint32_t i = 0; i < threads; ++i) {
+    pool.emplace_back([&, i] {
+      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (const MemoryRegion& r : regions) {
+        const auto* w = static_cast<const uint64_t*>(r.base);
+        const uint64_t words = r.size_bytes / 8;
+        const uint64_t end = words * (i + 1) / threads;
+        uint64_t j = words * i / threads;
+        for (; j + 4 <= end; j += 4) {
+          s0 += w[j];
+          s1 += w[j + 1];
+          s2 += w[j + 2];
+          s3 += w[j + 3];
+        }
+        for (; j < end; ++j) s0 += w[j];
+      }
+      sums[i] = s0 + s1 + s2 + s3;
+    });
+  }
+  for (std::thread& t : pool) t.join();
+  volatile uint64_t sink = 0;
+  for (uint64_t s : sums) sink = sink + s;
+}
+
 int Run(int argc, char** argv) {
   std::vector<uint32_t> token_counts = {4096, 16384};
   std::vector<double> budgets = {0.5, 0.3};
+  std::vector<uint32_t> score_threads;
   std::string model = "llama3-8b", backend = "best";
   int reps = 5, core = 1;
   CLI::App app{"CPU codec throughput vs memcpy (docs/BENCHMARKS.md)"};
@@ -50,8 +84,12 @@ int Run(int argc, char** argv) {
   app.add_option("--reps", reps, "Repetitions per measurement (median)")->capture_default_str();
   app.add_option("--core", core, "CPU core to pin to (-1: no pinning)")->capture_default_str();
   app.add_option("--backend", backend, "best or scalar")->capture_default_str();
+  app.add_option("--score-threads", score_threads,
+                 "Also score (and read the pool) on each of these thread counts, unpinned");
   CLI11_PARSE(app, argc, argv);
 
+  cpu_set_t all_cpus;
+  if (sched_getaffinity(0, sizeof(all_cpus), &all_cpus) != 0) std::perror("sched_getaffinity");
   if (core >= 0) {
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -94,6 +132,21 @@ int Run(int argc, char** argv) {
       if (!codec->Score(src, ScoreOptions{}, scores).ok()) std::abort();
     });
     row("-", "score", t_score);
+    for (uint32_t k : score_threads) {
+      cpu_set_t pinned;
+      sched_getaffinity(0, sizeof(pinned), &pinned);
+      sched_setaffinity(0, sizeof(all_cpus), &all_cpus);  // threads inherit the caller's mask
+      codec->set_score_threads(k);
+      const double t_k = MedianSeconds(reps, [&] {
+        if (!codec->Score(src, ScoreOptions{}, scores).ok()) std::abort();
+      });
+      codec->set_score_threads(1);
+      const double t_read = MedianSeconds(reps, [&] { ReadPool(src_pool->regions(), k); });
+      sched_setaffinity(0, sizeof(pinned), &pinned);
+      const std::string label = "x" + std::to_string(k);
+      row(label.c_str(), "score", t_k);
+      row(label.c_str(), "read", t_read);
+    }
     for (double b : budgets) {
       PlanOptions o;
       o.budget = b;

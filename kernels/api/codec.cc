@@ -75,6 +75,30 @@ absl::StatusOr<TierPlan> Codec::ScoreAndPlan(const KvBuffer& kv, const ScoreOpti
   return PlanTiers(kv.layout->shape, kv.layout->dtype, kv.num_tokens, scores, plan_options);
 }
 
+absl::Status Codec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                                   uint32_t last_layer, uint32_t slice, uint32_t slices,
+                                   std::span<uint8_t> payload) {
+  if (slice != 0 || slices != 1) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "the %s codec packs a chunk in one part (slice %u of %u)", name(), slice, slices));
+  }
+  return PackLayers(src, plan, first_layer, last_layer, payload);
+}
+
+absl::Status Codec::SealLayers(const TierPlan&, uint32_t, uint32_t, std::span<uint8_t>) {
+  return absl::OkStatus();
+}
+
+absl::Status Codec::UnpackLayerSlice(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                                     const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
+                                     uint32_t slice, uint32_t slices) {
+  if (slice != 0 || slices != 1) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "the %s codec unpacks a chunk in one part (slice %u of %u)", name(), slice, slices));
+  }
+  return UnpackLayers(prelude, payload, dst, first_layer, last_layer, VerifyMode::kAlreadyVerified);
+}
+
 absl::Status PackPayloadInto(Codec& codec, const KvBuffer& src, const TierPlan& plan,
                              std::span<uint8_t> payload) {
   if (payload.size() != plan.layout.total_bytes) {

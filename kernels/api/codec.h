@@ -66,6 +66,28 @@ class Codec {
   virtual absl::Status UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
                                     const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
                                     VerifyMode verify) = 0;
+
+  // One chunk packed or unpacked by several threads. A backend that can cut a chunk's work into
+  // parts returns how many from max_slices() (1, the default: it cannot). Slice s of `slices`
+  // (slices <= max_slices()) covers the s-th of `slices` near-equal runs of every tier's tokens
+  // in each layer of [first_layer, last_layer); slices touch disjoint bytes and may run on any
+  // threads in any order.
+  // - PackLayerSlice writes its rows; once every slice has returned, SealLayers writes each
+  //   layer's CRC32C, and the payload equals what PackLayers writes.
+  // - UnpackLayerSlice writes its rows into `dst`; the caller has verified the layers
+  //   (VerifyLayerSection): all slices together write what UnpackLayers writes.
+  // The defaults serve slices == 1 only: PackLayers (sealed already; SealLayers does nothing)
+  // and UnpackLayers(kAlreadyVerified); UNIMPLEMENTED otherwise.
+  virtual uint32_t max_slices() const { return 1; }
+  virtual absl::Status PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
+                                      uint32_t first_layer, uint32_t last_layer, uint32_t slice,
+                                      uint32_t slices, std::span<uint8_t> payload);
+  virtual absl::Status SealLayers(const TierPlan& plan, uint32_t first_layer, uint32_t last_layer,
+                                  std::span<uint8_t> payload);
+  virtual absl::Status UnpackLayerSlice(const ParsedPrelude& prelude,
+                                        std::span<const uint8_t> payload, const KvBuffer& dst,
+                                        uint32_t first_layer, uint32_t last_layer, uint32_t slice,
+                                        uint32_t slices);
 };
 
 // Checks that `kv` is valid and matches the payload description (shape, dtype, tokens).

@@ -31,6 +31,7 @@ class Rows {
   uint16_t* Row(uint32_t token, uint32_t head) const {
     return reinterpret_cast<uint16_t*>(base_ + RowOffset(layout_, placement_, table_, token, head));
   }
+  uint64_t head_stride_bytes() const { return placement_.head_stride_bytes; }
 
  private:
   const KvLayout& layout_;
@@ -175,11 +176,8 @@ absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
         for (bool value : {false, true}) {
           const Rows rows(kv, l, value);
           for (uint32_t t = begin; t < end; ++t) {
-            float sum = 0.0f;
-            for (uint32_t h = 0; h < heads; ++h) {
-              sum += std::sqrt(k_.sum_squares(dtype, rows.Row(t, h), dim));
-            }
-            scores[t] += sum;
+            scores[t] +=
+                k_.sum_row_norms(dtype, rows.Row(t, 0), rows.head_stride_bytes(), heads, dim);
           }
         }
       }
@@ -240,14 +238,40 @@ absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
 
 absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
                                   uint32_t last_layer, std::span<uint8_t> payload) {
+  SPECTRUMKV_RETURN_IF_ERROR(PackLayerSlice(src, plan, first_layer, last_layer, 0, 1, payload));
+  return SealLayers(plan, first_layer, last_layer, payload);
+}
+
+absl::Status CpuCodec::SealLayers(const TierPlan& plan, uint32_t first_layer, uint32_t last_layer,
+                                  std::span<uint8_t> payload) {
+  if (first_layer >= last_layer || last_layer > plan.layout.layers.size() ||
+      payload.size() != plan.layout.total_bytes) {
+    return absl::InvalidArgumentError("SealLayers: layer range or payload size does not match");
+  }
+  for (uint32_t l = first_layer; l < last_layer; ++l) SealLayerSection(plan.layout, l, payload);
+  return absl::OkStatus();
+}
+
+absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
+                                      uint32_t first_layer, uint32_t last_layer, uint32_t slice,
+                                      uint32_t slices, std::span<uint8_t> payload) {
   const PayloadDesc& desc = plan.desc;
   const WireLayout& wl = plan.layout;
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
+  if (slices == 0 || slice >= slices) {
+    return absl::InvalidArgumentError(absl::StrFormat("slice %u of %u", slice, slices));
+  }
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const uint64_t hd = uint64_t{heads} * dim;
   const std::vector<TierLists> all_lists = ListsFor(desc, plan.tiers, first_layer, last_layer);
   uint8_t* out = payload.data();
+  const bool last_slice = slice + 1 == slices;
+  // This slice's run [begin, end) of a tier list: near-equal runs in list order.
+  auto run = [&](const std::vector<uint32_t>& list) {
+    return std::pair<size_t, size_t>(list.size() * slice / slices,
+                                     list.size() * (slice + 1) / slices);
+  };
   KeyFactors f;
 
   for (uint32_t l = first_layer; l < last_layer; ++l) {
@@ -257,7 +281,8 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
 
     if (desc.key_channel_norm()) {
       // Factors over this layer's INT4 tokens: offset = channel midpoint, factor = sqrt of the
-      // half-range (both rounded to the dtype; the encoder uses the rounded values).
+      // half-range (both rounded to the dtype; the encoder uses the rounded values). Every slice
+      // needs them and computes them (the same values); slice 0 writes them.
       const Rows keys(src, l, false);
       f.offset.assign(hd, 0.0f);
       f.factor.assign(hd, 1.0f);
@@ -284,37 +309,45 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
             const float fv = ToFloat(dtype, candidate);
             if (fv > 0.0f && std::isfinite(fv)) f_bits = candidate;
           }
-          offsets[i] = m_bits;
-          factors[i] = f_bits;
+          if (slice == 0) {
+            offsets[i] = m_bits;
+            factors[i] = f_bits;
+          }
           f.offset[i] = ToFloat(dtype, m_bits);
           f.factor[i] = ToFloat(dtype, f_bits);
           f.inv_factor[i] = 1.0f / f.factor[i];
         }
       }
-      ZeroGap(out, sec.key_offsets + hd * 2, sec.key_factors);
-      ZeroGap(out, sec.key_factors + hd * 2, sec.key.fp16_rows);
+      if (slice == 0) {
+        ZeroGap(out, sec.key_offsets + hd * 2, sec.key_factors);
+        ZeroGap(out, sec.key_factors + hd * 2, sec.key.fp16_rows);
+      }
     }
 
+    // Each tier's rows and scales start at the slice's first token of that tier; the last slice
+    // zeroes the padding after each array.
     for (bool value : {false, true}) {
       const PartLayout& part = value ? sec.value : sec.key;
       const Rows rows(src, l, value);
       // FP16 rows, bit-exact.
       const uint32_t row_bytes = dim * 2;
-      uint8_t* dst = out + part.fp16_rows;
       const std::vector<uint32_t>& fp16_tokens = lists[Tier::kFp16];
-      for (size_t i = 0; i < fp16_tokens.size(); ++i) {
+      const auto [f0, f1] = run(fp16_tokens);
+      uint8_t* dst = out + part.fp16_rows + f0 * hd * 2;
+      for (size_t i = f0; i < f1; ++i) {
         const uint32_t t = fp16_tokens[i];
         PrefetchToken(rows, fp16_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, dst += uint64_t{dim} * 2) {
           std::memcpy(dst, rows.Row(t, h), uint64_t{dim} * 2);
         }
       }
-      ZeroGap(out, dst - out, part.int8_rows);
+      if (last_slice) ZeroGap(out, dst - out, part.int8_rows);
       // INT8 rows and scales.
-      auto* codes8 = reinterpret_cast<int8_t*>(out + part.int8_rows);
-      auto* scales8 = reinterpret_cast<uint16_t*>(out + part.int8_scales);
       const std::vector<uint32_t>& int8_tokens = lists[Tier::kInt8];
-      for (size_t i = 0; i < int8_tokens.size(); ++i) {
+      const auto [e0, e1] = run(int8_tokens);
+      auto* codes8 = reinterpret_cast<int8_t*>(out + part.int8_rows + e0 * hd);
+      auto* scales8 = reinterpret_cast<uint16_t*>(out + part.int8_scales) + e0 * heads;
+      for (size_t i = e0; i < e1; ++i) {
         const uint32_t t = int8_tokens[i];
         PrefetchToken(rows, int8_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
@@ -323,13 +356,16 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
           }
         }
       }
-      ZeroGap(out, reinterpret_cast<uint8_t*>(codes8) - out, part.int8_scales);
-      ZeroGap(out, reinterpret_cast<uint8_t*>(scales8) - out, part.int4_rows);
+      if (last_slice) {
+        ZeroGap(out, reinterpret_cast<uint8_t*>(codes8) - out, part.int8_scales);
+        ZeroGap(out, reinterpret_cast<uint8_t*>(scales8) - out, part.int4_rows);
+      }
       // INT4 rows and scales; keys through the channel factors when enabled.
-      uint8_t* codes4 = out + part.int4_rows;
-      auto* scales4 = reinterpret_cast<uint16_t*>(out + part.int4_scales);
+      const auto [q0, q1] = run(int4_tokens);
+      uint8_t* codes4 = out + part.int4_rows + q0 * hd / 2;
+      auto* scales4 = reinterpret_cast<uint16_t*>(out + part.int4_scales) + q0 * heads;
       const bool kcn = desc.key_channel_norm() && !value;
-      for (size_t i = 0; i < int4_tokens.size(); ++i) {
+      for (size_t i = q0; i < q1; ++i) {
         const uint32_t t = int4_tokens[i];
         PrefetchToken(rows, int4_tokens, i, heads, row_bytes, false);
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
@@ -343,10 +379,11 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
           }
         }
       }
-      ZeroGap(out, codes4 - out, part.int4_scales);
-      ZeroGap(out, reinterpret_cast<uint8_t*>(scales4) - out, part.end);
+      if (last_slice) {
+        ZeroGap(out, codes4 - out, part.int4_scales);
+        ZeroGap(out, reinterpret_cast<uint8_t*>(scales4) - out, part.end);
+      }
     }
-    SealLayerSection(wl, l, payload);
   }
   return absl::OkStatus();
 }
@@ -354,14 +391,36 @@ absl::Status CpuCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uin
 absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
                                     const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
                                     VerifyMode verify) {
+  return Unpack(prelude, payload, dst, first_layer, last_layer, 0, 1, verify);
+}
+
+absl::Status CpuCodec::UnpackLayerSlice(const ParsedPrelude& prelude,
+                                        std::span<const uint8_t> payload, const KvBuffer& dst,
+                                        uint32_t first_layer, uint32_t last_layer, uint32_t slice,
+                                        uint32_t slices) {
+  return Unpack(prelude, payload, dst, first_layer, last_layer, slice, slices,
+                VerifyMode::kAlreadyVerified);
+}
+
+absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                              const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
+                              uint32_t slice, uint32_t slices, VerifyMode verify) {
   const WireLayout& wl = prelude.layout;
   const PayloadDesc& desc = wl.desc;
   SPECTRUMKV_RETURN_IF_ERROR(CheckUnpackArgs(prelude, payload, dst, first_layer, last_layer));
+  if (slices == 0 || slice >= slices) {
+    return absl::InvalidArgumentError(absl::StrFormat("slice %u of %u", slice, slices));
+  }
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const uint64_t hd = uint64_t{heads} * dim;
   const std::vector<TierLists> all_lists = ListsFor(desc, prelude.tiers, first_layer, last_layer);
   const uint8_t* in = payload.data();
+  // This slice's run [begin, end) of a tier list, as in PackLayerSlice.
+  auto run = [&](const std::vector<uint32_t>& list) {
+    return std::pair<size_t, size_t>(list.size() * slice / slices,
+                                     list.size() * (slice + 1) / slices);
+  };
   KeyFactors f;
   // Rows may be written with streaming stores: order them before the caller sees this return.
   struct FenceOnExit {
@@ -390,30 +449,33 @@ absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<cons
       const PartLayout& part = value ? sec.value : sec.key;
       const Rows rows(dst, l, value);
       const uint32_t row_bytes = dim * 2;
-      const uint8_t* src = in + part.fp16_rows;
       const std::vector<uint32_t>& fp16_tokens = lists[Tier::kFp16];
-      for (size_t i = 0; i < fp16_tokens.size(); ++i) {
+      const auto [f0, f1] = run(fp16_tokens);
+      const uint8_t* src = in + part.fp16_rows + f0 * hd * 2;
+      for (size_t i = f0; i < f1; ++i) {
         const uint32_t t = fp16_tokens[i];
         if (prefetch_dst) PrefetchToken(rows, fp16_tokens, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, src += uint64_t{dim} * 2) {
           k_.copy_row(reinterpret_cast<const uint16_t*>(src), dim, rows.Row(t, h));
         }
       }
-      const auto* codes8 = reinterpret_cast<const int8_t*>(in + part.int8_rows);
-      const auto* scales8 = reinterpret_cast<const uint16_t*>(in + part.int8_scales);
       const std::vector<uint32_t>& int8_tokens = lists[Tier::kInt8];
-      for (size_t i = 0; i < int8_tokens.size(); ++i) {
+      const auto [e0, e1] = run(int8_tokens);
+      const auto* codes8 = reinterpret_cast<const int8_t*>(in + part.int8_rows + e0 * hd);
+      const auto* scales8 = reinterpret_cast<const uint16_t*>(in + part.int8_scales) + e0 * heads;
+      for (size_t i = e0; i < e1; ++i) {
         const uint32_t t = int8_tokens[i];
         if (prefetch_dst) PrefetchToken(rows, int8_tokens, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
           k_.dequantize_int8(dtype, codes8, *scales8, dim, rows.Row(t, h));
         }
       }
-      const uint8_t* codes4 = in + part.int4_rows;
-      const auto* scales4 = reinterpret_cast<const uint16_t*>(in + part.int4_scales);
       const bool kcn = desc.key_channel_norm() && !value;
       const std::vector<uint32_t>& int4_list = lists[Tier::kInt4];
-      for (size_t i = 0; i < int4_list.size(); ++i) {
+      const auto [q0, q1] = run(int4_list);
+      const uint8_t* codes4 = in + part.int4_rows + q0 * hd / 2;
+      const auto* scales4 = reinterpret_cast<const uint16_t*>(in + part.int4_scales) + q0 * heads;
+      for (size_t i = q0; i < q1; ++i) {
         const uint32_t t = int4_list[i];
         if (prefetch_dst) PrefetchToken(rows, int4_list, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {

@@ -13,6 +13,8 @@ namespace spectrumkv {
 
 class CpuCodec final : public Codec {
  public:
+  static constexpr uint32_t kMaxSlices = 256;
+
   // Uses `kernels`, which must outlive the codec.
   explicit CpuCodec(const RowKernels& kernels);
 
@@ -24,7 +26,7 @@ class CpuCodec final : public Codec {
   static bool SelfTest(const RowKernels& kernels);
 
   // Threads that share a key_norm scoring pass (by token ranges: the result does not depend on
-  // the count). 1 by default; the daemon uses its worker count.
+  // the count). 1 by default; the daemon uses codec.score_threads.
   void set_score_threads(uint32_t threads) { score_threads_ = threads == 0 ? 1 : threads; }
 
   std::string_view name() const override { return name_; }
@@ -34,11 +36,26 @@ class CpuCodec final : public Codec {
                      std::span<float> scores) override;
   absl::Status PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
                           uint32_t last_layer, std::span<uint8_t> payload) override;
+  // Any number of slices (a slice whose runs are all empty writes nothing). With key-channel
+  // normalization every slice of a pack computes the layer's key factors (slice 0 writes them).
+  uint32_t max_slices() const override { return kMaxSlices; }
+  absl::Status PackLayerSlice(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
+                              uint32_t last_layer, uint32_t slice, uint32_t slices,
+                              std::span<uint8_t> payload) override;
+  absl::Status SealLayers(const TierPlan& plan, uint32_t first_layer, uint32_t last_layer,
+                          std::span<uint8_t> payload) override;
   absl::Status UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
                             const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
                             VerifyMode verify) override;
+  absl::Status UnpackLayerSlice(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                                const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
+                                uint32_t slice, uint32_t slices) override;
 
  private:
+  absl::Status Unpack(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                      const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
+                      uint32_t slice, uint32_t slices, VerifyMode verify);
+
   const RowKernels& k_;
   std::string name_;
   uint32_t score_threads_ = 1;

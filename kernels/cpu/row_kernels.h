@@ -1,7 +1,7 @@
 // Per-row kernels of the CPU codec. A row is the head_dim contiguous 16-bit elements of one
 // (layer, K|V, token, head); head_dim is a multiple of 8. Two implementations exist (portable
 // scalar and AVX2/F16C); both produce identical codes, scales and reconstructions (quant_math.h).
-// The floating-point sums used for scoring (sum_squares, dot_many) may differ in the last bits.
+// The floating-point sums used for scoring (sum_row_norms, dot_many) may differ in the last bits.
 #ifndef SPECTRUMKV_KERNELS_CPU_ROW_KERNELS_H_
 #define SPECTRUMKV_KERNELS_CPU_ROW_KERNELS_H_
 
@@ -29,8 +29,10 @@ struct RowKernels {
   void (*dequantize_int4_kcn)(DType dtype, const uint8_t* nibbles, uint16_t scale,
                               const float* offset, const float* factor, uint32_t dim,
                               uint16_t* dst);
-  // Σ x² over the row.
-  float (*sum_squares)(DType dtype, const uint16_t* src, uint32_t dim);
+  // Σ over h < heads of the L2 norm of the row at (const char*)first_row + h * head_stride_bytes:
+  // one token's rows of one (layer, K|V), the key_norm score's inner sum.
+  float (*sum_row_norms)(DType dtype, const uint16_t* first_row, uint64_t head_stride_bytes,
+                         uint32_t heads, uint32_t dim);
   // Per channel: lo[c] = min(lo[c], x[c]), hi[c] = max(hi[c], x[c]). False on Inf/NaN.
   bool (*min_max)(DType dtype, const uint16_t* src, uint32_t dim, float* lo, float* hi);
   // out[i] = dot(queries[i*dim, (i+1)*dim), row) for i < num_queries.

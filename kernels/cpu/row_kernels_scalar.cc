@@ -85,13 +85,20 @@ void DequantizeInt4Kcn(DType dtype, const uint8_t* nibbles, uint16_t scale, cons
   }
 }
 
-float SumSquares(DType dtype, const uint16_t* src, uint32_t dim) {
-  float acc = 0.0f;
-  for (uint32_t i = 0; i < dim; ++i) {
-    const float x = ToFloat(dtype, src[i]);
-    acc += x * x;
+float SumRowNorms(DType dtype, const uint16_t* first_row, uint64_t head_stride_bytes,
+                  uint32_t heads, uint32_t dim) {
+  float sum = 0.0f;
+  for (uint32_t h = 0; h < heads; ++h) {
+    const auto* src = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(first_row) +
+                                                        h * head_stride_bytes);
+    float acc = 0.0f;
+    for (uint32_t i = 0; i < dim; ++i) {
+      const float x = ToFloat(dtype, src[i]);
+      acc += x * x;
+    }
+    sum += std::sqrt(acc);
   }
-  return acc;
+  return sum;
 }
 
 bool MinMax(DType dtype, const uint16_t* src, uint32_t dim, float* lo, float* hi) {
@@ -127,7 +134,7 @@ void NoFence() {}
 const RowKernels& ScalarRowKernels() {
   static const RowKernels kKernels = {
       "scalar",        &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
-      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumSquares,
+      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumRowNorms,
       &MinMax,         &DotMany,        &CopyRow,           false,
       &NoFence,
   };

@@ -1,6 +1,8 @@
 // The codec conformance suite: every backend must write the reference (scalar CPU) payload
 // bytes for the same plan, unpack any backend's payload into any layout within the documented
 // error bound, agree on scores within a tolerance, and refuse what the contract says to refuse.
+#include <algorithm>
+#include <numeric>
 #include <random>
 #include <string>
 
@@ -98,6 +100,128 @@ TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
     ASSERT_EQ(got->size(), expect->size()) << Ctx();
     for (size_t i = 0; i < got->size(); ++i) {
       ASSERT_EQ((*got)[i], (*expect)[i]) << Ctx() << ": first difference at byte " << i;
+    }
+  }
+}
+
+// A chunk packed in slices (each on its own, in shuffled order) and then sealed is byte for byte
+// PackLayers' chunk, whatever the padding held before; no byte is written by two slices. A
+// backend that packs a chunk in one part packs slice 0 of 1 and refuses more.
+TEST_P(CodecConformanceTest, SlicedPackEqualsPackLayers) {
+  Codec& codec = harness_->codec();
+  for (const Case& c : kCases) {
+    TestPool src = MakePool(PoolLayoutKind::kVllmHnd, c.shape, c.dtype, 16, c.tokens, rng_());
+    FillRandom(src.View(), rng_);
+    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
+    const TierPlan plan = *PlanFromTiers(
+        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
+    const std::vector<uint8_t> expect = *PackPayload(reference_, src.View(), plan);
+    const KvBuffer dev = harness_->Upload(src.View());
+    const uint32_t layers = c.shape.num_layers;
+    const uint32_t first = layers > 1 ? 1 : 0;  // a chunk that is not the first layer too
+    const uint64_t begin = plan.layout.layers[first].begin, end = plan.layout.layers.back().end;
+    std::span<uint8_t> payload = harness_->AllocPayload(plan.layout.total_bytes);
+    auto pack_into = [&](uint8_t fill, std::vector<uint32_t> order, uint32_t slices,
+                         bool seal) -> std::vector<uint8_t> {
+      harness_->PayloadFromHost(std::vector<uint8_t>(payload.size(), fill), payload);
+      for (uint32_t s : order) {
+        const absl::Status st = codec.PackLayerSlice(dev, plan, first, layers, s, slices, payload);
+        EXPECT_TRUE(st.ok()) << Ctx() << " slice " << s << " of " << slices << ": " << st;
+      }
+      if (seal) {
+        EXPECT_TRUE(codec.SealLayers(plan, first, layers, payload).ok()) << Ctx();
+      }
+      return harness_->PayloadToHost(payload);
+    };
+    if (codec.max_slices() == 1) {
+      const std::vector<uint8_t> got = pack_into(0xA5, {0}, 1, true);
+      EXPECT_TRUE(std::equal(got.begin() + begin, got.begin() + end, expect.begin() + begin))
+          << Ctx();
+      EXPECT_EQ(codec.PackLayerSlice(dev, plan, first, layers, 0, 2, payload).code(),
+                absl::StatusCode::kUnimplemented);
+      continue;
+    }
+    for (uint32_t slices : {2u, 3u, 7u}) {
+      std::vector<uint32_t> order(slices);
+      std::iota(order.begin(), order.end(), 0u);
+      std::vector<int> owner(payload.size(), -1);
+      for (uint32_t s = 0; s < slices; ++s) {
+        const std::vector<uint8_t> a = pack_into(0x00, {s}, slices, false);
+        const std::vector<uint8_t> b = pack_into(0xFF, {s}, slices, false);
+        for (uint64_t i = 0; i < payload.size(); ++i) {
+          if (a[i] == 0x00 && b[i] == 0xFF) continue;  // not written
+          ASSERT_TRUE(i >= begin && i < end) << Ctx() << " slice " << s << " wrote byte " << i;
+          ASSERT_EQ(owner[i], -1) << Ctx() << " byte " << i << " written by slices " << owner[i]
+                                  << " and " << s << " of " << slices;
+          owner[i] = static_cast<int>(s);
+        }
+      }
+      for (uint8_t fill : {uint8_t{0x00}, uint8_t{0xFF}}) {
+        std::shuffle(order.begin(), order.end(), rng_);
+        const std::vector<uint8_t> got = pack_into(fill, order, slices, true);
+        for (uint64_t i = begin; i < end; ++i) {
+          ASSERT_EQ(got[i], expect[i]) << Ctx() << " " << slices << " slices, fill " << int(fill)
+                                       << ": first difference at byte " << i;
+        }
+      }
+    }
+    EXPECT_EQ(codec.PackLayerSlice(dev, plan, first, layers, 2, 2, payload).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// A verified chunk unpacked in slices (shuffled order) writes what UnpackLayers writes.
+TEST_P(CodecConformanceTest, SlicedUnpackEqualsUnpackLayers) {
+  Codec& codec = harness_->codec();
+  for (const Case& c : kCases) {
+    TestPool src = MakePool(PoolLayoutKind::kVllmNhd, c.shape, c.dtype, 16, c.tokens, rng_());
+    FillRandom(src.View(), rng_);
+    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
+    const TierPlan plan = *PlanFromTiers(
+        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
+    const std::vector<uint8_t> bytes = *PackPayload(reference_, src.View(), plan);
+    const ParsedPrelude prelude = *ParsePrelude(bytes, bytes.size());
+    std::span<uint8_t> payload = harness_->AllocPayload(bytes.size());
+    harness_->PayloadFromHost(bytes, payload);
+    const uint32_t layers = c.shape.num_layers;
+    const uint32_t first = layers > 1 ? 1 : 0;
+    for (uint32_t l = first; l < layers; ++l)
+      ASSERT_TRUE(VerifyLayerSection(prelude.layout, l, bytes).ok());
+    TestPool whole = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
+    const KvBuffer whole_dev = harness_->Upload(whole.View());
+    ASSERT_TRUE(
+        codec.UnpackLayers(prelude, payload, whole_dev, first, layers, VerifyMode::kAlreadyVerified)
+            .ok())
+        << Ctx();
+    harness_->Download(whole_dev, whole.View());
+    const std::vector<uint32_t> counts =
+        codec.max_slices() == 1 ? std::vector<uint32_t>{1} : std::vector<uint32_t>{2, 3, 7};
+    for (uint32_t slices : counts) {
+      TestPool sliced = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
+      const KvBuffer dev = harness_->Upload(sliced.View());
+      std::vector<uint32_t> order(slices);
+      std::iota(order.begin(), order.end(), 0u);
+      std::shuffle(order.begin(), order.end(), rng_);
+      for (uint32_t s : order) {
+        const absl::Status st =
+            codec.UnpackLayerSlice(prelude, payload, dev, first, layers, s, slices);
+        ASSERT_TRUE(st.ok()) << Ctx() << " slice " << s << " of " << slices << ": " << st;
+      }
+      harness_->Download(dev, sliced.View());
+      for (size_t r = 0; r < whole.pool->regions().size(); ++r) {
+        const MemoryRegion& a = whole.pool->regions()[r];
+        const MemoryRegion& b = sliced.pool->regions()[r];
+        ASSERT_EQ(std::memcmp(a.base, b.base, a.size_bytes), 0)
+            << Ctx() << " " << slices << " slices, region " << r;
+      }
+    }
+    if (codec.max_slices() == 1) {
+      TestPool other = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
+      EXPECT_EQ(codec
+                    .UnpackLayerSlice(prelude, payload, harness_->Upload(other.View()), first,
+                                      layers, 0, 2)
+                    .code(),
+                absl::StatusCode::kUnimplemented);
     }
   }
 }

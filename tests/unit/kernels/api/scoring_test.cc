@@ -68,27 +68,56 @@ class CpuScoringTest : public ::testing::Test {
   testing::TestPool pool_;
 };
 
+// Σ over layers, K and V, heads of the row norms, / (layers * heads), in double.
+void ExpectKeyNormScores(const KvBuffer& kv, std::span<const float> scores) {
+  const ModelShape& shape = kv.layout->shape;
+  for (uint32_t t = 0; t < kv.num_tokens; ++t) {
+    double expect = 0;
+    for (uint32_t l = 0; l < shape.num_layers; ++l) {
+      for (bool v : {false, true}) {
+        for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+          double ss = 0;
+          const uint16_t* row = HostRowPtr(kv, l, v, t, h);
+          for (uint32_t c = 0; c < shape.head_dim; ++c) {
+            ss += double(HalfToFloat(row[c])) * HalfToFloat(row[c]);
+          }
+          expect += std::sqrt(ss);
+        }
+      }
+    }
+    expect /= shape.num_layers * shape.num_kv_heads;
+    EXPECT_NEAR(scores[t], expect, 1e-4 * expect + 1e-6) << t;
+  }
+}
+
 TEST_F(CpuScoringTest, KeyNormIsTheMeanOfRowNorms) {
-  const KvBuffer kv = pool_.View();
   for (auto* kernels : {&ScalarRowKernels(), Avx2RowKernels()}) {
     if (kernels == nullptr) continue;
     CpuCodec codec(*kernels);
     std::vector<float> scores(50);
-    ASSERT_TRUE(codec.Score(kv, ScoreOptions{}, scores).ok());
-    for (uint32_t t = 0; t < 50; ++t) {
-      double expect = 0;
-      for (uint32_t l = 0; l < 2; ++l) {
-        for (bool v : {false, true}) {
-          for (uint32_t h = 0; h < 2; ++h) {
-            double ss = 0;
-            const uint16_t* row = HostRowPtr(kv, l, v, t, h);
-            for (int c = 0; c < 64; ++c) ss += double(HalfToFloat(row[c])) * HalfToFloat(row[c]);
-            expect += std::sqrt(ss);
-          }
-        }
+    ASSERT_TRUE(codec.Score(pool_.View(), ScoreOptions{}, scores).ok());
+    ExpectKeyNormScores(pool_.View(), scores);
+  }
+}
+
+TEST(CpuKeyNormTest, HeadCountsAndDimsOffTheVectorWidths) {
+  // 11 heads: a group of 8 and a group of 3 in the AVX2 kernel; head_dim 40: a 32-wide step
+  // and an 8-wide one. HND layout: heads strided by a whole block of tokens. 600 tokens: two
+  // threads when three are allowed (one per 256 tokens at most).
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (auto kind : {kvgen::PoolLayoutKind::kVllmNhd, kvgen::PoolLayoutKind::kVllmHnd}) {
+    testing::TestPool pool =
+        testing::MakePool(kind, ModelShape{3, 11, 40}, DType::kFloat16, 16, 600, rng());
+    testing::FillRandom(pool.View(), rng);
+    for (auto* kernels : {&ScalarRowKernels(), Avx2RowKernels()}) {
+      if (kernels == nullptr) continue;
+      for (uint32_t threads : {1u, 3u}) {
+        CpuCodec codec(*kernels);
+        codec.set_score_threads(threads);
+        std::vector<float> scores(pool.View().num_tokens);
+        ASSERT_TRUE(codec.Score(pool.View(), ScoreOptions{}, scores).ok());
+        ExpectKeyNormScores(pool.View(), scores);
       }
-      expect /= 4;
-      EXPECT_NEAR(scores[t], expect, 1e-4 * expect + 1e-6) << t;
     }
   }
 }
