@@ -225,7 +225,8 @@ int Run(int argc, char** argv) {
     host_codec = std::move(selected->codec);
   }
   if (auto* cpu = dynamic_cast<CpuCodec*>(host_codec.get())) {
-    cpu->set_score_threads(config.codec.worker_threads);
+    cpu->set_score_threads(config.codec.score_threads != 0 ? config.codec.score_threads
+                                                           : config.codec.worker_threads);
   }
   const std::string backend_name(device_codec ? device_codec->name() : host_codec->name());
   spdlog::info("codec backend {}: {}", backend_name, selected->reason);
@@ -315,6 +316,7 @@ int Run(int argc, char** argv) {
   options.target_chunks =
       kChunksPerLane * (config.transport.kind == "ucx" ? config.transport.ucx_lanes : 1);
   options.pack_threads = config.codec.worker_threads;
+  options.pack_slices = config.codec.pack_slices;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
       options, pools, CodecSet{host_codec.get(), device_codec.get(), device_memory.get()},

@@ -2,7 +2,7 @@
 """Alternating A/B of two daemon builds: uncompressed goodput one transfer at a time and streamed.
 
 Two builds (folders with spectrumkvd; the client, spectrumkv, is taken from --bin-b, so only the
-daemons differ) run in turn, --reps times each (A, B, A, B, ...), each time as a fresh pair of
+daemons differ; or one build twice with --pack-slices-a/-b differing) run in turn, --reps times each (A, B, A, B, ...), each time as a fresh pair of
 daemons (--lanes, --workers, --chunk) that moves uncompressed llama3-8b KV of every --sizes, with
 every --pool-memory: one transfer at a time (logical bytes / the client's end-to-end median of
 --rounds) and, for every --concurrency N above 1, a stream of N in flight (fake-frontend
@@ -11,7 +11,7 @@ verified. Prints each measurement per build and rep, and the ratio of the median
 Machines are noisy: alternating builds in one run is how docs/BENCHMARKS.md compares them.
 
 Usage: ab_bench.py --bin-a OLD/bin --bin-b NEW/bin [--reps 3] [--sizes 16 64]
-       [--pool-memory host cuda] [--concurrency 1 8]
+       [--pool-memory host cuda] [--concurrency 1 8] [--pack-slices-a 1 --pack-slices-b 0]
 """
 import argparse
 import collections
@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--lanes", type=int, default=4)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--chunk", default="4MiB")
+    ap.add_argument("--pack-slices-a", type=int, default=0, help="codec.pack_slices of A's daemons")
+    ap.add_argument("--pack-slices-b", type=int, default=0, help="codec.pack_slices of B's daemons")
     args = ap.parse_args()
     client = os.path.join(args.bin_b, "spectrumkv")
     for b in (args.bin_a, args.bin_b):
@@ -49,7 +51,8 @@ def main():
             sys.exit(f"no spectrumkvd in {b}")
     res = collections.defaultdict(list)
     for rep in range(args.reps):
-        for name, folder in (("A", args.bin_a), ("B", args.bin_b)):
+        for name, folder, slices in (("A", args.bin_a, args.pack_slices_a),
+                                     ("B", args.bin_b, args.pack_slices_b)):
             with tempfile.TemporaryDirectory(prefix="skv-ab-") as work:
                 # Daemons of this build, the one client: a folder of links to both.
                 bins = os.path.join(work, "bin")
@@ -58,7 +61,8 @@ def main():
                            os.path.join(bins, "spectrumkvd"))
                 os.symlink(os.path.abspath(client), os.path.join(bins, "spectrumkv"))
                 tb.BIN = bins
-                d = tb.Daemons(work, chunk=args.chunk, workers=args.workers, lanes=args.lanes)
+                d = tb.Daemons(work, chunk=args.chunk, workers=args.workers, lanes=args.lanes,
+                               pack_slices=slices)
                 try:
                     for memory in args.pool_memory:
                         for mib in args.sizes:

@@ -78,7 +78,8 @@ def one_link(args, rate):
         res = {"link": rate or "loopback", "perftest_512MiB_Bps": link, "runs": []}
         with tempfile.TemporaryDirectory(prefix="skv-gpubench-") as work:
             d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers,
-                           lanes=args.lanes[0])
+                           lanes=args.lanes[0], score_threads=args.score_threads,
+                           pack_slices=args.pack_slices)
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:
@@ -111,6 +112,7 @@ def main():
     if shutil.which("ucx_perftest") is None:
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
+              "score_threads": args.score_threads, "pack_slices": args.pack_slices,
               "rounds": args.rounds, "lanes": args.lanes, "cpus": os.cpu_count(),
               "kernel": os.uname().release, "links": [], "goodput": []}
     for memory in args.goodput:

@@ -51,7 +51,7 @@ class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
     def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
-                 lanes=4):
+                 lanes=4, score_threads=0, pack_slices=0):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -62,7 +62,8 @@ listen: {{unix_socket: {work}/{name}.sock}}
 metrics: {{address: "127.0.0.1:0"}}
 transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {lanes}}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
-codec: {{chunk_bytes: {chunk}, worker_threads: {workers}}}
+codec: {{chunk_bytes: {chunk}, worker_threads: {workers}, score_threads: {score_threads},
+        pack_slices: {pack_slices}}}
 logging: {{level: {log_level}}}
 """)
             log = open(os.path.join(work, f"{name}.log"), "w")
@@ -296,7 +297,8 @@ def shaped(args):
             link = perftest(256 << 20, 6, ns=NS, tls=args.tls, test="tag_bw")
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
                 d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers,
-                            lanes=args.lanes[0])
+                            lanes=args.lanes[0], score_threads=args.score_threads,
+                            pack_slices=args.pack_slices)
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
@@ -315,6 +317,10 @@ def add_common_args(ap):
     ap.add_argument("--tls", default="tcp")
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=2, help="codec.worker_threads of both daemons")
+    ap.add_argument("--score-threads", type=int, default=0,
+                    help="codec.score_threads of both daemons (0: as many as --workers)")
+    ap.add_argument("--pack-slices", type=int, default=0,
+                    help="codec.pack_slices of both daemons (0: as many as --workers)")
     ap.add_argument("--sizes", type=int, nargs="*", default=[16, 64, 256], metavar="MIB",
                     help="goodput: payload sizes in MiB (llama3-8b KV, 8 tokens per MiB)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[],
@@ -336,6 +342,7 @@ def main():
     if shutil.which("ucx_perftest") is None:
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
+              "score_threads": args.score_threads, "pack_slices": args.pack_slices,
               "rounds": args.rounds, "lanes": args.lanes,
               "cpus": os.cpu_count(), "kernel": os.uname().release}
     if not args.skip_goodput:

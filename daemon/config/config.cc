@@ -322,6 +322,14 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Uint32(m, q, &k.worker_threads, 1, 256);
                         }},
+                       {"score_threads",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.score_threads, 0, 256);
+                        }},
+                       {"pack_slices",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.pack_slices, 0, 256);
+                        }},
                    });
            }},
           {"models",
@@ -490,7 +498,9 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "sink_tokens" << YAML::Value << k.sink_tokens;
   out << YAML::Key << "chunk_bytes" << YAML::Value << k.chunk_bytes;
   out << YAML::Key << "min_chunk_bytes" << YAML::Value << k.min_chunk_bytes;
-  out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads << YAML::EndMap;
+  out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads;
+  out << YAML::Key << "score_threads" << YAML::Value << k.score_threads;
+  out << YAML::Key << "pack_slices" << YAML::Value << k.pack_slices << YAML::EndMap;
   out << YAML::Key << "models" << YAML::Value << YAML::BeginMap;
   for (const ModelPolicyConfig& m : c.models) {
     out << YAML::Key << m.model << YAML::Value << YAML::BeginMap;

@@ -63,6 +63,8 @@ struct CodecConfig {
   uint64_t chunk_bytes = 4ull << 20;   // data chunk size (whole layers, the nearest)
   uint64_t min_chunk_bytes = 1 << 20;  // smallest chunk when a payload is cut finer
   uint32_t worker_threads = 2;         // codec and transfer work
+  uint32_t score_threads = 0;          // CPU key_norm scoring of one Send; 0: worker_threads
+  uint32_t pack_slices = 0;            // parts of a host payload's chunk; 0: worker_threads
 };
 
 struct ModelPolicyConfig {

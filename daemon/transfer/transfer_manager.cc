@@ -380,13 +380,19 @@ struct TransferManager::PackJob {
   // `payload` with device_memory.
   uint8_t* device_payload = nullptr;
   DeviceMemory* device_memory = nullptr;
-  std::atomic<size_t> next{1};  // chunk 0, the prelude, is sent first by the starter
+  // Each data chunk is packed in `slices` parts (Codec::PackLayerSlice), taken in order by the
+  // workers: task k is slice k % slices of chunk 1 + k / slices (chunk 0, the prelude, is sent
+  // first by the starter). The worker that finishes a chunk's last slice seals and sends it.
+  uint32_t slices = 1;
+  std::unique_ptr<std::atomic<uint32_t>[]> slices_left;  // per chunk
+  std::atomic<size_t> next{0};
 };
 
 absl::Status TransferManager::PackLoop(PackJob& job) {
   SendTransfer& t = *job.t;
   for (;;) {
-    const size_t i = job.next.fetch_add(1);
+    const size_t k = job.next.fetch_add(1);
+    const size_t i = 1 + k / job.slices;
     if (i >= job.chunks.size()) return absl::OkStatus();
     const DataChunkHeader& c = job.chunks[i];
     {
@@ -397,8 +403,23 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
         job.device_payload != nullptr ? std::span<uint8_t>(job.device_payload, job.payload.size())
                                       : job.payload;
     const auto p0 = SteadyClock::now();
-    SPECTRUMKV_RETURN_IF_ERROR(
-        job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, target));
+    if (job.slices == 1) {
+      SPECTRUMKV_RETURN_IF_ERROR(
+          job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, target));
+    } else {
+      SPECTRUMKV_RETURN_IF_ERROR(job.codec->PackLayerSlice(
+          job.src, job.plan, c.first_layer, c.last_layer, k % job.slices, job.slices, target));
+      // Not the chunk's last slice to finish: on to the next task. (The decrement orders this
+      // slice's writes before the sealing worker's reads.)
+      if (job.slices_left[i].fetch_sub(1) != 1) {
+        const double dt = Since(p0, SteadyClock::now());
+        absl::MutexLock lock(&mu_);
+        t.stats.times.pack_s += dt;
+        continue;
+      }
+      SPECTRUMKV_RETURN_IF_ERROR(
+          job.codec->SealLayers(job.plan, c.first_layer, c.last_layer, target));
+    }
     const auto p1 = SteadyClock::now();
     if (job.device_payload != nullptr) {
       SPECTRUMKV_RETURN_IF_ERROR(job.device_memory->CopyToHost(
@@ -507,7 +528,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   const uint64_t total = plan.layout.total_bytes;
 
   // Admission on bytes, then staging memory.
-  uint32_t sends_in_flight = 1;
+  uint32_t sends_in_flight = 1, transfers_in_flight = 1;
   {
     absl::MutexLock lock(&mu_);
     if (t.terminal()) return absl::OkStatus();
@@ -520,6 +541,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     inflight_bytes_ += total;
     t.reserved_bytes = total;
     sends_in_flight = active_sends_;
+    transfers_in_flight = active_;
     PublishGauges();
   }
   // Offer first: the receiver binds the offer and allocates its staging while this side
@@ -619,8 +641,15 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   job->payload = payload;
   job->device_payload = device_payload;
   job->device_memory = codecs_.device_memory;
-  const size_t helpers = std::min<size_t>(options_.pack_threads > 0 ? options_.pack_threads - 1 : 0,
-                                          chunks.size() > 2 ? chunks.size() - 2 : 0);
+  const uint32_t workers = std::max<uint32_t>(1, options_.pack_threads);
+  // Host payloads: every worker packs a part of each chunk, chunk after chunk, so that the first
+  // chunk leaves after a fraction of one chunk's packing (a slice per worker) and chunks leave in
+  // order. The device codec packs a chunk in one launch.
+  if (device_payload == nullptr) job->slices = SlicesFor(*codec, transfers_in_flight);
+  const size_t tasks = (chunks.size() - 1) * job->slices;
+  job->slices_left = std::make_unique<std::atomic<uint32_t>[]>(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) job->slices_left[i] = job->slices;
+  const size_t helpers = std::min<size_t>(workers - 1, tasks > 1 ? tasks - 1 : 0);
   for (size_t h = 0; h < helpers; ++h) {
     {
       absl::MutexLock lock(&mu_);
@@ -1097,29 +1126,75 @@ absl::StatusOr<std::span<const uint8_t>> TransferManager::StageToDevice(RecvTran
   return std::span<const uint8_t>(device, wl.total_bytes);
 }
 
+uint32_t TransferManager::SlicesFor(const Codec& codec, uint32_t load) const {
+  const uint32_t workers = std::max<uint32_t>(1, options_.pack_threads);
+  const uint32_t wanted = options_.pack_slices != 0 ? options_.pack_slices
+                                                    : (workers + std::max<uint32_t>(1, load) - 1) /
+                                                          std::max<uint32_t>(1, load);
+  return std::clamp<uint32_t>(wanted, 1, codec.max_slices());
+}
+
+// The slices of one chunk being unpacked. Guarded by the manager's mu_.
+struct TransferManager::UnpackSlices {
+  UnpackSlices(Codec* c, uint32_t n) : codec(c), slices(n), left(n) {}
+  Codec* const codec;
+  const uint32_t slices;
+  uint32_t left;        // slices not yet ended
+  absl::Status status;  // the first failure
+};
+
 void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last) {
   const bool on_device = t->pool->memory_kind() == MemoryKind::kDevice;
   Codec* codec = on_device ? codecs_.device : codecs_.host;
   absl::Status s = absl::OkStatus();
   double seconds = 0, copy_seconds = 0;
+  uint32_t transfers_in_flight = 1;
   {
     absl::MutexLock lock(&mu_);
     if (t->terminal()) s = absl::CancelledError("ended");
+    transfers_in_flight = active_;
   }
-  if (s.ok()) {
-    if (codec == nullptr) {
-      s = absl::UnavailableError("no codec backend for this pool's memory on this daemon");
-    } else {
-      absl::StatusOr<std::span<const uint8_t>> payload = t->buffer.span();
-      if (on_device) payload = StageToDevice(*t, first, last, &copy_seconds);
-      s = payload.status();
-      if (s.ok()) {
-        const auto t0 = SteadyClock::now();
-        s = codec->UnpackLayers(*t->prelude, *payload,
-                                t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
-                                VerifyMode::kVerify);
-        seconds = Since(t0, SteadyClock::now());
+  if (s.ok() && codec == nullptr) {
+    s = absl::UnavailableError("no codec backend for this pool's memory on this daemon");
+  }
+  const uint32_t slices = s.ok() && !on_device ? SlicesFor(*codec, transfers_in_flight) : 1;
+  if (s.ok() && slices > 1) {
+    // Verified here, once, before any slice writes a byte of these layers.
+    const auto t0 = SteadyClock::now();
+    for (uint32_t l = first; l < last && s.ok(); ++l) {
+      s = VerifyLayerSection(t->prelude->layout, l, t->buffer.span());
+    }
+    seconds = Since(t0, SteadyClock::now());
+    if (s.ok()) {
+      auto job = std::make_shared<UnpackSlices>(codec, slices);
+      {
+        absl::MutexLock lock(&mu_);
+        t->unpack_s += seconds;
+        t->unpack_tasks += slices - 1;  // this task runs slice 0
       }
+      for (uint32_t slice = 1; slice < slices; ++slice) {
+        if (!executor_.Post([this, t, first, last, slice, job] {
+              RunUnpackSlice(t, first, last, slice, job);
+            })) {
+          absl::MutexLock lock(&mu_);
+          --t->unpack_tasks;
+          --job->left;  // never the last: slice 0 below is still to end
+          if (job->status.ok()) job->status = absl::UnavailableError("the daemon is shutting down");
+        }
+      }
+      RunUnpackSlice(t, first, last, 0, job);
+      return;
+    }
+  } else if (s.ok()) {
+    absl::StatusOr<std::span<const uint8_t>> payload = t->buffer.span();
+    if (on_device) payload = StageToDevice(*t, first, last, &copy_seconds);
+    s = payload.status();
+    if (s.ok()) {
+      const auto t0 = SteadyClock::now();
+      s = codec->UnpackLayers(*t->prelude, *payload,
+                              t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
+                              VerifyMode::kVerify);
+      seconds = Since(t0, SteadyClock::now());
     }
   }
   Deferred d;
@@ -1128,21 +1203,51 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
     --t->unpack_tasks;
     t->unpack_s += seconds;
     t->stage_copy_s += copy_seconds;
-    if (t->terminal()) {
+    EndUnpackLocked(t, first, last, s, d);
+  }
+  d.Run();
+}
+
+void TransferManager::RunUnpackSlice(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last,
+                                     uint32_t slice, std::shared_ptr<UnpackSlices> job) {
+  // No check for an ended transfer: a verified chunk is unpacked whole (as UnpackLayers does),
+  // so that each layer of the decode pool is either written in full or untouched.
+  const auto t0 = SteadyClock::now();
+  const absl::Status s = job->codec->UnpackLayerSlice(
+      *t->prelude, t->buffer.span(), t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
+      slice, job->slices);
+  const double seconds = Since(t0, SteadyClock::now());
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    --t->unpack_tasks;
+    t->unpack_s += seconds;
+    if (!s.ok() && job->status.ok()) job->status = s;
+    // The last slice to end ends the chunk.
+    if (--job->left == 0) {
+      EndUnpackLocked(t, first, last, job->status, d);
+    } else if (t->terminal()) {
       ReleaseRecvIfIdle(t);
-    } else if (!s.ok()) {
-      if (s.code() == absl::StatusCode::kDataLoss) metrics_.ChecksumFailure();
-      FinishRecvLocked(t, WithContext(s, "Receive " + Describe(t->key, t->peer)), true, d);
-    } else {
-      t->layers_unpacked += last - first;
-      const uint32_t layers = static_cast<uint32_t>(t->prelude->layout.layers.size());
-      if (t->layers_unpacked == layers && t->chunks_received == t->num_chunks &&
-          t->unpack_tasks == 0) {
-        FinishRecvLocked(t, absl::OkStatus(), true, d);
-      }
     }
   }
   d.Run();
+}
+
+void TransferManager::EndUnpackLocked(const std::shared_ptr<RecvTransfer>& t, uint32_t first,
+                                      uint32_t last, const absl::Status& s, Deferred& d) {
+  if (t->terminal()) {
+    ReleaseRecvIfIdle(t);
+  } else if (!s.ok()) {
+    if (s.code() == absl::StatusCode::kDataLoss) metrics_.ChecksumFailure();
+    FinishRecvLocked(t, WithContext(s, "Receive " + Describe(t->key, t->peer)), true, d);
+  } else {
+    t->layers_unpacked += last - first;
+    const uint32_t layers = static_cast<uint32_t>(t->prelude->layout.layers.size());
+    if (t->layers_unpacked == layers && t->chunks_received == t->num_chunks &&
+        t->unpack_tasks == 0) {
+      FinishRecvLocked(t, absl::OkStatus(), true, d);
+    }
+  }
 }
 
 void TransferManager::FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status,

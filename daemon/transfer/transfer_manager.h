@@ -165,6 +165,12 @@ struct TransferManagerOptions {
   uint64_t min_chunk_bytes = 1ull << 20;
   uint32_t target_chunks = 1;
   uint32_t pack_threads = 1;  // executor workers that pack one payload's chunks in parallel
+  // Parts each chunk of a host-memory payload is packed and unpacked in, by as many workers at
+  // once (Codec::PackLayerSlice, UnpackLayerSlice; capped by the codec's max_slices). 0: sized
+  // to the load, pack_threads shared among the transfers in flight (Sends and Receives): a lone
+  // transfer's chunks are cut pack_threads ways, and as many transfers as workers keep whole
+  // chunks. 1: always whole chunks, several at once.
+  uint32_t pack_slices = 0;
   uint64_t incarnation = 0;
 };
 
@@ -252,7 +258,19 @@ class TransferManager final : public TransportHandler {
   // Checks received chunks against the prelude and queues their unpacking when possible.
   void Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Unpacks a received chunk (layers [first, last)). A host pool's chunk is verified here, then
+  // unpacked in slices by several workers (RunUnpackSlice); the slice that ends last ends the
+  // chunk (EndUnpackLocked).
   void RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last);
+  struct UnpackSlices;
+  void RunUnpackSlice(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last,
+                      uint32_t slice, std::shared_ptr<UnpackSlices> job);
+  // A chunk's unpacking ended with `s` (its tasks already given back).
+  void EndUnpackLocked(const std::shared_ptr<RecvTransfer>& t, uint32_t first, uint32_t last,
+                       const absl::Status& s, Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Parts a chunk of a host payload is packed or unpacked in: options.pack_slices, or (0) the
+  // workers shared among `load`, the transfers in flight on this daemon.
+  uint32_t SlicesFor(const Codec& codec, uint32_t load) const;
   // A device buffer for a payload of `bytes` on a GPU pool; a RESOURCE_EXHAUSTED from the device
   // also counts as an admission rejection for bytes.
   absl::StatusOr<std::unique_ptr<DeviceAllocation>> AllocateDevicePayload(uint64_t bytes);

@@ -45,6 +45,8 @@ codec:
   chunk_bytes: 4MiB
   min_chunk_bytes: 256KiB
   worker_threads: 3
+  score_threads: 12
+  pack_slices: 1
 models:
   qwen2.5-7b: {allow_int4: false, source: "probe 0/3"}
   llama3-8b: {allow_int4: true}
@@ -60,6 +62,8 @@ logging: {level: debug, format: json}
   EXPECT_FALSE(c->limits.staging_prefault);
   EXPECT_EQ(c->codec.chunk_bytes, 4u << 20);
   EXPECT_EQ(c->codec.min_chunk_bytes, 256u << 10);
+  EXPECT_EQ(c->codec.score_threads, 12u);
+  EXPECT_EQ(c->codec.pack_slices, 1u);
   EXPECT_EQ(c->transport.ucx_lanes, 2u);
   EXPECT_EQ(c->codec.quantizer, "kcn");
   ASSERT_EQ(c->models.size(), 2u);
@@ -104,6 +108,8 @@ TEST(ConfigTest, TypesAndSyntax) {
   EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 0}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 65}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {min_chunk_bytes: 1KiB}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {score_threads: 257}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {pack_slices: 257}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_prefault: yes\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_bytes: 12XB\n", "t.yaml").ok());
   auto c = ParseConfig("codec: {budget: 0.5\n", "syntax.yaml");

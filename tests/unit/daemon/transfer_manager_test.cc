@@ -29,9 +29,12 @@ constexpr uint32_t kTokens = 100;
 int node_counter = 0;
 
 // Small chunks: every layer travels as its own chunk, so faults can target one layer.
+// One layer per chunk; each chunk of a host payload packed and unpacked in two slices by the
+// executor's two workers.
 TransferManagerOptions TestOptions() {
   TransferManagerOptions o;
   o.chunk_bytes = 1;
+  o.pack_threads = 2;
   return o;
 }
 
@@ -628,6 +631,65 @@ TEST(ChunkingTest, ChunksAreRunsOfWholeLayersNearestTheChunkSize) {
   EXPECT_EQ(runs(even, 64 * mib), (std::vector<uint32_t>{8}));
   const WireLayout mixed = layout({mib, mib, 6 * mib, mib, 3 * mib / 2});
   EXPECT_EQ(runs(mixed, 2 * mib), (std::vector<uint32_t>{2, 1, 2}));
+}
+
+// Chunks of a host payload packed in slices by several workers (pack_slices) deliver exactly
+// what chunks packed whole deliver: the same source, plan and destination layout give the same
+// destination bytes, for both quantizers, at several budgets and chunk sizes.
+TEST(ChunkingTest, ChunksPackedInSlicesDeliverWhatWholeChunksDeliver) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(absl::StrFormat("seed %u", seed));
+  int n = 0;
+  for (Quantizer quantizer : {Quantizer::kAbsmax, Quantizer::kKeyChannelNorm}) {
+    for (double budget : {1.0, 0.5, 0.3}) {
+      for (uint64_t chunk_bytes : {uint64_t{1}, uint64_t{1} << 20}) {
+        SCOPED_TRACE(absl::StrFormat("quantizer %d budget %g chunk_bytes %u",
+                                     static_cast<int>(quantizer), budget, chunk_bytes));
+        std::vector<std::vector<uint16_t>> arrived;
+        for (uint32_t slices : {1u, 2u, 3u}) {
+          TransferManagerOptions o;
+          o.chunk_bytes = chunk_bytes;
+          o.min_chunk_bytes = 1;
+          o.pack_threads = 2;
+          o.pack_slices = slices;
+          Node a(o), b(o);
+          const std::string src = a.AddPool(PoolLayoutKind::kVllmNhd, 16, kWide);
+          const std::string dst = b.AddPool(PoolLayoutKind::kVllmHnd, 8, kWide);
+          kvgen::SyntheticOptions syn;
+          syn.seed = seed;
+          kvgen::FillSynthetic(a.View(src), syn);
+          const std::string id = absl::StrFormat("slices%d", n++);
+          SendArgs args = MakeSend(id, a, src, b, budget);
+          args.plan.quantizer = quantizer;
+          Pending<ReceiveResult> recv;
+          Pending<SendResult> send;
+          b.manager().Receive(MakeReceive(id, b, dst), In(10), recv.cb());
+          a.manager().Send(args, In(10), send.cb());
+          auto s = send.Get();
+          auto r = recv.Get();
+          ASSERT_TRUE(s.ok()) << s.status();
+          ASSERT_TRUE(r.ok()) << r.status();
+          std::vector<uint16_t> rows;
+          const KvBuffer view = b.View(dst);
+          for (uint32_t l = 0; l < kWide.num_layers; ++l) {
+            for (bool value : {false, true}) {
+              for (uint32_t t = 0; t < kTokens; ++t) {
+                for (uint32_t h = 0; h < kWide.num_kv_heads; ++h) {
+                  const uint16_t* row = HostRowPtr(view, l, value, t, h);
+                  rows.insert(rows.end(), row, row + kWide.head_dim);
+                }
+              }
+            }
+          }
+          arrived.push_back(std::move(rows));
+          ExpectIdle(a);
+          ExpectIdle(b);
+        }
+        EXPECT_TRUE(arrived[1] == arrived[0]) << "2 slices differ from whole chunks";
+        EXPECT_TRUE(arrived[2] == arrived[0]) << "3 slices differ from whole chunks";
+      }
+    }
+  }
 }
 
 TEST_F(TransferManagerTest, AdmissionControl) {
