@@ -86,13 +86,27 @@ constexpr Case kCases[] = {
     {DType::kFloat16, Quantizer::kAbsmax, false, {1, 1, 8}, 1},
 };
 
+// A case's source: a pool of `kind` holding fresh random rows, and a 3-tier plan of random tiers.
+struct CaseInput {
+  TestPool src;
+  TierPlan plan;
+};
+
+CaseInput RandomInput(const Case& c, PoolLayoutKind kind, uint32_t block_size,
+                      std::mt19937_64& rng) {
+  CaseInput in{MakePool(kind, c.shape, c.dtype, block_size, c.tokens, rng()), {}};
+  FillRandom(in.src.View(), rng);
+  const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
+  in.plan = *PlanFromTiers(c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng),
+                           Policy::k3Tier, c.quantizer);
+  return in;
+}
+
 TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
   for (const Case& c : kCases) {
-    TestPool src = MakePool(PoolLayoutKind::kVllmNhd, c.shape, c.dtype, 16, c.tokens, rng_());
-    FillRandom(src.View(), rng_);
-    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-    const TierPlan plan = *PlanFromTiers(
-        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
+    CaseInput in = RandomInput(c, PoolLayoutKind::kVllmNhd, 16, rng_);
+    const TestPool& src = in.src;
+    const TierPlan& plan = in.plan;
     auto got = Pack(src.View(), plan);
     ASSERT_TRUE(got.ok()) << Ctx() << ": " << got.status();
     auto expect = PackPayload(reference_, src.View(), plan);
@@ -110,11 +124,9 @@ TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
 TEST_P(CodecConformanceTest, SlicedPackEqualsPackLayers) {
   Codec& codec = harness_->codec();
   for (const Case& c : kCases) {
-    TestPool src = MakePool(PoolLayoutKind::kVllmHnd, c.shape, c.dtype, 16, c.tokens, rng_());
-    FillRandom(src.View(), rng_);
-    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-    const TierPlan plan = *PlanFromTiers(
-        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
+    CaseInput in = RandomInput(c, PoolLayoutKind::kVllmHnd, 16, rng_);
+    const TestPool& src = in.src;
+    const TierPlan& plan = in.plan;
     const std::vector<uint8_t> expect = *PackPayload(reference_, src.View(), plan);
     const KvBuffer dev = harness_->Upload(src.View());
     const uint32_t layers = c.shape.num_layers;
@@ -174,11 +186,9 @@ TEST_P(CodecConformanceTest, SlicedPackEqualsPackLayers) {
 TEST_P(CodecConformanceTest, SlicedUnpackEqualsUnpackLayers) {
   Codec& codec = harness_->codec();
   for (const Case& c : kCases) {
-    TestPool src = MakePool(PoolLayoutKind::kVllmNhd, c.shape, c.dtype, 16, c.tokens, rng_());
-    FillRandom(src.View(), rng_);
-    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-    const TierPlan plan = *PlanFromTiers(
-        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
+    CaseInput in = RandomInput(c, PoolLayoutKind::kVllmNhd, 16, rng_);
+    const TestPool& src = in.src;
+    const TierPlan& plan = in.plan;
     const std::vector<uint8_t> bytes = *PackPayload(reference_, src.View(), plan);
     const ParsedPrelude prelude = *ParsePrelude(bytes, bytes.size());
     std::span<uint8_t> payload = harness_->AllocPayload(bytes.size());
@@ -249,11 +259,9 @@ TEST_P(CodecConformanceTest, RoundTripsAcrossEveryLayoutPair) {
 
 TEST_P(CodecConformanceTest, UnpacksTheReferencePayloadLikeTheReference) {
   for (const Case& c : kCases) {
-    TestPool src = MakePool(PoolLayoutKind::kTrtllm, c.shape, c.dtype, 8, c.tokens, rng_());
-    FillRandom(src.View(), rng_);
-    const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-    const TierPlan plan = *PlanFromTiers(
-        c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng_), Policy::k3Tier, c.quantizer);
+    CaseInput in = RandomInput(c, PoolLayoutKind::kTrtllm, 8, rng_);
+    const TestPool& src = in.src;
+    const TierPlan& plan = in.plan;
     const std::vector<uint8_t> payload = *PackPayload(reference_, src.View(), plan);
     TestPool ours = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
     TestPool theirs = MakePool(PoolLayoutKind::kSglang, c.shape, c.dtype, 1, c.tokens, 9);
