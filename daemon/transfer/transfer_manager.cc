@@ -1128,9 +1128,9 @@ absl::StatusOr<std::span<const uint8_t>> TransferManager::StageToDevice(RecvTran
 
 uint32_t TransferManager::SlicesFor(const Codec& codec, uint32_t load) const {
   const uint32_t workers = std::max<uint32_t>(1, options_.pack_threads);
-  const uint32_t wanted = options_.pack_slices != 0 ? options_.pack_slices
-                                                    : (workers + std::max<uint32_t>(1, load) - 1) /
-                                                          std::max<uint32_t>(1, load);
+  const uint32_t sharing = std::max<uint32_t>(1, load);
+  const uint32_t wanted =
+      options_.pack_slices != 0 ? options_.pack_slices : (workers + sharing - 1) / sharing;
   return std::clamp<uint32_t>(wanted, 1, codec.max_slices());
 }
 
