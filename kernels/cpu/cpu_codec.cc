@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -59,6 +60,13 @@ void PrefetchToken(const Rows& rows, std::span<const uint32_t> tokens, size_t i,
       }
     }
   }
+}
+
+// Slice `slice` of `slices` of a tier's token list: the run [first, second) of near-equal runs
+// in list order (PackLayerSlice, UnpackLayerSlice).
+std::pair<size_t, size_t> SliceRun(const std::vector<uint32_t>& list, uint32_t slice,
+                                   uint32_t slices) {
+  return {list.size() * slice / slices, list.size() * (slice + 1) / slices};
 }
 
 void ZeroGap(uint8_t* out, uint64_t from, uint64_t to) {
@@ -267,11 +275,7 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
   const std::vector<TierLists> all_lists = ListsFor(desc, plan.tiers, first_layer, last_layer);
   uint8_t* out = payload.data();
   const bool last_slice = slice + 1 == slices;
-  // This slice's run [begin, end) of a tier list: near-equal runs in list order.
-  auto run = [&](const std::vector<uint32_t>& list) {
-    return std::pair<size_t, size_t>(list.size() * slice / slices,
-                                     list.size() * (slice + 1) / slices);
-  };
+  auto run = [&](const std::vector<uint32_t>& list) { return SliceRun(list, slice, slices); };
   KeyFactors f;
 
   for (uint32_t l = first_layer; l < last_layer; ++l) {
@@ -416,11 +420,7 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
   const uint64_t hd = uint64_t{heads} * dim;
   const std::vector<TierLists> all_lists = ListsFor(desc, prelude.tiers, first_layer, last_layer);
   const uint8_t* in = payload.data();
-  // This slice's run [begin, end) of a tier list, as in PackLayerSlice.
-  auto run = [&](const std::vector<uint32_t>& list) {
-    return std::pair<size_t, size_t>(list.size() * slice / slices,
-                                     list.size() * (slice + 1) / slices);
-  };
+  auto run = [&](const std::vector<uint32_t>& list) { return SliceRun(list, slice, slices); };
   KeyFactors f;
   // Rows may be written with streaming stores: order them before the caller sees this return.
   struct FenceOnExit {
