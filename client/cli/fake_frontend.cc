@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -491,9 +492,11 @@ int Run(const Options& o) {
         const v1::ReceiveRequest& rr = req.first;
         const v1::SendRequest& sr = req.second;
         const bool send_first = o.order == "send-first";
-        auto do_recv = [&, i, rr] {
+        auto recv_returned = std::make_shared<std::atomic<bool>>(false);
+        auto do_recv = [&, i, rr, recv_returned] {
           recvs[i] = receiver->Receive(rr, o.timeout_s);
           end_recv[i] = Clock::now();
+          recv_returned->store(true);
         };
         auto do_send = [&, i, sr] {
           start[i] = Clock::now();
@@ -510,9 +513,21 @@ int Run(const Options& o) {
             do_recv();
           });
         } else {
+          // Receive first, for sure: the Send starts once the receiving daemon lists the Receive
+          // (or the Receive has returned). A payload larger than the receiver's early buffer
+          // whose offer won the race would be refused (RESOURCE_EXHAUSTED).
           threads.emplace_back(do_recv);
-          threads.emplace_back([do_send] {
-            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          threads.emplace_back([&, do_send, rr, recv_returned] {
+            v1::GetTransferRequest q;
+            q.set_request_id(rr.request_id());
+            q.set_shard(rr.shard());
+            q.set_role(v1::ROLE_RECEIVE);
+            const auto give_up = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                    std::chrono::duration<double>(o.timeout_s));
+            while (!recv_returned->load() && !receiver->GetTransfer(q, o.timeout_s).ok() &&
+                   Clock::now() < give_up) {
+              std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            }
             do_send();
           });
         }
