@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <future>
 #include <random>
@@ -51,6 +52,50 @@ class BorrowedMemory final : public ImportedMemory {
 
 // One daemon's components. With `gpu`, it also has a fake GPU (tests/testing/fake_device.h): GPU
 // pools whose "CUDA IPC handles" name regions of host memory that the fake device memory treats
+// The host CPU codec, recording into how many slices the transfer manager cut its chunks (1: a
+// whole-chunk PackLayers / UnpackLayers call).
+class SliceRecordingCodec final : public Codec {
+ public:
+  SliceRecordingCodec() : inner_(CpuCodec::CreateBest()) {}
+  std::string_view name() const override { return inner_->name(); }
+  MemoryKind memory_kind() const override { return inner_->memory_kind(); }
+  absl::Status Score(const KvBuffer& kv, const ScoreOptions& o, std::span<float> s) override {
+    return inner_->Score(kv, o, s);
+  }
+  absl::Status PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first, uint32_t last,
+                          std::span<uint8_t> payload) override {
+    pack_slices = 1;
+    return inner_->PackLayers(src, plan, first, last, payload);
+  }
+  absl::Status UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                            const KvBuffer& dst, uint32_t first, uint32_t last,
+                            VerifyMode verify) override {
+    unpack_slices = 1;
+    return inner_->UnpackLayers(prelude, payload, dst, first, last, verify);
+  }
+  uint32_t max_slices() const override { return inner_->max_slices(); }
+  absl::Status PackLayerSlice(const KvBuffer& src, const TierPlan& plan, uint32_t first,
+                              uint32_t last, uint32_t slice, uint32_t slices,
+                              std::span<uint8_t> payload) override {
+    pack_slices = slices;
+    return inner_->PackLayerSlice(src, plan, first, last, slice, slices, payload);
+  }
+  absl::Status SealLayers(const TierPlan& plan, uint32_t first, uint32_t last,
+                          std::span<uint8_t> payload) override {
+    return inner_->SealLayers(plan, first, last, payload);
+  }
+  absl::Status UnpackLayerSlice(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
+                                const KvBuffer& dst, uint32_t first, uint32_t last, uint32_t slice,
+                                uint32_t slices) override {
+    unpack_slices = slices;
+    return inner_->UnpackLayerSlice(prelude, payload, dst, first, last, slice, slices);
+  }
+  std::atomic<uint32_t> pack_slices{0}, unpack_slices{0};  // the last call's
+
+ private:
+  std::unique_ptr<CpuCodec> inner_;
+};
+
 // as device memory, and (unless `device_codec` is false) a device codec with that memory.
 class Node {
  public:
@@ -64,7 +109,7 @@ class Node {
                [this](const CudaIpcSpec& spec) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
                  return ImportGpuRegion(spec);
                }),
-        codec_(CpuCodec::CreateBest()),
+        codec_(std::make_unique<SliceRecordingCodec>()),
         device_codec_(*codec_, device_memory_),
         inproc_(name_),
         faults_(inproc_),
@@ -146,6 +191,7 @@ class Node {
   ModelPolicies& models() { return models_; }
   testing::FakeDeviceMemory& device_memory() { return device_memory_; }
   testing::FakeDeviceCodec& device_codec() { return device_codec_; }
+  SliceRecordingCodec& host_codec() { return *codec_; }
   std::string address() const { return inproc_.address(); }
 
  private:
@@ -172,7 +218,7 @@ class Node {
   std::map<std::string, std::unique_ptr<kvgen::ShmPool>> shm_;
   PoolRegistry pools_;
   ModelPolicies models_;
-  std::unique_ptr<Codec> codec_;
+  std::unique_ptr<SliceRecordingCodec> codec_;
   testing::FakeDeviceCodec device_codec_;
   TimerQueue timers_;
   InprocTransport inproc_;
@@ -690,6 +736,50 @@ TEST(ChunkingTest, ChunksPackedInSlicesDeliverWhatWholeChunksDeliver) {
       }
     }
   }
+}
+
+// pack_slices 0: the workers are shared among the transfers in flight on the daemon. A lone
+// transfer's chunks are cut pack_threads ways on both sides; with as many transfers in flight as
+// workers (here: Receives waiting for other requests), chunks are packed and unpacked whole.
+TEST(ChunkingTest, SlicesAreTheWorkersSharedAmongTheTransfersInFlight) {
+  TransferManagerOptions o = TestOptions();
+  o.pack_threads = 4;
+  Node a(o), b(o);
+  const std::string src = a.AddPool(PoolLayoutKind::kVllmNhd, 16);
+  const std::string dst = b.AddPool(PoolLayoutKind::kVllmHnd, 8);
+  const std::string spare_a = a.AddPool(PoolLayoutKind::kVllmHnd, 8);
+  kvgen::SyntheticOptions syn;
+  syn.seed = std::random_device{}();
+  kvgen::FillSynthetic(a.View(src), syn);
+  auto transfer = [&](const std::string& id) {
+    Pending<ReceiveResult> recv;
+    Pending<SendResult> send;
+    b.manager().Receive(MakeReceive(id, b, dst), In(10), recv.cb());
+    a.manager().Send(MakeSend(id, a, src, b), In(10), send.cb());
+    EXPECT_TRUE(send.Get().ok());
+    EXPECT_TRUE(recv.Get().ok());
+  };
+  transfer("alone");
+  EXPECT_EQ(a.host_codec().pack_slices, 4u);
+  EXPECT_EQ(b.host_codec().unpack_slices, 4u);
+
+  // Three Receives wait on each node for requests that never come: with the transfer, four in
+  // flight on each side for four workers.
+  std::vector<Pending<ReceiveResult>> waiting(6);
+  for (int i = 0; i < 3; ++i) {
+    a.manager().Receive(MakeReceive(absl::StrFormat("idle-a%d", i), a, spare_a), In(10),
+                        waiting[i].cb());
+    b.manager().Receive(MakeReceive(absl::StrFormat("idle-b%d", i), b, dst), In(10),
+                        waiting[3 + i].cb());
+  }
+  transfer("crowded");
+  EXPECT_EQ(a.host_codec().pack_slices, 1u);
+  EXPECT_EQ(b.host_codec().unpack_slices, 1u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(a.manager().Cancel({absl::StrFormat("idle-a%d", i), 0}, "test").ok());
+    EXPECT_TRUE(b.manager().Cancel({absl::StrFormat("idle-b%d", i), 0}, "test").ok());
+  }
+  for (auto& w : waiting) EXPECT_EQ(w.Get().status().code(), absl::StatusCode::kCancelled);
 }
 
 TEST_F(TransferManagerTest, AdmissionControl) {
