@@ -22,7 +22,9 @@
 // The copies are the stage_copy stage. Payloads always travel from host memory: UCX 1.13 has no
 // CUDA transport. Chunks are packed, copied and sent by up to pack_threads workers, so one
 // chunk's copy and send overlap the next chunk's packing in another worker (the codec's calls
-// are synchronous, so within one worker pack and copy run one after the other). A device payload
+// are synchronous, so within one worker pack and copy run one after the other). A host payload's
+// chunk may be packed, and on the receiver unpacked, in slices by several workers at once
+// (pack_slices). A device payload
 // buffer is as large as the payload, whose bytes are admitted under max_inflight_bytes, so
 // device payload memory is bounded by that limit too.
 //
