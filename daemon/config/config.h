@@ -64,7 +64,7 @@ struct CodecConfig {
   uint64_t min_chunk_bytes = 1 << 20;  // smallest chunk when a payload is cut finer
   uint32_t worker_threads = 2;         // codec and transfer work
   uint32_t score_threads = 0;          // CPU key_norm scoring of one Send; 0: worker_threads
-  uint32_t pack_slices = 0;            // parts of a host payload's chunk; 0: worker_threads
+  uint32_t pack_slices = 0;            // parts of a host chunk; 0: workers / transfers in flight
 };
 
 struct ModelPolicyConfig {
