@@ -403,23 +403,19 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
         job.device_payload != nullptr ? std::span<uint8_t>(job.device_payload, job.payload.size())
                                       : job.payload;
     const auto p0 = SteadyClock::now();
-    if (job.slices == 1) {
-      SPECTRUMKV_RETURN_IF_ERROR(
-          job.codec->PackLayers(job.src, job.plan, c.first_layer, c.last_layer, target));
-    } else {
-      SPECTRUMKV_RETURN_IF_ERROR(job.codec->PackLayerSlice(
-          job.src, job.plan, c.first_layer, c.last_layer, k % job.slices, job.slices, target));
-      // Not the chunk's last slice to finish: on to the next task. (The decrement orders this
-      // slice's writes before the sealing worker's reads.)
-      if (job.slices_left[i].fetch_sub(1) != 1) {
-        const double dt = Since(p0, SteadyClock::now());
-        absl::MutexLock lock(&mu_);
-        t.stats.times.pack_s += dt;
-        continue;
-      }
-      SPECTRUMKV_RETURN_IF_ERROR(
-          job.codec->SealLayers(job.plan, c.first_layer, c.last_layer, target));
+    // One slice (of one, for whole chunks: PackLayers); the worker that ends a chunk's last slice
+    // seals and sends it, the others go on to the next task. (The decrement orders this slice's
+    // writes before the sealing worker's reads.)
+    SPECTRUMKV_RETURN_IF_ERROR(job.codec->PackLayerSlice(
+        job.src, job.plan, c.first_layer, c.last_layer, k % job.slices, job.slices, target));
+    if (job.slices_left[i].fetch_sub(1) != 1) {
+      const double dt = Since(p0, SteadyClock::now());
+      absl::MutexLock lock(&mu_);
+      t.stats.times.pack_s += dt;
+      continue;
     }
+    SPECTRUMKV_RETURN_IF_ERROR(
+        job.codec->SealLayers(job.plan, c.first_layer, c.last_layer, target));
     const auto p1 = SteadyClock::now();
     if (job.device_payload != nullptr) {
       SPECTRUMKV_RETURN_IF_ERROR(job.device_memory->CopyToHost(

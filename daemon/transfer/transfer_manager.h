@@ -24,9 +24,8 @@
 // chunk's copy and send overlap the next chunk's packing in another worker (the codec's calls
 // are synchronous, so within one worker pack and copy run one after the other). A host payload's
 // chunk may be packed, and on the receiver unpacked, in slices by several workers at once
-// (pack_slices). A device payload
-// buffer is as large as the payload, whose bytes are admitted under max_inflight_bytes, so
-// device payload memory is bounded by that limit too.
+// (pack_slices). A device payload buffer is as large as the payload, whose bytes are admitted
+// under max_inflight_bytes, so device payload memory is bounded by that limit too.
 //
 // Thread-safety: all public methods may be called from any thread; callbacks run on executor,
 // timer or transport threads, never while the manager's lock is held.
