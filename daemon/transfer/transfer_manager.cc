@@ -25,6 +25,18 @@ absl::Status WithContext(const absl::Status& s, const std::string& context) {
 
 }  // namespace
 
+// Whether two layouts put every section at the same bytes (what an offer promises).
+bool SameSections(const WireLayout& a, const WireLayout& b) {
+  if (a.total_bytes != b.total_bytes || a.prelude_bytes != b.prelude_bytes ||
+      a.layers.size() != b.layers.size()) {
+    return false;
+  }
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    if (a.layers[l].begin != b.layers[l].begin || a.layers[l].end != b.layers[l].end) return false;
+  }
+  return true;
+}
+
 std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_id,
                                         uint64_t chunk_bytes) {
   std::vector<DataChunkHeader> chunks;
@@ -504,6 +516,66 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   auto t1 = SteadyClock::now();
   t.stats.times.plan_s = Since(t0, t1);
 
+  // Offer as soon as the payload's size and chunks are known: they follow from the tier counts,
+  // not from which token gets which tier, so a transfer that scores offers before its scoring
+  // pass and the receiver binds the offer and allocates its staging meanwhile. Admission on
+  // bytes first. A failure from the offer on reaches the peer as a PeerCancel.
+  std::vector<DataChunkHeader> chunks;
+  uint32_t transfers_in_flight = 1;
+  auto offer = [&](const WireLayout& layout) -> absl::Status {
+    const uint64_t total = layout.total_bytes;
+    uint32_t sends_in_flight = 1;
+    {
+      absl::MutexLock lock(&mu_);
+      if (t.terminal()) return absl::OkStatus();
+      if (inflight_bytes_ + total > options_.max_inflight_bytes) {
+        metrics_.AdmissionRejected(RejectReason::kBytes);
+        return absl::ResourceExhaustedError(absl::StrFormat(
+            "a %u-byte payload would exceed the in-flight byte limit (%u of %u in use)", total,
+            inflight_bytes_, options_.max_inflight_bytes));
+      }
+      inflight_bytes_ += total;
+      t.reserved_bytes = total;
+      sends_in_flight = active_sends_;
+      transfers_in_flight = active_;
+      PublishGauges();
+    }
+    chunks = PlanChunks(
+        layout, t.id,
+        ChunkBytesFor(layout.total_bytes - layout.prelude_bytes, sends_in_flight, options_));
+    v1::PeerMessage offer_msg;
+    v1::PeerOffer* o = offer_msg.mutable_offer();
+    o->set_request_id(a.key.request_id);
+    o->set_shard(a.key.shard);
+    o->set_transfer_id(t.id);
+    o->set_sender_incarnation(options_.incarnation);
+    o->set_total_bytes(total);
+    o->set_num_chunks(static_cast<uint32_t>(chunks.size()));
+    o->set_logical_bytes(uint64_t{a.num_tokens} * pool->layout().shape.Fp16BytesPerToken());
+    {
+      absl::MutexLock lock(&mu_);
+      if (t.terminal()) return absl::OkStatus();
+      t.offered = true;
+      t.stats.logical_bytes = o->logical_bytes();
+      t.stats.wire_bytes = total;
+    }
+    spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks.size());
+    transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
+      if (!s.ok()) {
+        FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                             "Send %s: cannot reach the peer: %s",
+                             Describe(self->args.key, self->args.peer), s.message())));
+      }
+    });
+    return absl::OkStatus();
+  };
+  std::optional<WireLayout> offered;  // before the scoring pass
+  if (need_scores && skeleton.ok()) {
+    SPECTRUMKV_RETURN_IF_ERROR(offer(skeleton->plan.layout));
+    if (terminal()) return absl::OkStatus();
+    offered = std::move(skeleton->plan.layout);
+  }
+
   // Score and rank. The codec plans where it scores: the CUDA backend ranks on the device and
   // copies back only the tier codes, so score_s then includes the ranking.
   if (need_scores) {
@@ -519,62 +591,23 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   }
   t.stats.times.score_s = need_scores ? Since(t1, SteadyClock::now()) : 0.0;
   if (terminal()) return absl::OkStatus();
-  t.stats.policy = std::string(PolicyName(policy));
-  t.stats.backend = std::string(codec->name());
-  const uint64_t total = plan.layout.total_bytes;
-
-  // Admission on bytes, then staging memory.
-  uint32_t sends_in_flight = 1, transfers_in_flight = 1;
-  {
-    absl::MutexLock lock(&mu_);
-    if (t.terminal()) return absl::OkStatus();
-    if (inflight_bytes_ + total > options_.max_inflight_bytes) {
-      metrics_.AdmissionRejected(RejectReason::kBytes);
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "a %u-byte payload would exceed the in-flight byte limit (%u of %u in use)", total,
-          inflight_bytes_, options_.max_inflight_bytes));
-    }
-    inflight_bytes_ += total;
-    t.reserved_bytes = total;
-    sends_in_flight = active_sends_;
-    transfers_in_flight = active_;
-    PublishGauges();
+  if (!offered) {
+    SPECTRUMKV_RETURN_IF_ERROR(offer(plan.layout));
+    if (terminal()) return absl::OkStatus();
+  } else if (!SameSections(*offered, plan.layout)) {
+    return absl::InternalError("the scored plan's layout differs from the one offered");
   }
-  // Offer first: the receiver binds the offer and allocates its staging while this side
-  // allocates its own and writes the prelude. Then pack and send chunk by chunk: packing chunk
-  // k+1 overlaps sending chunk k. A failure from here on reaches the peer as a PeerCancel.
-  const std::vector<DataChunkHeader> chunks =
-      PlanChunks(plan.layout, t.id,
-                 ChunkBytesFor(plan.layout.total_bytes - plan.layout.prelude_bytes, sends_in_flight,
-                               options_));
-  v1::PeerMessage offer_msg;
-  v1::PeerOffer* offer = offer_msg.mutable_offer();
-  offer->set_request_id(a.key.request_id);
-  offer->set_shard(a.key.shard);
-  offer->set_transfer_id(t.id);
-  offer->set_sender_incarnation(options_.incarnation);
-  offer->set_total_bytes(total);
-  offer->set_num_chunks(static_cast<uint32_t>(chunks.size()));
-  offer->set_logical_bytes(uint64_t{a.num_tokens} * pool->layout().shape.Fp16BytesPerToken());
+  const uint64_t total = plan.layout.total_bytes;
   {
     absl::MutexLock lock(&mu_);
     if (t.terminal()) return absl::OkStatus();
-    t.offered = true;
     t.state = SendTransfer::State::kSending;
-    t.stats.logical_bytes = offer->logical_bytes();
-    t.stats.wire_bytes = total;
+    t.stats.policy = std::string(PolicyName(policy));
+    t.stats.backend = std::string(codec->name());
     t.stats.element_budget = plan.ElementBudget();
     t.stats.wire_budget = plan.WireBudget();
     t.stats.tiers = plan.layout.total_counts;
   }
-  spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks.size());
-  transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
-    if (!s.ok()) {
-      FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                           "Send %s: cannot reach the peer: %s",
-                           Describe(self->args.key, self->args.peer), s.message())));
-    }
-  });
 
   absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(total);
   if (!buffer.ok()) {

@@ -50,17 +50,22 @@ class BorrowedMemory final : public ImportedMemory {
   MemoryRegion region_;
 };
 
-// One daemon's components. With `gpu`, it also has a fake GPU (tests/testing/fake_device.h): GPU
-// pools whose "CUDA IPC handles" name regions of host memory that the fake device memory treats
 // The host CPU codec, recording into how many slices the transfer manager cut its chunks (1: a
-// whole-chunk PackLayers / UnpackLayers call).
+// whole-chunk PackLayers / UnpackLayers call), with hooks into its scoring.
 class SliceRecordingCodec final : public Codec {
  public:
   SliceRecordingCodec() : inner_(CpuCodec::CreateBest()) {}
   std::string_view name() const override { return inner_->name(); }
   MemoryKind memory_kind() const override { return inner_->memory_kind(); }
   absl::Status Score(const KvBuffer& kv, const ScoreOptions& o, std::span<float> s) override {
+    if (on_score) on_score();
     return inner_->Score(kv, o, s);
+  }
+  absl::StatusOr<TierPlan> ScoreAndPlan(const KvBuffer& kv, const ScoreOptions& so,
+                                        const PlanOptions& po) override {
+    PlanOptions o = po;
+    if (scored_budget > 0) o.budget = scored_budget;
+    return Codec::ScoreAndPlan(kv, so, o);
   }
   absl::Status PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first, uint32_t last,
                           std::span<uint8_t> payload) override {
@@ -91,11 +96,15 @@ class SliceRecordingCodec final : public Codec {
     return inner_->UnpackLayerSlice(prelude, payload, dst, first, last, slice, slices);
   }
   std::atomic<uint32_t> pack_slices{0}, unpack_slices{0};  // the last call's
+  std::function<void()> on_score;  // called as a scoring pass starts
+  double scored_budget = 0;        // > 0: the scored plan is made for this budget (a codec bug)
 
  private:
   std::unique_ptr<CpuCodec> inner_;
 };
 
+// One daemon's components. With `gpu`, it also has a fake GPU (tests/testing/fake_device.h): GPU
+// pools whose "CUDA IPC handles" name regions of host memory that the fake device memory treats
 // as device memory, and (unless `device_codec` is false) a device codec with that memory.
 class Node {
  public:
@@ -358,6 +367,48 @@ TEST_F(TransferManagerTest, ReceiveFirstThenSend) {
                                     s->stats.wire_bytes)),
             std::string::npos);
   EXPECT_NE(ma.find("spectrumkv_transfers_total{code=\"OK\",role=\"send\"} 1"), std::string::npos);
+}
+
+// The payload's size and chunks follow from the tier counts, not from the scores: the offer
+// goes out before the scoring pass, and the receiver binds it while the sender scores.
+TEST_F(TransferManagerTest, TheOfferIsBoundWhileTheSenderScores) {
+  std::atomic<bool> bound_while_scoring{false};
+  a_.host_codec().on_score = [&] {
+    for (int i = 0; i < 500; ++i) {
+      absl::StatusOr<TransferInfoData> info = b_.manager().Get({"early", 0}, TransferRole::kReceive);
+      if (info.ok() && info->state == "receiving") {
+        bound_while_scoring = true;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  };
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("early", b_, dst_pool_), In(20), recv.cb());
+  a_.manager().Send(MakeSend("early", a_, src_pool_, b_), In(20), send.cb());
+  ASSERT_TRUE(send.Get().ok());
+  auto r = recv.Get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(bound_while_scoring) << "the receiver had no offer while the sender scored";
+  ExpectArrived(*r);
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+}
+
+// A scored plan whose layout is not the one offered (a codec that planned another budget) fails
+// both sides at once and holds nothing.
+TEST_F(TransferManagerTest, AScoredPlanThatBreaksTheOfferFailsBothSides) {
+  a_.host_codec().scored_budget = 0.5;
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("broken", b_, dst_pool_), In(20), recv.cb());
+  a_.manager().Send(MakeSend("broken", a_, src_pool_, b_, 0.3), In(20), send.cb());
+  auto s = send.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInternal) << s.status();
+  EXPECT_FALSE(recv.Get().ok());
+  ExpectIdle(a_);
+  ExpectIdle(b_);
 }
 
 TEST_F(TransferManagerTest, SendFirstIsBufferedUntilTheReceive) {
