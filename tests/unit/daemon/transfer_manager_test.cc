@@ -96,8 +96,8 @@ class SliceRecordingCodec final : public Codec {
     return inner_->UnpackLayerSlice(prelude, payload, dst, first, last, slice, slices);
   }
   std::atomic<uint32_t> pack_slices{0}, unpack_slices{0};  // the last call's
-  std::function<void()> on_score;  // called as a scoring pass starts
-  double scored_budget = 0;        // > 0: the scored plan is made for this budget (a codec bug)
+  std::function<void()> on_score;                          // called as a scoring pass starts
+  double scored_budget = 0;  // > 0: the scored plan is made for this budget (a codec bug)
 
  private:
   std::unique_ptr<CpuCodec> inner_;
@@ -375,7 +375,8 @@ TEST_F(TransferManagerTest, TheOfferIsBoundWhileTheSenderScores) {
   std::atomic<bool> bound_while_scoring{false};
   a_.host_codec().on_score = [&] {
     for (int i = 0; i < 500; ++i) {
-      absl::StatusOr<TransferInfoData> info = b_.manager().Get({"early", 0}, TransferRole::kReceive);
+      absl::StatusOr<TransferInfoData> info =
+          b_.manager().Get({"early", 0}, TransferRole::kReceive);
       if (info.ok() && info->state == "receiving") {
         bound_while_scoring = true;
         return;
