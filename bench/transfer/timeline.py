@@ -62,7 +62,8 @@ BOUND = re.compile(r"(\S+)Z D receive \S+ from \S+: offer of ")
 
 def offer_legs_ms(prefill_log, decode_log):
     """The offer's way, from the lanes' debug lines: the worker hands it to lane 0 ("offering"),
-    lane 0's progress thread sends it, the receiver's lane 0 gets it, the receiver binds it.
+    lane 0 sends it (from the worker's own thread when lane 0's thread sleeps, else lane 0's
+    thread does), the receiver's lane 0 gets it, the receiver binds it.
     Lane lines carry no transfer id, so this pairs each offer with the next control message
     sent and received after it: meaningful for transfers run one at a time only."""
     def times(path, pattern):
@@ -74,7 +75,8 @@ def offer_legs_ms(prefill_log, decode_log):
     legs = collections.defaultdict(list)
     for t0 in offering:
         t1 = next((t for t in sent if t >= t0), None)
-        t2 = next((t for t in received if t1 is not None and t >= t1), None)
+        # The sending thread logs after the send returns: the receiver may log first.
+        t2 = next((t for t in received if t1 is not None and t >= t0), None)
         t3 = next((t for t in bound if t2 is not None and t >= t2), None)
         if t3 is None:
             continue

@@ -166,7 +166,7 @@ struct UcxTransport::Impl {
   };
   // An operation handed to a lane's progress thread.
   struct Op {
-    enum class Kind { kControl, kData, kAccept, kResume } kind = Kind::kControl;
+    enum class Kind { kControl, kData, kAccept, kResume, kComplete } kind = Kind::kControl;
     std::string peer;
     uint64_t order = 0;                // control: its number; data: its fence
     DataChunkHeader chunk;             // data
@@ -176,6 +176,7 @@ struct UcxTransport::Impl {
     SendCallback done;
     ucp_conn_request_h conn = nullptr;  // accept: a connection the listener handed over
     StreamKey stream;                   // resume: a stream whose fence opened
+    absl::Status result;                // complete: what `done` is told
   };
   // A message that arrived ahead of its turn (or whose fence is closed): its rendezvous
   // descriptor or a copy of its bytes.
@@ -225,11 +226,14 @@ struct UcxTransport::Impl {
     int worker_fd = -1, event_fd = -1, epoll_fd = -1;
     std::thread thread;
 
+    // Held by whoever drives the UCX worker (and the state below): the lane's thread, except
+    // while it sleeps in epoll_wait, or a thread that sends on the lane directly (TrySend).
+    absl::Mutex worker_mu;  // before mu
     absl::Mutex mu;
     std::deque<Op> queue ABSL_GUARDED_BY(mu);
     bool stopping ABSL_GUARDED_BY(mu) = false;
 
-    // Progress-thread state.
+    // Progress state: used under worker_mu only.
     std::map<std::string, Endpoint*> outbound;
     std::set<Endpoint*> endpoints;  // every live endpoint, inbound and outbound
     uint64_t closing = 0;           // endpoint closes in flight
@@ -259,10 +263,18 @@ struct UcxTransport::Impl {
       stopping = true;
       Wake();
     }
+    // Sends `op` (a message to a peer already connected on this lane) from the calling thread
+    // when nobody drives the worker and nothing is queued before it, i.e. the lane's thread is
+    // asleep: the message leaves without waiting for that thread to wake. False (and `op`
+    // untouched) otherwise; the caller queues it.
+    bool TrySend(Op& op);
 
     void Loop();
     Endpoint* Connect(const std::string& peer, absl::Status* error);
     void Execute(Op op);
+    // Sends `op` on `e`. A completion known at once is `op.done`'s, called here on the lane's
+    // thread and handed to it (kComplete) on a caller's thread, never inside the caller's Send*.
+    void Post(Endpoint* e, Op op, bool on_lane_thread);
     void Accept(ucp_conn_request_h conn);
     static void OnSendDone(void* request, ucs_status_t status, void* user_data);
     static void OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status);
@@ -326,7 +338,8 @@ struct UcxTransport::Impl {
           op.order = out.controls;
           lane = lanes[out.next_lane++ % lanes.size()].get();
         }
-        if (lane->Push(op)) return;
+        // Sent from here while holding `mu`, so messages still leave in their numbering order.
+        if (lane->TrySend(op) || lane->Push(op)) return;
       }
     }
     // Not running: fail on a thread of our own, never inside the caller's Send*.
@@ -428,11 +441,28 @@ absl::Status Impl::Lane::Init() {
 
 // --- progress threads ------------------------------------------------------------------------
 
+bool Impl::Lane::TrySend(Op& op) {
+  if (!worker_mu.TryLock()) return false;
+  bool sent = false;
+  {
+    absl::MutexLock lock(&mu);
+    sent = !stopping && queue.empty();
+  }
+  auto it = outbound.find(op.peer);
+  sent = sent && it != outbound.end();
+  if (sent) Post(it->second, std::move(op), /*on_lane_thread=*/false);
+  worker_mu.Unlock();
+  // The lane's thread armed the worker before this send: it runs a progress round for it.
+  if (sent) Wake();
+  return sent;
+}
+
 void Impl::Lane::Loop() {
   pthread_setname_np(pthread_self(), absl::StrFormat("skv-ucx%d", index).c_str());
   for (;;) {
     std::deque<Op> ops;
     bool stop = false;
+    absl::ReleasableMutexLock driving(&worker_mu);
     {
       absl::MutexLock lock(&mu);
       ops.swap(queue);
@@ -443,6 +473,7 @@ void Impl::Lane::Loop() {
     while (ucp_worker_progress(worker) != 0) {
     }
     const ucs_status_t armed = ucp_worker_arm(worker);
+    driving.Release();
     if (armed == UCS_ERR_BUSY) continue;
     epoll_event events[2];
     const int n = epoll_wait(epoll_fd, events, 2, 1000);
@@ -505,12 +536,20 @@ void Impl::Lane::Execute(Op op) {
     Drain(op.stream);
     return;
   }
+  if (op.kind == Op::Kind::kComplete) {
+    op.done(op.result);
+    return;
+  }
   absl::Status error;
   Endpoint* e = Connect(op.peer, &error);
   if (e == nullptr) {
     op.done(error);
     return;
   }
+  Post(e, std::move(op), /*on_lane_thread=*/true);
+}
+
+void Impl::Lane::Post(Endpoint* e, Op op, bool on_lane_thread) {
   const bool data = op.kind == Op::Kind::kData;
   ParsedHeader h;
   h.kind = data ? kAmData : kAmControl;
@@ -544,13 +583,20 @@ void Impl::Lane::Execute(Op op) {
   spdlog::debug("ucx{}: send {} bytes to {} ({}): {}", index, length, req->op.peer,
                 data ? "data" : "control",
                 r == nullptr ? "done" : (UCS_PTR_IS_ERR(r) ? "error" : "pending"));
-  if (r == nullptr) {  // completed immediately
-    req->op.done(absl::OkStatus());
-    delete req;
-  } else if (UCS_PTR_IS_ERR(r)) {
-    req->op.done(FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer));
-    delete req;
+  if (r != nullptr && !UCS_PTR_IS_ERR(r)) return;  // OnSendDone follows
+  absl::Status status =
+      r == nullptr ? absl::OkStatus() : FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer);
+  if (on_lane_thread) {
+    req->op.done(std::move(status));
+  } else {
+    Op complete;
+    complete.kind = Op::Kind::kComplete;
+    complete.done = std::move(req->op.done);
+    complete.result = std::move(status);
+    absl::MutexLock lock(&mu);
+    queue.push_back(std::move(complete));  // the caller wakes the thread
   }
+  delete req;
 }
 
 void Impl::Lane::OnSendDone(void* request, ucs_status_t status, void* user_data) {
@@ -819,6 +865,7 @@ void Impl::Lane::Deliver(RecvRequest* req, absl::Status status) {
 }
 
 void Impl::Lane::ShutdownOnThread() {
+  absl::MutexLock driving(&worker_mu);
   for (auto& [key, stream] : streams) {
     for (auto& [seq, e] : stream.early) {
       if (e.rndv) ucp_am_data_release(worker, e.desc);

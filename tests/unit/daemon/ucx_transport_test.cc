@@ -4,6 +4,7 @@
 // handler names them, and the errors of bad options and bad peers.
 #include "daemon/transport/ucx/ucx_transport.h"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -184,6 +185,57 @@ TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
     // One thread per lane receives: with several lanes, chunks came in on more than one.
     if (lanes > 1) {
       EXPECT_GT(received.threads.size(), 1u);
+    }
+  }
+  tx->Shutdown();
+  rx->Shutdown();
+}
+
+// Several threads send at once, pausing so that the lanes' threads fall asleep: a message then
+// leaves from the sending thread itself. Each thread's offers arrive in its order, no chunk
+// overtakes its offer, every byte lands, and no completion runs inside a Send* call.
+TEST_P(UcxTransportTest, SendersOnManyThreadsWhileTheLanesSleep) {
+  constexpr uint64_t kThreads = 4, kPerThread = 12;
+  const Workload work(kThreads * kPerThread);
+  Recorder sent, received;
+  Completions sends;
+  std::atomic<int> inside_send_calls{0};
+  static thread_local bool in_send = false;
+  const SendCallback counted = sends.Callback();
+  const SendCallback done = [&, counted](absl::Status s) {
+    if (in_send) ++inside_send_calls;
+    counted(std::move(s));
+  };
+  auto tx = Make(GetParam()), rx = Make(GetParam());
+  ASSERT_TRUE(tx && rx);
+  ASSERT_TRUE(tx->Start(&sent).ok());
+  ASSERT_TRUE(rx->Start(&received).ok());
+  std::vector<std::thread> threads;
+  for (uint64_t k = 0; k < kThreads; ++k) {
+    threads.emplace_back([&, k] {
+      for (uint64_t i = 0; i < kPerThread; ++i) {
+        in_send = true;
+        work.Post(*tx, rx->address(), k * kPerThread + i, 1, done);
+        in_send = false;
+        std::this_thread::sleep_for(std::chrono::microseconds(200 * (1 + (i + k) % 5)));
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(received.Wait(kThreads * kPerThread, kThreads * kPerThread * Workload::kChunks));
+  sends.Wait(kThreads * kPerThread * (Workload::kChunks + 1));
+  work.Check(received, 0, kThreads * kPerThread);
+  EXPECT_EQ(inside_send_calls.load(), 0) << "a completion ran inside SendControl or SendData";
+  {
+    std::lock_guard<std::mutex> lock(received.mu);
+    ASSERT_EQ(received.offers.size(), kThreads * kPerThread);
+    std::vector<uint64_t> last(kThreads, 0);
+    std::vector<bool> seen(kThreads, false);
+    for (uint64_t id : received.offers) {
+      const uint64_t k = id / kPerThread;
+      EXPECT_TRUE(!seen[k] || id > last[k]) << "thread " << k << "'s offers out of order";
+      seen[k] = true;
+      last[k] = id;
     }
   }
   tx->Shutdown();
