@@ -203,6 +203,9 @@ def goodput_row(args, d, mib, pool_memory, lanes):
             logical = rnd["logical_bytes"] / rnd["ok"]
             row.update({"logical_bytes": logical, "wire_bytes": rnd["wire_bytes"] / rnd["ok"],
                         "daemon_e2e_s": e2e, "daemon_goodput_Bps": logical / e2e,
+                        # The sending daemon's own clock (Send accepted -> done): without the
+                        # frontend's two gRPC legs.
+                        "send_total_s": rnd["median_s"]["send_total"],
                         "stages_s": rnd["median_s"]})
         else:
             row["concurrent"][str(c)] = {"goodput_Bps": rnd["goodput_Bps"],
@@ -238,21 +241,27 @@ def print_goodput(rows, tls, header=True, file=None):
             c, v["goodput_Bps"] / 1e9, 100 * v["goodput_Bps"] / best,
             100 * v["goodput_Bps"] / pairs) for c, v in r["concurrent"].items())
         alone = r.get("transport_alone_Bps", {})
-        print("%6s %5d %5d MiB %12.2f %9.2f/%-9.2f %12.2f %12.2f %12.2f %9.1f %5.0f%% %5.0f%%  %s" % (
-            r["pool_memory"], r.get("lanes", 1), r["size_mib"], r["daemon_goodput_Bps"] / 1e9,
-            alone.get("cold", 0) / 1e9, alone.get("stream", 0) / 1e9,
-            r["perftest_Bps"]["tag_bw"] / 1e9, r["perftest_Bps"]["ucp_am_bw"] / 1e9,
-            pairs / 1e9, r["daemon_e2e_s"] * 1e3, 100 * r["daemon_goodput_Bps"] / best,
-            100 * r["daemon_goodput_Bps"] / pairs, conc), file=file, flush=True)
+        send_s = r.get("send_total_s", 0)
+        on_send_clock = r["logical_bytes"] / send_s if send_s else 0
+        print("%6s %5d %5d MiB %12.2f %9.2f/%-9.2f %12.2f %12.2f %12.2f %9.1f %5.0f%% %5.0f%% "
+              "%8.2f %5.0f%%  %s" % (
+                  r["pool_memory"], r.get("lanes", 1), r["size_mib"],
+                  r["daemon_goodput_Bps"] / 1e9, alone.get("cold", 0) / 1e9,
+                  alone.get("stream", 0) / 1e9, r["perftest_Bps"]["tag_bw"] / 1e9,
+                  r["perftest_Bps"]["ucp_am_bw"] / 1e9, pairs / 1e9, r["daemon_e2e_s"] * 1e3,
+                  100 * r["daemon_goodput_Bps"] / best, 100 * r["daemon_goodput_Bps"] / pairs,
+                  send_s * 1e3, 100 * on_send_clock / best, conc), file=file, flush=True)
 
 
 def print_goodput_header(tls, file=None):
     print("\nGoodput, uncompressed (budget 1.0), UCX_TLS=%s, medians; 'vs 1' is the share of the "
-          "best ucx_perftest of one pair, 'vs N' of N tag_bw pairs at once (N = lanes)" % tls,
+          "best ucx_perftest of one pair, 'vs N' of N tag_bw pairs at once (N = lanes); e2e: the "
+          "frontend's Send call to both calls' return; Send ms: the sending daemon's own clock "
+          "(Send accepted -> done, without the frontend's gRPC legs), 'vs 1' of it beside" % tls,
           file=file)
-    print("%6s %5s %9s %12s %19s %12s %12s %12s %9s %6s %6s  %s" % (
+    print("%6s %5s %9s %12s %19s %12s %12s %12s %9s %6s %6s %8s %6s  %s" % (
         "pools", "lanes", "size", "daemon GB/s", "transport 1/stream", "tag_bw GB/s",
-        "am_bw GB/s", "N pairs GB/s", "e2e ms", "vs 1", "vs N",
+        "am_bw GB/s", "N pairs GB/s", "e2e ms", "vs 1", "vs N", "Send ms", "vs 1",
         "daemon streaming, K in flight: GB/s (vs 1, vs N)"), file=file)
 
 

@@ -158,6 +158,7 @@ struct Round {
   v1::TransferStats send_stats;  // of the first request
   uint64_t wire_bytes = 0, logical_bytes = 0;
   std::vector<double> score, plan, pack, stage, network, unpack, e2e;
+  std::vector<double> send_total;  // the sending daemon's clock: Send accepted -> done
   // Per batch of `concurrency` requests (--streaming: the whole stream, one entry): first Send
   // call to the last Send or Receive return, and the logical bytes of its successful transfers
   // (aggregate goodput = bytes / wall).
@@ -409,6 +410,7 @@ int Run(const Options& o) {
       round.network.push_back(rs.timings().network_s());
       round.unpack.push_back(rs.timings().unpack_s());
       round.e2e.push_back(std::chrono::duration<double>(end - start).count());
+      round.send_total.push_back(ss.timings().total_s());
       if (verify) {
         Verify((*src_pool)->View(src_tables[i], n), (*dst_pool)->View(dst_tables[i], n), *recv,
                o.quantizer == "kcn", &round.verify);
@@ -627,7 +629,7 @@ int Run(const Options& o) {
       x["median_s"] = {{"score", Median(r.score)},     {"plan", Median(r.plan)},
                        {"pack", Median(r.pack)},       {"stage_copy", Median(r.stage)},
                        {"network", Median(r.network)}, {"unpack", Median(r.unpack)},
-                       {"end_to_end", Median(r.e2e)}};
+                       {"end_to_end", Median(r.e2e)},  {"send_total", Median(r.send_total)}};
       // Aggregate goodput of the batches (or of the one stream): transfers overlap there.
       x["batch_wall_s"] = Median(r.batch_wall);
       x["goodput_Bps"] = r.Goodput();
