@@ -2,17 +2,22 @@
 """Per-transfer timeline of two daemons, from their debug logs (docs/BENCHMARKS.md).
 
 With `logging: {level: debug}` each daemon logs, per transfer id, when a Send was accepted, began
-to run, offered its payload, and finished, and when the receiver accepted the offer, had every
-chunk, and finished. This prints the median gap between consecutive events over all transfers
-found in both logs.
+to run, offered its payload, finished its scoring pass (if it makes one), and finished, and when
+the receiver accepted the offer, had its first chunk (the prelude), its first chunk of layers and
+then every chunk, and finished. This prints the median gap between consecutive events over all
+transfers found in both logs.
 
   timeline.py PREFILL_LOG DECODE_LOG      read two daemons' debug logs
   timeline.py --run [--sizes MIB...] [--pool-memory host cuda] [--rounds N] [--lanes L]
-              [--chunk C] [--workers W] [--bin DIR]
+              [--chunk C] [--workers W] [--score-threads S] [--bin DIR]
+              [--delivery B] [--scoring S] [--rate R]
                                           start two daemons with debug logs (as transfer_bench.py
                                           does), move uncompressed llama3-8b KV one transfer at a
                                           time, and print the client's end to end beside the
-                                          daemons' timeline and the offer's way through the lanes
+                                          daemons' timeline and the offer's way through the lanes;
+                                          with --delivery, the 4096-token llama3-8b KV at budget
+                                          B instead (scored with S), and with --rate through a
+                                          namespace's lo shaped to R (ip, tc; root)
 """
 import argparse
 import collections
@@ -24,9 +29,10 @@ import sys
 import tempfile
 
 EVENT = re.compile(r"(\S+)Z D (send|receive) (\S+?)(?::| from \S+:) "
-                   r"(accepted|running|offering|done|offer of|all)")
-ORDER = ["send accepted", "send running", "send offering", "receive offer of", "receive all",
-         "receive done", "send done"]
+                   r"(accepted|running|offering|scored|done|offer of|first chunk|first layer|all)")
+ORDER = ["send accepted", "send running", "send offering", "receive offer of", "send scored",
+         "receive first chunk", "receive first layer", "receive all", "receive done", "send done"]
+OPTIONAL = {"send scored"}  # only transfers that make a scoring pass
 
 
 def parse(path):
@@ -46,9 +52,10 @@ def gaps_ms(prefill_log, decode_log):
     gaps = collections.defaultdict(list)
     for tid, e in sender.items():
         e = dict(e, **receiver.get(tid, {}))
-        if not all(k in e for k in ORDER):
+        if not all(k in e for k in ORDER if k not in OPTIONAL):
             continue
-        for a, b in zip(ORDER, ORDER[1:]):
+        order = [k for k in ORDER if k in e]
+        for a, b in zip(order, order[1:]):
             gaps[f"{a} -> {b}"].append((e[b] - e[a]) * 1e3)
         gaps["send accepted -> send done"].append((e["send done"] - e["send accepted"]) * 1e3)
     return gaps
@@ -97,25 +104,56 @@ def run(args):
     import transfer_bench as tb
     if args.bin:
         tb.BIN = args.bin
-    for memory in args.pool_memory:
-        for mib in args.sizes:
-            with tempfile.TemporaryDirectory(prefix="skv-timeline-") as work:
-                d = tb.Daemons(work, chunk=args.chunk, workers=args.workers, log_level="debug",
-                               lanes=args.lanes)
-                try:
-                    rnd = tb.uncompressed_round(d, mib, memory, 1, args.rounds, timeout_s=60)
-                finally:
-                    d.stop()
-                e2e = rnd["median_s"]["end_to_end"]
-                print(f"\n{memory} pools, {mib} MiB, {args.lanes} lanes, chunk {args.chunk}, "
-                      f"{args.workers} workers: client end to end {e2e * 1e3:.3f} ms "
-                      f"({(mib << 20) / e2e / 1e9:.2f} GB/s), medians of {rnd['ok']}", flush=True)
-                gaps = gaps_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log"))
-                if not gaps:
-                    sys.exit("no transfer found in both daemons' logs")
-                print_gaps(gaps)
-                print_gaps(offer_legs_ms(os.path.join(work, "prefill.log"),
-                                         os.path.join(work, "decode.log")))
+    ns = None
+    if args.rate:
+        tb.shape_namespace(args.rate)
+        ns = tb.NS
+    try:
+        for memory in args.pool_memory:
+            for mib in ([0] if args.delivery else args.sizes):
+                one(args, tb, ns, memory, mib)
+    finally:
+        if ns:
+            tb.run(["ip", "netns", "del", ns], 10, check=False)
+
+
+def one(args, tb, ns, memory, mib):
+    with tempfile.TemporaryDirectory(prefix="skv-timeline-") as work:
+        d = tb.Daemons(work, ns=ns, chunk=args.chunk, workers=args.workers,
+                       log_level="debug", lanes=args.lanes,
+                       score_threads=args.score_threads)
+        try:
+            if args.delivery:
+                r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
+                                str(args.delivery), "--rounds", str(args.rounds),
+                                "--scoring", args.scoring, "--pool-memory", memory,
+                                "--timeout-s", "120"])
+                rnd = r["rounds"][0]
+                if rnd["failed"] or not rnd["verified"]:
+                    raise RuntimeError(f"delivery failed: {rnd['errors'][:3]}")
+            else:
+                rnd = tb.uncompressed_round(d, mib, memory, 1, args.rounds, timeout_s=60)
+        finally:
+            d.stop()
+        med = rnd["median_s"]
+        e2e = med["end_to_end"]
+        if args.delivery:
+            what = (f"4096-token llama3-8b at b = {args.delivery} ({args.scoring}, "
+                    f"{rnd['wire_bytes'] / rnd['ok'] / 1e6:.1f} MB on the wire)")
+        else:
+            what = f"{mib} MiB"
+        print(f"\n{memory} pools, {what}, link {args.rate or 'loopback'}, {args.lanes} "
+              f"lanes, chunk {args.chunk}, {args.workers} workers: client end to end "
+              f"{e2e * 1e3:.3f} ms ({rnd['logical_bytes'] / rnd['ok'] / e2e / 1e9:.2f} "
+              f"GB/s logical), medians of {rnd['ok']}; stages (ms): score "
+              f"{med['score'] * 1e3:.3f}, pack {med['pack'] * 1e3:.3f}, network "
+              f"{med['network'] * 1e3:.3f}, unpack {med['unpack'] * 1e3:.3f}", flush=True)
+        gaps = gaps_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log"))
+        if not gaps:
+            sys.exit("no transfer found in both daemons' logs")
+        print_gaps(gaps)
+        print_gaps(offer_legs_ms(os.path.join(work, "prefill.log"),
+                                 os.path.join(work, "decode.log")))
 
 
 def main():
@@ -136,8 +174,14 @@ def main():
     ap.add_argument("--lanes", type=int, default=4)
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
+    ap.add_argument("--score-threads", type=int, default=0,
+                    help="codec.score_threads of both daemons (0: as many as --workers)")
     ap.add_argument("--bin", default="", help="folder with spectrumkvd and spectrumkv "
                                               "(default: build/bin)")
+    ap.add_argument("--delivery", type=float, default=0, metavar="B",
+                    help="the 4096-token llama3-8b KV at budget B instead of --sizes")
+    ap.add_argument("--scoring", default="key_norm", help="with --delivery")
+    ap.add_argument("--rate", default="", help="shape the link (a namespace's lo) to this rate")
     run(ap.parse_args())
 
 

@@ -197,6 +197,7 @@ struct TransferManager::RecvTransfer {
   absl::Status device_status ABSL_GUARDED_BY(device_mu);
   SteadyClock::time_point first_byte, last_byte;
   bool any_byte = false;
+  bool any_layer = false;  // a chunk of layers (not the prelude) has begun to arrive
 
   bool terminal() const { return state == State::kDone || state == State::kFailed; }
   const char* StateName() const {
@@ -590,6 +591,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
   }
   t.stats.times.score_s = need_scores ? Since(t1, SteadyClock::now()) : 0.0;
+  if (need_scores) spdlog::debug("send {}: scored", t.id_str);
   if (terminal()) return absl::OkStatus();
   if (!offered) {
     SPECTRUMKV_RETURN_IF_ERROR(offer(plan.layout));
@@ -1000,6 +1002,11 @@ absl::StatusOr<std::span<uint8_t>> TransferManager::OnDataBegin(const std::strin
   if (!t->any_byte) {
     t->any_byte = true;
     t->first_byte = SteadyClock::now();
+    spdlog::debug("receive {}: first chunk in", t->id_str);
+  }
+  if (h.index > 0 && !t->any_layer) {
+    t->any_layer = true;
+    spdlog::debug("receive {}: first layer chunk in", t->id_str);
   }
   return t->buffer.span().subspan(h.offset, h.size);
 }
