@@ -93,6 +93,34 @@ def offer_legs_ms(prefill_log, decode_log):
     return legs
 
 
+CHUNK_IN = re.compile(r"(\S+)Z D receive (\S+): chunk \d+ in")
+UNPACKED = re.compile(r"(\S+)Z D receive (\S+): layers \d+ to \d+ unpacked")
+
+
+def tail_ms(decode_log, last=4):
+    """The receiver's last `last` chunk arrivals and chunk unpacks, ms before (-) or after its
+    last chunk arrived, medians over the transfers, latest first (#1): how much work the drain
+    finds waiting."""
+    per = collections.defaultdict(lambda: {"in": [], "unpacked": []})
+    with open(decode_log) as f:
+        for line in f:
+            for kind, pattern in (("in", CHUNK_IN), ("unpacked", UNPACKED)):
+                m = pattern.match(line)
+                if m:
+                    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                    per[m.group(2)][kind].append(t)
+    rows = collections.defaultdict(list)
+    for e in per.values():
+        if not e["in"]:
+            continue
+        end = max(e["in"])
+        for kind in ("in", "unpacked"):
+            for rank, t in enumerate(sorted(e[kind], reverse=True)[:last]):
+                label = "arrived" if kind == "in" else "unpacked"
+                rows[f"tail: {label} #{rank + 1} (vs the last chunk in)"].append((t - end) * 1e3)
+    return rows
+
+
 def print_gaps(gaps):
     for k, v in gaps.items():
         print("%-46s median %8.3f ms  (n=%d, min %.3f)" % (k, statistics.median(v), len(v), min(v)),
@@ -154,6 +182,7 @@ def one(args, tb, ns, memory, mib):
         print_gaps(gaps)
         print_gaps(offer_legs_ms(os.path.join(work, "prefill.log"),
                                  os.path.join(work, "decode.log")))
+        print_gaps(tail_ms(os.path.join(work, "decode.log")))
 
 
 def main():

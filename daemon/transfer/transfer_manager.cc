@@ -23,8 +23,6 @@ absl::Status WithContext(const absl::Status& s, const std::string& context) {
   return absl::Status(s.code(), absl::StrFormat("%s: %s", context, s.message()));
 }
 
-}  // namespace
-
 // Whether two layouts put every section at the same bytes (what an offer promises).
 bool SameSections(const WireLayout& a, const WireLayout& b) {
   if (a.total_bytes != b.total_bytes || a.prelude_bytes != b.prelude_bytes ||
@@ -36,6 +34,8 @@ bool SameSections(const WireLayout& a, const WireLayout& b) {
   }
   return true;
 }
+
+}  // namespace
 
 std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_id,
                                         uint64_t chunk_bytes) {
@@ -459,6 +459,60 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
   }
 }
 
+absl::Status TransferManager::Offer(const std::shared_ptr<SendTransfer>& self,
+                                    const WireLayout& layout, std::vector<DataChunkHeader>* chunks,
+                                    uint32_t* transfers_in_flight) {
+  SendTransfer& t = *self;
+  const SendArgs& a = t.args;
+  const uint64_t total = layout.total_bytes;
+  uint32_t sends_in_flight = 1;
+  uint64_t logical_bytes = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    logical_bytes = uint64_t{a.num_tokens} * t.pool->layout().shape.Fp16BytesPerToken();
+    if (inflight_bytes_ + total > options_.max_inflight_bytes) {
+      metrics_.AdmissionRejected(RejectReason::kBytes);
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "a %u-byte payload would exceed the in-flight byte limit (%u of %u in use)", total,
+          inflight_bytes_, options_.max_inflight_bytes));
+    }
+    inflight_bytes_ += total;
+    t.reserved_bytes = total;
+    sends_in_flight = active_sends_;
+    *transfers_in_flight = active_;
+    PublishGauges();
+  }
+  *chunks = PlanChunks(
+      layout, t.id,
+      ChunkBytesFor(layout.total_bytes - layout.prelude_bytes, sends_in_flight, options_));
+  v1::PeerMessage message;
+  v1::PeerOffer* offer = message.mutable_offer();
+  offer->set_request_id(a.key.request_id);
+  offer->set_shard(a.key.shard);
+  offer->set_transfer_id(t.id);
+  offer->set_sender_incarnation(options_.incarnation);
+  offer->set_total_bytes(total);
+  offer->set_num_chunks(static_cast<uint32_t>(chunks->size()));
+  offer->set_logical_bytes(logical_bytes);
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    t.offered = true;
+    t.stats.logical_bytes = logical_bytes;
+    t.stats.wire_bytes = total;
+  }
+  spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks->size());
+  transport_.SendControl(a.peer, message, [this, self](absl::Status s) {
+    if (!s.ok()) {
+      FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                           "Send %s: cannot reach the peer: %s",
+                           Describe(self->args.key, self->args.peer), s.message())));
+    }
+  });
+  return absl::OkStatus();
+}
+
 absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& self) {
   SendTransfer& t = *self;
   const SendArgs& a = t.args;
@@ -519,66 +573,19 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
 
   // Offer as soon as the payload's size and chunks are known: they follow from the tier counts,
   // not from which token gets which tier, so a transfer that scores offers before its scoring
-  // pass and the receiver binds the offer and allocates its staging meanwhile. Admission on
-  // bytes first. A failure from the offer on reaches the peer as a PeerCancel.
+  // pass and the receiver binds the offer and allocates its staging meanwhile.
   std::vector<DataChunkHeader> chunks;
   uint32_t transfers_in_flight = 1;
-  auto offer = [&](const WireLayout& layout) -> absl::Status {
-    const uint64_t total = layout.total_bytes;
-    uint32_t sends_in_flight = 1;
-    {
-      absl::MutexLock lock(&mu_);
-      if (t.terminal()) return absl::OkStatus();
-      if (inflight_bytes_ + total > options_.max_inflight_bytes) {
-        metrics_.AdmissionRejected(RejectReason::kBytes);
-        return absl::ResourceExhaustedError(absl::StrFormat(
-            "a %u-byte payload would exceed the in-flight byte limit (%u of %u in use)", total,
-            inflight_bytes_, options_.max_inflight_bytes));
-      }
-      inflight_bytes_ += total;
-      t.reserved_bytes = total;
-      sends_in_flight = active_sends_;
-      transfers_in_flight = active_;
-      PublishGauges();
-    }
-    chunks = PlanChunks(
-        layout, t.id,
-        ChunkBytesFor(layout.total_bytes - layout.prelude_bytes, sends_in_flight, options_));
-    v1::PeerMessage offer_msg;
-    v1::PeerOffer* o = offer_msg.mutable_offer();
-    o->set_request_id(a.key.request_id);
-    o->set_shard(a.key.shard);
-    o->set_transfer_id(t.id);
-    o->set_sender_incarnation(options_.incarnation);
-    o->set_total_bytes(total);
-    o->set_num_chunks(static_cast<uint32_t>(chunks.size()));
-    o->set_logical_bytes(uint64_t{a.num_tokens} * pool->layout().shape.Fp16BytesPerToken());
-    {
-      absl::MutexLock lock(&mu_);
-      if (t.terminal()) return absl::OkStatus();
-      t.offered = true;
-      t.stats.logical_bytes = o->logical_bytes();
-      t.stats.wire_bytes = total;
-    }
-    spdlog::debug("send {}: offering {} bytes in {} chunks", t.id_str, total, chunks.size());
-    transport_.SendControl(a.peer, offer_msg, [this, self](absl::Status s) {
-      if (!s.ok()) {
-        FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                             "Send %s: cannot reach the peer: %s",
-                             Describe(self->args.key, self->args.peer), s.message())));
-      }
-    });
-    return absl::OkStatus();
-  };
   std::optional<WireLayout> offered;  // before the scoring pass
   if (need_scores && skeleton.ok()) {
-    SPECTRUMKV_RETURN_IF_ERROR(offer(skeleton->plan.layout));
+    SPECTRUMKV_RETURN_IF_ERROR(Offer(self, skeleton->plan.layout, &chunks, &transfers_in_flight));
     if (terminal()) return absl::OkStatus();
     offered = std::move(skeleton->plan.layout);
   }
 
   // Score and rank. The codec plans where it scores: the CUDA backend ranks on the device and
   // copies back only the tier codes, so score_s then includes the ranking.
+  const auto s0 = SteadyClock::now();
   if (need_scores) {
     ScoreOptions so;
     so.mode = a.scoring;
@@ -590,11 +597,11 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     so.external_scores = a.external_scores;
     SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
   }
-  t.stats.times.score_s = need_scores ? Since(t1, SteadyClock::now()) : 0.0;
+  t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
   if (need_scores) spdlog::debug("send {}: scored", t.id_str);
   if (terminal()) return absl::OkStatus();
   if (!offered) {
-    SPECTRUMKV_RETURN_IF_ERROR(offer(plan.layout));
+    SPECTRUMKV_RETURN_IF_ERROR(Offer(self, plan.layout, &chunks, &transfers_in_flight));
     if (terminal()) return absl::OkStatus();
   } else if (!SameSections(*offered, plan.layout)) {
     return absl::InternalError("the scored plan's layout differs from the one offered");
@@ -1031,6 +1038,7 @@ void TransferManager::OnDataEnd(const std::string& peer, const DataChunkHeader& 
     } else {
       ++t->chunks_received;
       t->last_byte = SteadyClock::now();
+      spdlog::debug("receive {}: chunk {} in", t->id_str, h.index);
       if (t->chunks_received == t->num_chunks) {
         spdlog::debug("receive {} from {}: all {} chunks in", t->id_str, peer, t->num_chunks);
       }
@@ -1277,6 +1285,7 @@ void TransferManager::EndUnpackLocked(const std::shared_ptr<RecvTransfer>& t, ui
     if (s.code() == absl::StatusCode::kDataLoss) metrics_.ChecksumFailure();
     FinishRecvLocked(t, WithContext(s, "Receive " + Describe(t->key, t->peer)), true, d);
   } else {
+    spdlog::debug("receive {}: layers {} to {} unpacked", t->id_str, first, last - 1);
     t->layers_unpacked += last - first;
     const uint32_t layers = static_cast<uint32_t>(t->prelude->layout.layers.size());
     if (t->layers_unpacked == layers && t->chunks_received == t->num_chunks &&

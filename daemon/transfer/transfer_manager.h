@@ -238,6 +238,11 @@ class TransferManager final : public TransportHandler {
   // Sender steps (executor).
   void RunSend(std::shared_ptr<SendTransfer> t);
   absl::Status PrepareSend(const std::shared_ptr<SendTransfer>& self);
+  // Admits a payload of `layout` on bytes, cuts it into chunks and offers it to the peer; from
+  // here on a failure reaches the peer as a PeerCancel. `transfers_in_flight`: the daemon's load
+  // when admitted. OK without an offer if the transfer already ended.
+  absl::Status Offer(const std::shared_ptr<SendTransfer>& self, const WireLayout& layout,
+                     std::vector<DataChunkHeader>* chunks, uint32_t* transfers_in_flight);
   struct PackJob;
   // Packs and sends chunks of `job` until none is left; run by up to pack_threads workers.
   absl::Status PackLoop(PackJob& job);
