@@ -4,6 +4,7 @@
 // handler names them, and the errors of bad options and bad peers.
 #include "daemon/transport/ucx/ucx_transport.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -41,10 +42,12 @@ struct Recorder final : public TransportHandler {
       return absl::NotFoundError("no offer yet");
     }
     if (h.offset + h.size > it->second.size()) return absl::InvalidArgumentError("out of range");
+    max_receiving = std::max(max_receiving, ++receiving);
     return std::span<uint8_t>(it->second.data() + h.offset, h.size);
   }
   void OnDataEnd(const std::string&, const DataChunkHeader&, absl::Status status) override {
     std::lock_guard<std::mutex> lock(mu);
+    --receiving;
     status.ok() ? ++chunks : ++failed;
     cv.notify_all();
   }
@@ -66,6 +69,7 @@ struct Recorder final : public TransportHandler {
   std::map<uint64_t, std::vector<uint8_t>> buffers;
   std::set<std::thread::id> threads;
   size_t chunks = 0, failed = 0, before_offer = 0;
+  size_t receiving = 0, max_receiving = 0;  // chunks begun and not ended
 };
 
 std::unique_ptr<UcxTransport> Make(int lanes) {
@@ -186,6 +190,44 @@ TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
     if (lanes > 1) {
       EXPECT_GT(received.threads.size(), 1u);
     }
+  }
+  tx->Shutdown();
+  rx->Shutdown();
+}
+
+// One payload's chunks, posted at once, travel at most two per lane at a time (UCX would
+// interleave them all and they would all arrive at the end): the receiver never has more than
+// that many begun and not ended.
+TEST_P(UcxTransportTest, ChunksPostedTogetherTravelAFewAtATime) {
+  const int lanes = GetParam();
+  constexpr uint64_t kChunks = 24, kChunkBytes = 256 << 10;
+  std::vector<uint8_t> payload(kChunks * kChunkBytes);
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<uint8_t>(i * 31 + (i >> 12));
+  Recorder sent, received;
+  Completions sends;
+  auto tx = Make(lanes), rx = Make(lanes);
+  ASSERT_TRUE(tx && rx);
+  ASSERT_TRUE(tx->Start(&sent).ok());
+  ASSERT_TRUE(rx->Start(&received).ok());
+  tx->SendControl(rx->address(), Offer(7, payload.size()), sends.Callback());
+  for (uint64_t c = 0; c < kChunks; ++c) {
+    DataChunkHeader h;
+    h.transfer_id = 7;
+    h.index = static_cast<uint32_t>(c);
+    h.offset = c * kChunkBytes;
+    h.size = kChunkBytes;
+    tx->SendData(rx->address(), h, std::span<const uint8_t>(payload.data() + h.offset, h.size),
+                 sends.Callback());
+  }
+  ASSERT_TRUE(received.Wait(1, kChunks));
+  sends.Wait(kChunks + 1);
+  {
+    std::lock_guard<std::mutex> lock(received.mu);
+    EXPECT_EQ(received.failed, 0u);
+    EXPECT_EQ(received.before_offer, 0u);
+    EXPECT_EQ(0, std::memcmp(received.buffers[7].data(), payload.data(), payload.size()));
+    EXPECT_LE(received.max_receiving, 2u * lanes);
+    EXPECT_GE(received.max_receiving, 1u);
   }
   tx->Shutdown();
   rx->Shutdown();
