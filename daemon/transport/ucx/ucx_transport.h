@@ -3,7 +3,9 @@
 // The only code of the project that includes UCX headers. One UCP context and `lanes` workers,
 // each driven by a progress thread of its own that sleeps on the worker's event fd (epoll) when
 // idle: no core is burnt while nothing moves. Other threads hand operations to a lane's thread
-// through a queue and an eventfd. Daemons find each other by "ucx://host:port" (the listen
+// through a queue and an eventfd, or, when that thread sleeps and nothing is queued before
+// them, post them on the lane's worker themselves (the worker is driven under a lock). Daemons
+// find each other by "ucx://host:port" (the listen
 // address a daemon advertises); every lane connects to a peer on first use, with UCX's peer
 // error handling, and reconnects after the peer restarts; the listener (on lane 0) hands the
 // connections it accepts to the lanes in turn. Control messages and payload chunks are UCX
@@ -15,7 +17,9 @@
 // own thread (one TCP connection is bound by one core's copies). Each chunk carries a fence,
 // the number of control messages sent to that peer before it, and the receiver delivers it only
 // once those have been delivered: a transfer's offer always reaches the handler before its
-// chunks.
+// chunks. Flow control: at most two chunks per peer and lane are posted to UCX at once (UCX
+// interleaves a connection's rendezvous sends, so chunks posted together would arrive
+// together), the others wait their turn in order.
 //
 // Thread-safety: all public methods are thread-safe. Handler callbacks run on the progress
 // thread.
