@@ -82,6 +82,15 @@ std::unique_ptr<UcxTransport> Make(int lanes) {
   return t.ok() ? std::move(*t) : nullptr;
 }
 
+// A sending and a receiving transport with `lanes` lanes each, started with these handlers
+// (declared before the transports, which call into them until they are shut down).
+bool StartPair(int lanes, Recorder& sent, Recorder& received, std::unique_ptr<UcxTransport>* tx,
+               std::unique_ptr<UcxTransport>* rx) {
+  *tx = Make(lanes);
+  *rx = Make(lanes);
+  return *tx && *rx && (*tx)->Start(&sent).ok() && (*rx)->Start(&received).ok();
+}
+
 class UcxTransportTest : public ::testing::TestWithParam<int> {
  protected:
   static void SetUpTestSuite() {
@@ -172,10 +181,8 @@ TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
   // Declared before the transports, which call into them until they are shut down.
   Recorder sent, received;
   Completions sends;
-  auto tx = Make(lanes), rx = Make(lanes);
-  ASSERT_TRUE(tx && rx);
-  ASSERT_TRUE(tx->Start(&sent).ok());
-  ASSERT_TRUE(rx->Start(&received).ok());
+  std::unique_ptr<UcxTransport> tx, rx;
+  ASSERT_TRUE(StartPair(lanes, sent, received, &tx, &rx));
   work.Post(*tx, rx->address(), 0, kTransfers, sends.Callback());
   ASSERT_TRUE(received.Wait(kTransfers, kTransfers * Workload::kChunks));
   sends.Wait(kTransfers * (Workload::kChunks + 1));
@@ -205,10 +212,8 @@ TEST_P(UcxTransportTest, ChunksPostedTogetherTravelAFewAtATime) {
   for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<uint8_t>(i * 31 + (i >> 12));
   Recorder sent, received;
   Completions sends;
-  auto tx = Make(lanes), rx = Make(lanes);
-  ASSERT_TRUE(tx && rx);
-  ASSERT_TRUE(tx->Start(&sent).ok());
-  ASSERT_TRUE(rx->Start(&received).ok());
+  std::unique_ptr<UcxTransport> tx, rx;
+  ASSERT_TRUE(StartPair(lanes, sent, received, &tx, &rx));
   tx->SendControl(rx->address(), Offer(7, payload.size()), sends.Callback());
   for (uint64_t c = 0; c < kChunks; ++c) {
     DataChunkHeader h;
@@ -248,10 +253,8 @@ TEST_P(UcxTransportTest, SendersOnManyThreadsWhileTheLanesSleep) {
     if (in_send) ++inside_send_calls;
     counted(std::move(s));
   };
-  auto tx = Make(GetParam()), rx = Make(GetParam());
-  ASSERT_TRUE(tx && rx);
-  ASSERT_TRUE(tx->Start(&sent).ok());
-  ASSERT_TRUE(rx->Start(&received).ok());
+  std::unique_ptr<UcxTransport> tx, rx;
+  ASSERT_TRUE(StartPair(GetParam(), sent, received, &tx, &rx));
   std::vector<std::thread> threads;
   for (uint64_t k = 0; k < kThreads; ++k) {
     threads.emplace_back([&, k] {
