@@ -284,8 +284,10 @@ struct UcxTransport::Impl {
     void Loop();
     Endpoint* Connect(const std::string& peer, absl::Status* error);
     void Execute(Op op);
-    // Sends `op` on `e` (a data chunk waits its turn: kDataInFlight). A completion known at once
-    // goes to Complete.
+    // Sends `op` on `e`, or holds it (a data chunk waits its turn: kDataInFlight). A completion
+    // known at once goes to Complete. A peer's held chunks are waiting only while kDataInFlight
+    // are in flight: a chunk is held then or behind other held ones, and whatever ends a chunk
+    // in flight (OnSendDone, PumpData's loop) pumps; nothing is left to pump after a Post.
     void Post(Endpoint* e, Op op, bool on_lane_thread);
     // Sends `op` on `e` now (a data chunk: counted in flight by the caller).
     void PostNow(Endpoint* e, Op op, bool on_lane_thread);
@@ -469,11 +471,7 @@ bool Impl::Lane::TrySend(Op& op) {
   }
   auto it = outbound.find(op.peer);
   sent = sent && it != outbound.end();
-  if (sent) {
-    const std::string peer = op.peer;
-    Post(it->second, std::move(op), /*on_lane_thread=*/false);
-    PumpData(peer, /*on_lane_thread=*/false);
-  }
+  if (sent) Post(it->second, std::move(op), /*on_lane_thread=*/false);
   worker_mu.Unlock();
   // The lane's thread armed the worker before this send: it runs a progress round for it.
   if (sent) Wake();
@@ -569,9 +567,7 @@ void Impl::Lane::Execute(Op op) {
     op.done(error);
     return;
   }
-  const std::string peer = op.peer;
   Post(e, std::move(op), /*on_lane_thread=*/true);
-  PumpData(peer, /*on_lane_thread=*/true);
 }
 
 void Impl::Lane::Post(Endpoint* e, Op op, bool on_lane_thread) {
@@ -621,7 +617,7 @@ void Impl::Lane::PostNow(Endpoint* e, Op op, bool on_lane_thread) {
                 data ? "data" : "control",
                 r == nullptr ? "done" : (UCS_PTR_IS_ERR(r) ? "error" : "pending"));
   if (r != nullptr && !UCS_PTR_IS_ERR(r)) return;  // OnSendDone follows
-  if (data) --flows[req->op.peer].in_flight;       // the caller pumps
+  if (data) --flows[req->op.peer].in_flight;       // nothing was held (Post), or PumpData loops
   Complete(std::move(req->op.done),
            r == nullptr ? absl::OkStatus() : FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer),
            on_lane_thread);
