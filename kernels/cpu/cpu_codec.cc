@@ -69,6 +69,13 @@ std::pair<size_t, size_t> SliceRun(const std::vector<uint32_t>& list, uint32_t s
   return {list.size() * slice / slices, list.size() * (slice + 1) / slices};
 }
 
+absl::Status CheckSlice(uint32_t slice, uint32_t slices) {
+  if (slices == 0 || slice >= slices) {
+    return absl::InvalidArgumentError(absl::StrFormat("slice %u of %u", slice, slices));
+  }
+  return absl::OkStatus();
+}
+
 void ZeroGap(uint8_t* out, uint64_t from, uint64_t to) {
   if (to > from) std::memset(out + from, 0, to - from);
 }
@@ -266,9 +273,7 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
   const PayloadDesc& desc = plan.desc;
   const WireLayout& wl = plan.layout;
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
-  if (slices == 0 || slice >= slices) {
-    return absl::InvalidArgumentError(absl::StrFormat("slice %u of %u", slice, slices));
-  }
+  SPECTRUMKV_RETURN_IF_ERROR(CheckSlice(slice, slices));
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const uint64_t hd = uint64_t{heads} * dim;
@@ -412,9 +417,7 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
   const WireLayout& wl = prelude.layout;
   const PayloadDesc& desc = wl.desc;
   SPECTRUMKV_RETURN_IF_ERROR(CheckUnpackArgs(prelude, payload, dst, first_layer, last_layer));
-  if (slices == 0 || slice >= slices) {
-    return absl::InvalidArgumentError(absl::StrFormat("slice %u of %u", slice, slices));
-  }
+  SPECTRUMKV_RETURN_IF_ERROR(CheckSlice(slice, slices));
   const DType dtype = desc.dtype;
   const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
   const uint64_t hd = uint64_t{heads} * dim;
