@@ -442,21 +442,24 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
       if (t.terminal()) return absl::OkStatus();
       ++t.sends_outstanding;
     }
-    std::shared_ptr<SendTransfer> self = job.t;
-    transport_.SendData(
-        t.args.peer, c, job.payload.subspan(c.offset, c.size), [this, self](absl::Status s) {
-          {
-            absl::MutexLock lock(&mu_);
-            --self->sends_outstanding;
-            ReleaseSendIfIdle(self);
-          }
-          if (!s.ok()) {
-            FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                                 "Send %s: payload send failed: %s",
-                                 Describe(self->args.key, self->args.peer), s.message())));
-          }
-        });
+    SendChunk(job.t, c, job.payload.subspan(c.offset, c.size));
   }
+}
+
+void TransferManager::SendChunk(const std::shared_ptr<SendTransfer>& self,
+                                const DataChunkHeader& chunk, std::span<const uint8_t> bytes) {
+  transport_.SendData(self->args.peer, chunk, bytes, [this, self](absl::Status s) {
+    {
+      absl::MutexLock lock(&mu_);
+      --self->sends_outstanding;
+      ReleaseSendIfIdle(self);
+    }
+    if (!s.ok()) {
+      FinishSend(self, absl::UnavailableError(absl::StrFormat(
+                           "Send %s: payload send failed: %s",
+                           Describe(self->args.key, self->args.peer), s.message())));
+    }
+  });
 }
 
 absl::Status TransferManager::Offer(const std::shared_ptr<SendTransfer>& self,
@@ -657,19 +660,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     t.first_send = SteadyClock::now();
     ++t.sends_outstanding;
   }
-  transport_.SendData(
-      a.peer, chunks[0], payload.subspan(0, chunks[0].size), [this, self](absl::Status s) {
-        {
-          absl::MutexLock lock(&mu_);
-          --self->sends_outstanding;
-          ReleaseSendIfIdle(self);
-        }
-        if (!s.ok()) {
-          FinishSend(self, absl::UnavailableError(absl::StrFormat(
-                               "Send %s: payload send failed: %s",
-                               Describe(self->args.key, self->args.peer), s.message())));
-        }
-      });
+  SendChunk(self, chunks[0], payload.subspan(0, chunks[0].size));
   auto job = std::make_shared<PackJob>();
   job->t = self;
   job->codec = codec;

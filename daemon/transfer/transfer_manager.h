@@ -246,6 +246,10 @@ class TransferManager final : public TransportHandler {
   struct PackJob;
   // Packs and sends chunks of `job` until none is left; run by up to pack_threads workers.
   absl::Status PackLoop(PackJob& job);
+  // Hands a packed chunk (counted in sends_outstanding by the caller) to the transport; its
+  // completion gives the count back and fails the transfer if the send failed.
+  void SendChunk(const std::shared_ptr<SendTransfer>& self, const DataChunkHeader& chunk,
+                 std::span<const uint8_t> bytes);
   // A pack worker is done (status of its chunks).
   void FinishRunner(const std::shared_ptr<SendTransfer>& t, const absl::Status& status);
   // Ends a send (no-op if it already ended). `tell_peer`: send a PeerCancel if it failed after
