@@ -2,11 +2,12 @@
 """Alternating A/B of two daemon builds: uncompressed goodput one transfer at a time and streamed.
 
 Two builds (folders with spectrumkvd; the client, spectrumkv, is taken from --bin-b, so only the
-daemons differ; or one build twice with --pack-slices-a/-b differing) run in turn, --reps times each (A, B, A, B, ...), each time as a fresh pair of
-daemons (--lanes, --workers, --chunk) that moves uncompressed llama3-8b KV of every --sizes, with
-every --pool-memory: one transfer at a time (logical bytes / the client's end-to-end median of
---rounds) and, for every --concurrency N above 1, a stream of N in flight (fake-frontend
---streaming, N slots x --rounds transfers; all bytes / wall time). Every transfer's arrival is
+daemons differ; or one build twice with --pack-slices-a/-b differing) run in turn, --reps times
+each (A, B, A, B, ...), each time as a fresh pair of daemons (--lanes, --workers, --chunk) that
+moves uncompressed llama3-8b KV of every --sizes, with every --pool-memory: one transfer at a
+time (logical bytes / the client's end-to-end median of --rounds) and, for every --concurrency N
+above 1, a stream of N in flight (fake-frontend --streaming, N slots x --rounds transfers; all
+bytes / wall time). Every transfer's arrival is
 verified. Prints each measurement per build and rep, and the ratio of the medians B / A.
 Machines are noisy: alternating builds in one run is how docs/BENCHMARKS.md compares them.
 
