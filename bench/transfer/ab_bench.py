@@ -7,8 +7,8 @@ each (A, B, A, B, ...), each time as a fresh pair of daemons (--lanes, --workers
 moves uncompressed llama3-8b KV of every --sizes, with every --pool-memory: one transfer at a
 time (logical bytes / the client's end-to-end median of --rounds) and, for every --concurrency N
 above 1, a stream of N in flight (fake-frontend --streaming, N slots x --rounds transfers; all
-bytes / wall time). Every transfer's arrival is
-verified. Prints each measurement per build and rep, and the ratio of the medians B / A.
+bytes / wall time). Every transfer's arrival is verified. Prints each measurement per build and
+rep, and the ratio of the medians B / A.
 Machines are noisy: alternating builds in one run is how docs/BENCHMARKS.md compares them.
 
 Usage: ab_bench.py --bin-a OLD/bin --bin-b NEW/bin [--reps 3] [--sizes 16 64]
