@@ -291,6 +291,7 @@ int Run(int argc, char** argv) {
     ucx.tls = config.transport.ucx_tls;
     ucx.ucx_options = config.transport.ucx_options;
     ucx.lanes = static_cast<int>(config.transport.ucx_lanes);
+    ucx.chunks_in_flight = static_cast<int>(config.transport.ucx_chunks_in_flight);
     absl::StatusOr<std::unique_ptr<UcxTransport>> created = UcxTransport::Create(ucx);
     if (!created.ok()) {
       spdlog::error("transport: {}", created.status().ToString());

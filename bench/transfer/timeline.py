@@ -95,29 +95,42 @@ def offer_legs_ms(prefill_log, decode_log):
 
 CHUNK_IN = re.compile(r"(\S+)Z D receive (\S+): chunk \d+ in")
 UNPACKED = re.compile(r"(\S+)Z D receive (\S+): layers \d+ to \d+ unpacked")
+VERIFIED = re.compile(r"(\S+)Z D receive (\S+): layers \d+ to \d+ verified in ([\d.]+) ms")
+SLICES = re.compile(r"(\S+)Z D receive (\S+): layers \d+ to \d+ in \d+ slices: the last began "
+                    r"([\d.]+) ms after the verification, the longest ran ([\d.]+) ms")
 
 
 def tail_ms(decode_log, last=4):
     """The receiver's last `last` chunk arrivals and chunk unpacks, ms before (-) or after its
     last chunk arrived, medians over the transfers, latest first (#1): how much work the drain
-    finds waiting."""
-    per = collections.defaultdict(lambda: {"in": [], "unpacked": []})
+    finds waiting. For the chunk verified last (host pools cut in slices): when its verification
+    began, how long it took, how late its last slice began and how long its longest ran."""
+    per = collections.defaultdict(lambda: {"in": [], "unpacked": [], "verified": [], "slices": []})
     with open(decode_log) as f:
         for line in f:
-            for kind, pattern in (("in", CHUNK_IN), ("unpacked", UNPACKED)):
+            for kind, pattern in (("in", CHUNK_IN), ("unpacked", UNPACKED),
+                                  ("verified", VERIFIED), ("slices", SLICES)):
                 m = pattern.match(line)
                 if m:
                     t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
-                    per[m.group(2)][kind].append(t)
+                    per[m.group(2)][kind].append((t, *map(float, m.groups()[2:])))
     rows = collections.defaultdict(list)
     for e in per.values():
         if not e["in"]:
             continue
-        end = max(e["in"])
+        end = max(e["in"])[0]
         for kind in ("in", "unpacked"):
-            for rank, t in enumerate(sorted(e[kind], reverse=True)[:last]):
+            for rank, (t,) in enumerate(sorted(e[kind], reverse=True)[:last]):
                 label = "arrived" if kind == "in" else "unpacked"
                 rows[f"tail: {label} #{rank + 1} (vs the last chunk in)"].append((t - end) * 1e3)
+        if e["verified"] and e["slices"]:
+            t, verify_ms = max(e["verified"])
+            _, last_start_ms, longest_ms = max(e["slices"])
+            rows["tail: last verify began (vs the last chunk in)"].append(
+                (t - end) * 1e3 - verify_ms)
+            rows["tail: last verify took"].append(verify_ms)
+            rows["tail: its last slice began after it"].append(last_start_ms)
+            rows["tail: its longest slice ran"].append(longest_ms)
     return rows
 
 
@@ -149,7 +162,7 @@ def one(args, tb, ns, memory, mib):
     with tempfile.TemporaryDirectory(prefix="skv-timeline-") as work:
         d = tb.Daemons(work, ns=ns, chunk=args.chunk, workers=args.workers,
                        log_level="debug", lanes=args.lanes,
-                       score_threads=args.score_threads)
+                       score_threads=args.score_threads, in_flight=args.in_flight)
         try:
             if args.delivery:
                 r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
@@ -171,7 +184,7 @@ def one(args, tb, ns, memory, mib):
         else:
             what = f"{mib} MiB"
         print(f"\n{memory} pools, {what}, link {args.rate or 'loopback'}, {args.lanes} "
-              f"lanes, chunk {args.chunk}, {args.workers} workers: client end to end "
+              f"lanes x {args.in_flight} in flight, chunk {args.chunk}, {args.workers} workers: client end to end "
               f"{e2e * 1e3:.3f} ms ({rnd['logical_bytes'] / rnd['ok'] / e2e / 1e9:.2f} "
               f"GB/s logical), medians of {rnd['ok']}; stages (ms): score "
               f"{med['score'] * 1e3:.3f}, pack {med['pack'] * 1e3:.3f}, network "
@@ -201,6 +214,8 @@ def main():
     ap.add_argument("--pool-memory", nargs="+", default=["host"], choices=["host", "cuda"])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--lanes", type=int, default=4)
+    ap.add_argument("--in-flight", type=int, default=2,
+                    help="transport.ucx_chunks_in_flight of both daemons")
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
     ap.add_argument("--score-threads", type=int, default=0,

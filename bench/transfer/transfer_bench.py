@@ -51,7 +51,7 @@ class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
     def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
-                 lanes=4, score_threads=0, pack_slices=0):
+                 lanes=4, score_threads=0, pack_slices=0, in_flight=2):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -60,7 +60,8 @@ class Daemons:
                 f.write(f"""node_name: {name}
 listen: {{unix_socket: {work}/{name}.sock}}
 metrics: {{address: "127.0.0.1:0"}}
-transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {lanes}}}
+transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {lanes},
+            ucx_chunks_in_flight: {in_flight}}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
 codec: {{chunk_bytes: {chunk}, worker_threads: {workers}, score_threads: {score_threads},
         pack_slices: {pack_slices}}}
@@ -156,7 +157,8 @@ def goodput(args, pool_memory="host"):
     for lanes in args.lanes:
         block = []
         with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
-            d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers, lanes=lanes)
+            d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers, lanes=lanes,
+                        in_flight=args.in_flight)
             try:
                 for mib in args.sizes:
                     block.append(goodput_row(args, d, mib, pool_memory, lanes))
@@ -307,7 +309,7 @@ def shaped(args):
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
                 d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers,
                             lanes=args.lanes[0], score_threads=args.score_threads,
-                            pack_slices=args.pack_slices)
+                            pack_slices=args.pack_slices, in_flight=args.in_flight)
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
@@ -337,6 +339,8 @@ def add_common_args(ap):
     ap.add_argument("--lanes", type=int, nargs="+", default=[4],
                     help="transport.ucx_lanes of both daemons (the daemon's default: 4); goodput "
                          "runs once per value (shaped links and GPU deliveries use the first)")
+    ap.add_argument("--in-flight", type=int, default=2,
+                    help="transport.ucx_chunks_in_flight of both daemons (the daemon's default: 2)")
 
 
 def main():

@@ -199,6 +199,10 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                    [&](const YAML::Node& m, const std::string& q) {
                      r.Uint32(m, q, &c.transport.ucx_lanes, 1, 64);
                    }},
+                  {"ucx_chunks_in_flight",
+                   [&](const YAML::Node& m, const std::string& q) {
+                     r.Uint32(m, q, &c.transport.ucx_chunks_in_flight, 1, 64);
+                   }},
                   {"ucx_options", [&](const YAML::Node& m, const std::string& q) {
                      if (m.IsNull()) return;
                      if (!m.IsMap()) {
@@ -468,6 +472,7 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "advertise_host" << YAML::Value << c.transport.advertise_host;
   out << YAML::Key << "ucx_tls" << YAML::Value << c.transport.ucx_tls;
   out << YAML::Key << "ucx_lanes" << YAML::Value << c.transport.ucx_lanes;
+  out << YAML::Key << "ucx_chunks_in_flight" << YAML::Value << c.transport.ucx_chunks_in_flight;
   out << YAML::Key << "ucx_options" << YAML::Value << YAML::BeginMap;
   for (const auto& [k, v] : c.transport.ucx_options) out << YAML::Key << k << YAML::Value << v;
   out << YAML::EndMap << YAML::EndMap;

@@ -33,6 +33,7 @@ struct TransportConfig {
   std::string ucx_tls = "tcp";  // ucx: UCX_TLS, e.g. tcp, "posix,tcp", "rc,tcp"; "" = all
   std::map<std::string, std::string> ucx_options;  // ucx: further UCX settings (no UCX_ prefix)
   uint32_t ucx_lanes = 4;  // ucx: UCX workers (progress threads), each with its own connection
+  uint32_t ucx_chunks_in_flight = 2;  // ucx: data chunks posted at once per peer and lane
 };
 
 struct LimitsConfig {

@@ -1171,11 +1171,16 @@ uint32_t TransferManager::SlicesFor(const Codec& codec, uint32_t load) const {
 
 // The slices of one chunk being unpacked. Guarded by the manager's mu_.
 struct TransferManager::UnpackSlices {
-  UnpackSlices(Codec* c, uint32_t n) : codec(c), slices(n), left(n) {}
+  UnpackSlices(Codec* c, uint32_t n, SteadyClock::time_point verified)
+      : codec(c), slices(n), left(n), verified_at(verified) {}
   Codec* const codec;
   const uint32_t slices;
   uint32_t left;        // slices not yet ended
   absl::Status status;  // the first failure
+  // For the debug line of the chunk's end: when the slices were handed out, the latest start
+  // of one, the longest run of one.
+  const SteadyClock::time_point verified_at;
+  double last_start_s = 0, longest_s = 0;
 };
 
 void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last) {
@@ -1199,9 +1204,12 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
     for (uint32_t l = first; l < last && s.ok(); ++l) {
       s = VerifyLayerSection(t->prelude->layout, l, t->buffer.span());
     }
-    seconds = Since(t0, SteadyClock::now());
+    const auto verified = SteadyClock::now();
+    seconds = Since(t0, verified);
     if (s.ok()) {
-      auto job = std::make_shared<UnpackSlices>(codec, slices);
+      spdlog::debug("receive {}: layers {} to {} verified in {:.3f} ms", t->id_str, first,
+                    last - 1, seconds * 1e3);
+      auto job = std::make_shared<UnpackSlices>(codec, slices, verified);
       {
         absl::MutexLock lock(&mu_);
         t->unpack_s += seconds;
@@ -1258,8 +1266,14 @@ void TransferManager::RunUnpackSlice(std::shared_ptr<RecvTransfer> t, uint32_t f
     --t->unpack_tasks;
     t->unpack_s += seconds;
     if (!s.ok() && job->status.ok()) job->status = s;
+    job->last_start_s = std::max(job->last_start_s, Since(job->verified_at, t0));
+    job->longest_s = std::max(job->longest_s, seconds);
     // The last slice to end ends the chunk.
     if (--job->left == 0) {
+      spdlog::debug("receive {}: layers {} to {} in {} slices: the last began {:.3f} ms after the "
+                    "verification, the longest ran {:.3f} ms",
+                    t->id_str, first, last - 1, job->slices, job->last_start_s * 1e3,
+                    job->longest_s * 1e3);
       EndUnpackLocked(t, first, last, job->status, d);
     } else if (t->terminal()) {
       ReleaseRecvIfIdle(t);

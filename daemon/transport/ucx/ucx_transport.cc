@@ -28,12 +28,6 @@ constexpr unsigned kAmControl = 1;
 constexpr unsigned kAmData = 2;
 constexpr uint16_t kHeaderMagic = 0x4B53;  // "SK"
 constexpr size_t kDataHeaderBytes = 40;
-// Data chunks posted to UCX at once per peer and lane; the rest wait in order. UCX moves the
-// rendezvous sends of one connection interleaved, so chunks posted together arrive together
-// (measured: a payload's chunks arriving in bursts, the last third of them within 0.1 ms of
-// each other, all unpacked after the last byte). Two: one travels while the next is announced,
-// and chunks arrive at the link's pace, each unpacked while the next travels.
-constexpr uint32_t kDataInFlight = 2;
 
 absl::Status FromUcs(ucs_status_t s, const std::string& what) {
   if (s == UCS_OK) return absl::OkStatus();
@@ -284,9 +278,9 @@ struct UcxTransport::Impl {
     void Loop();
     Endpoint* Connect(const std::string& peer, absl::Status* error);
     void Execute(Op op);
-    // Sends `op` on `e`, or holds it (a data chunk waits its turn: kDataInFlight). A completion
-    // known at once goes to Complete. A peer's held chunks are waiting only while kDataInFlight
-    // are in flight: a chunk is held then or behind other held ones, and whatever ends a chunk
+    // Sends `op` on `e`, or holds it (a data chunk waits its turn: chunks_in_flight). A
+    // completion known at once goes to Complete. A peer's held chunks are waiting only while
+    // chunks_in_flight are in flight: a chunk is held then or behind other held ones, and whatever ends a chunk
     // in flight (OnSendDone, PumpData's loop) pumps; nothing is left to pump after a Post.
     void Post(Endpoint* e, Op op, bool on_lane_thread);
     // Sends `op` on `e` now (a data chunk: counted in flight by the caller).
@@ -294,7 +288,7 @@ struct UcxTransport::Impl {
     // Calls `done`: here on the lane's thread; on a caller's thread it is handed to the lane's
     // thread (kComplete), never run inside the caller's Send*.
     void Complete(SendCallback done, absl::Status status, bool on_lane_thread);
-    // Posts `peer`'s waiting data chunks while fewer than kDataInFlight are in flight.
+    // Posts `peer`'s waiting data chunks while fewer than chunks_in_flight are in flight.
     void PumpData(const std::string& peer, bool on_lane_thread);
     void Accept(ucp_conn_request_h conn);
     static void OnSendDone(void* request, ucs_status_t status, void* user_data);
@@ -319,6 +313,9 @@ struct UcxTransport::Impl {
   uint64_t origin = 0;
   TransportHandler* handler = nullptr;
   std::vector<std::unique_ptr<Lane>> lanes;
+  // Data chunks posted to UCX at once per peer and lane (UcxTransportOptions::chunks_in_flight);
+  // the rest wait in order.
+  uint32_t chunks_in_flight = 2;
   size_t next_accept = 0;  // lane 0's thread: where the next accepted connection goes
 
   absl::Mutex mu;  // before any lane's mu
@@ -573,7 +570,7 @@ void Impl::Lane::Execute(Op op) {
 void Impl::Lane::Post(Endpoint* e, Op op, bool on_lane_thread) {
   if (op.kind == Op::Kind::kData) {
     DataFlow& f = flows[op.peer];
-    if (f.in_flight >= kDataInFlight || !f.held.empty()) {
+    if (f.in_flight >= impl->chunks_in_flight || !f.held.empty()) {
       f.held.push_back(std::move(op));
       return;
     }
@@ -640,7 +637,7 @@ void Impl::Lane::Complete(SendCallback done, absl::Status status, bool on_lane_t
 void Impl::Lane::PumpData(const std::string& peer, bool on_lane_thread) {
   for (;;) {
     auto f = flows.find(peer);
-    if (f == flows.end() || f->second.held.empty() || f->second.in_flight >= kDataInFlight) {
+    if (f == flows.end() || f->second.held.empty() || f->second.in_flight >= impl->chunks_in_flight) {
       return;
     }
     Op op = std::move(f->second.held.front());
@@ -969,7 +966,14 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
     return absl::InvalidArgumentError(absl::StrFormat("UCX lanes %d: expected 1..%d", options.lanes,
                                                       UcxTransportOptions::kMaxLanes));
   }
+  if (options.chunks_in_flight < 1 ||
+      options.chunks_in_flight > UcxTransportOptions::kMaxChunksInFlight) {
+    return absl::InvalidArgumentError(absl::StrFormat("UCX chunks in flight %d: expected 1..%d",
+                                                      options.chunks_in_flight,
+                                                      UcxTransportOptions::kMaxChunksInFlight));
+  }
   auto impl = std::make_unique<Impl>();
+  impl->chunks_in_flight = static_cast<uint32_t>(options.chunks_in_flight);
   std::random_device rd;
   {
     absl::MutexLock lock(&impl->mu);

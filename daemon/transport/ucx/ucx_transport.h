@@ -49,6 +49,14 @@ struct UcxTransportOptions {
   // (1..kMaxLanes). One TCP connection moves about what one core copies (docs/BENCHMARKS.md).
   int lanes = 4;
   static constexpr int kMaxLanes = 64;
+  // Data chunks posted to UCX at once per peer and lane (1..kMaxChunksInFlight); the rest wait in
+  // order and go as sends complete. UCX moves the rendezvous sends of one connection interleaved,
+  // so chunks posted together arrive together (measured: a payload's chunks arriving in bursts,
+  // the last third of them within 0.1 ms of each other, all unpacked after the last byte). Two:
+  // one travels while the next is announced, and chunks arrive at the link's pace, each unpacked
+  // while the next travels.
+  int chunks_in_flight = 2;
+  static constexpr int kMaxChunksInFlight = 64;
 };
 
 class UcxTransport final : public Transport {

@@ -18,7 +18,7 @@ TEST(ConfigTest, ParsesEveryKey) {
 node_name: prefill-0
 listen: {unix_socket: /tmp/x.sock, tcp: "127.0.0.1:5000"}
 metrics: {address: "0.0.0.0:9464"}
-transport: {kind: inproc, address: p0, ucx_lanes: 2}
+transport: {kind: inproc, address: p0, ucx_lanes: 2, ucx_chunks_in_flight: 3}
 limits:
   max_inflight_transfers: 8
   max_inflight_bytes: 3GiB
@@ -65,6 +65,7 @@ logging: {level: debug, format: json}
   EXPECT_EQ(c->codec.score_threads, 12u);
   EXPECT_EQ(c->codec.pack_slices, 1u);
   EXPECT_EQ(c->transport.ucx_lanes, 2u);
+  EXPECT_EQ(c->transport.ucx_chunks_in_flight, 3u);
   EXPECT_EQ(c->codec.quantizer, "kcn");
   ASSERT_EQ(c->models.size(), 2u);
   EXPECT_EQ(c->models[0].model, "qwen2.5-7b");
@@ -107,6 +108,8 @@ TEST(ConfigTest, TypesAndSyntax) {
   EXPECT_FALSE(ParseConfig("limits:\n  max_pools: 1.5\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 0}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("transport: {ucx_lanes: 65}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("transport: {ucx_chunks_in_flight: 0}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("transport: {ucx_chunks_in_flight: 65}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {min_chunk_bytes: 1KiB}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {score_threads: 257}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {pack_slices: 257}\n", "t.yaml").ok());
