@@ -22,6 +22,25 @@ constexpr std::array<uint32_t, 256> MakeTable() {
 }
 constexpr std::array<uint32_t, 256> kTable = MakeTable();
 
+// a * b modulo the polynomial, in the reflected representation (bit 31 holds x^0).
+constexpr uint32_t MultModP(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t m = 1u << 31; m != 0; m >>= 1) {
+    if (a & m) product ^= b;
+    b = (b & 1) ? (b >> 1) ^ kPolynomial : b >> 1;
+  }
+  return product;
+}
+
+// kPowers[k] = x^(2^k) modulo the polynomial.
+constexpr std::array<uint32_t, 64> MakePowers() {
+  std::array<uint32_t, 64> powers{};
+  powers[0] = 1u << 30;  // x^1
+  for (size_t k = 1; k < powers.size(); ++k) powers[k] = MultModP(powers[k - 1], powers[k - 1]);
+  return powers;
+}
+constexpr std::array<uint32_t, 64> kPowers = MakePowers();
+
 uint32_t ExtendIsal(uint32_t crc, const void* data, size_t n) {
   // crc32_iscsi works on the un-inverted register and takes an int length.
   uint32_t reg = ~crc;
@@ -74,6 +93,15 @@ uint32_t ExtendPortable(uint32_t crc, const void* data, size_t n) {
 }
 
 uint32_t Extend(uint32_t crc, const void* data, size_t n) { return Impl()(crc, data, n); }
+
+uint32_t Combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  // crc(a ‖ b) = crc_a * x^(8 len_b) ^ crc_b: the pre- and post-inversions cancel out.
+  uint32_t shift = 1u << 31;  // x^0
+  for (size_t k = 3; len_b != 0 && k < kPowers.size(); ++k, len_b >>= 1) {
+    if (len_b & 1) shift = MultModP(kPowers[k], shift);
+  }
+  return MultModP(shift, crc_a) ^ crc_b;
+}
 
 bool IsAccelerated() { return Impl() == &ExtendIsal; }
 

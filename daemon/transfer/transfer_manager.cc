@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_format.h"
+#include "common/crc32c.h"
 #include "common/status.h"
 
 namespace spectrumkv {
@@ -1169,17 +1170,27 @@ uint32_t TransferManager::SlicesFor(const Codec& codec, uint32_t load) const {
   return std::clamp<uint32_t>(wanted, 1, codec.max_slices());
 }
 
-// The slices of one chunk being unpacked. Guarded by the manager's mu_.
+// A chunk of a host payload verified and unpacked by several workers: its layers' CRC32Cs in
+// `slices` parts per layer, then its slices, each taken by whichever task asks first.
 struct TransferManager::UnpackSlices {
-  UnpackSlices(Codec* c, uint32_t n, SteadyClock::time_point verified)
-      : codec(c), slices(n), left(n), verified_at(verified) {}
+  UnpackSlices(Codec* c, uint32_t n, uint32_t layers)
+      : codec(c), slices(n), parts(n * layers), part_crcs(parts), started(SteadyClock::now()) {}
   Codec* const codec;
   const uint32_t slices;
-  uint32_t left;        // slices not yet ended
-  absl::Status status;  // the first failure
-  // For the debug line of the chunk's end: when the slices were handed out, the latest start
-  // of one, the longest run of one.
-  const SteadyClock::time_point verified_at;
+  const uint32_t parts;             // CRC parts: `slices` per layer, layer-major
+  std::vector<uint32_t> part_crcs;  // written by the part's task, read under mu after all end
+  const SteadyClock::time_point started;
+  std::atomic<uint32_t> next_part{0}, next_slice{0};
+  absl::Mutex mu;
+  uint32_t parts_done ABSL_GUARDED_BY(mu) = 0;
+  bool verdict ABSL_GUARDED_BY(mu) = false;  // every part ended and the trailers were checked
+  absl::Status verify_status ABSL_GUARDED_BY(mu);
+  SteadyClock::time_point verified_at ABSL_GUARDED_BY(mu);
+  // Guarded by the manager's mu_.
+  uint32_t slices_done = 0;
+  absl::Status status;  // the first failure of a slice
+  // For the debug line of the chunk's end: the latest start of a slice after the verdict, the
+  // longest run of one.
   double last_start_s = 0, longest_s = 0;
 };
 
@@ -1199,35 +1210,16 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
   }
   const uint32_t slices = s.ok() && !on_device ? SlicesFor(*codec, transfers_in_flight) : 1;
   if (s.ok() && slices > 1) {
-    // Verified here, once, before any slice writes a byte of these layers.
-    const auto t0 = SteadyClock::now();
-    for (uint32_t l = first; l < last && s.ok(); ++l) {
-      s = VerifyLayerSection(t->prelude->layout, l, t->buffer.span());
+    // The chunk keeps this task's count in unpack_tasks (its buffer stays) until it ends; the
+    // helpers are not counted: one that starts after the last slice was taken touches only the
+    // job.
+    auto job = std::make_shared<UnpackSlices>(codec, slices, last - first);
+    for (uint32_t i = 1; i < slices; ++i) {
+      // During shutdown a helper may not be posted: the tasks that run take every part.
+      executor_.Post([this, t, first, last, job] { UnpackSlicesTask(t, first, last, job); });
     }
-    const auto verified = SteadyClock::now();
-    seconds = Since(t0, verified);
-    if (s.ok()) {
-      spdlog::debug("receive {}: layers {} to {} verified in {:.3f} ms", t->id_str, first,
-                    last - 1, seconds * 1e3);
-      auto job = std::make_shared<UnpackSlices>(codec, slices, verified);
-      {
-        absl::MutexLock lock(&mu_);
-        t->unpack_s += seconds;
-        t->unpack_tasks += slices - 1;  // this task runs slice 0
-      }
-      for (uint32_t slice = 1; slice < slices; ++slice) {
-        if (!executor_.Post([this, t, first, last, slice, job] {
-              RunUnpackSlice(t, first, last, slice, job);
-            })) {
-          absl::MutexLock lock(&mu_);
-          --t->unpack_tasks;
-          --job->left;  // never the last: slice 0 below is still to end
-          if (job->status.ok()) job->status = absl::UnavailableError("the daemon is shutting down");
-        }
-      }
-      RunUnpackSlice(t, first, last, 0, job);
-      return;
-    }
+    UnpackSlicesTask(t, first, last, job);
+    return;
   } else if (s.ok()) {
     absl::StatusOr<std::span<const uint8_t>> payload = t->buffer.span();
     if (on_device) payload = StageToDevice(*t, first, last, &copy_seconds);
@@ -1251,32 +1243,92 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
   d.Run();
 }
 
-void TransferManager::RunUnpackSlice(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last,
-                                     uint32_t slice, std::shared_ptr<UnpackSlices> job) {
-  // No check for an ended transfer: a verified chunk is unpacked whole (as UnpackLayers does),
-  // so that each layer of the decode pool is either written in full or untouched.
-  const auto t0 = SteadyClock::now();
-  const absl::Status s = job->codec->UnpackLayerSlice(
-      *t->prelude, t->buffer.span(), t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
-      slice, job->slices);
-  const double seconds = Since(t0, SteadyClock::now());
-  Deferred d;
+void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t first,
+                                       uint32_t last, std::shared_ptr<UnpackSlices> job) {
+  // The transfer's buffer and prelude are read only with a part or a slice taken: until the
+  // chunk ends they stay (the chunk holds a count in unpack_tasks); a helper that starts later
+  // takes nothing and touches only the job.
+  double seconds = 0;
+  // Verified once, before any slice writes a byte of these layers.
+  for (uint32_t k = job->next_part.fetch_add(1); k < job->parts; k = job->next_part.fetch_add(1)) {
+    const auto t0 = SteadyClock::now();
+    const WireLayout& wl = t->prelude->layout;
+    const std::span<const uint8_t> payload = t->buffer.span();
+    const LayerSection& sec = wl.layers[first + k / job->slices];
+    const uint64_t bytes = sec.crc_offset - sec.begin, part = k % job->slices;
+    const uint64_t b = sec.begin + bytes * part / job->slices;
+    const uint64_t e = sec.begin + bytes * (part + 1) / job->slices;
+    job->part_crcs[k] = crc32c::Value(payload.data() + b, e - b);
+    seconds += Since(t0, SteadyClock::now());
+    absl::MutexLock lock(&job->mu);
+    if (++job->parts_done < job->parts) continue;
+    // The last part: every layer's CRC from its parts, against its trailer.
+    absl::Status v = absl::OkStatus();
+    for (uint32_t l = first; l < last && v.ok(); ++l) {
+      const LayerSection& ls = wl.layers[l];
+      const uint64_t n = ls.crc_offset - ls.begin;
+      uint32_t crc = 0;
+      for (uint32_t i = 0; i < job->slices; ++i) {
+        const uint64_t len = n * (i + 1) / job->slices - n * i / job->slices;
+        crc = crc32c::Combine(crc, job->part_crcs[(l - first) * job->slices + i], len);
+      }
+      v = CheckLayerTrailer(wl, l, payload, crc);
+    }
+    job->verify_status = v;
+    job->verified_at = SteadyClock::now();
+    job->verdict = true;
+    if (v.ok()) {
+      spdlog::debug("receive {}: layers {} to {} verified in {:.3f} ms", t->id_str, first,
+                    last - 1, Since(job->started, job->verified_at) * 1e3);
+    }
+  }
+  absl::Status verify_status;
+  SteadyClock::time_point verified_at;
   {
+    // Every part is taken: wait for those still being computed.
+    absl::MutexLock lock(&job->mu);
+    job->mu.Await(absl::Condition(&job->verdict));
+    verify_status = job->verify_status;
+    verified_at = job->verified_at;
+  }
+  Deferred d;
+  if (!verify_status.ok()) {
+    // One task (the first to get here) ends the chunk.
     absl::MutexLock lock(&mu_);
-    --t->unpack_tasks;
     t->unpack_s += seconds;
-    if (!s.ok() && job->status.ok()) job->status = s;
-    job->last_start_s = std::max(job->last_start_s, Since(job->verified_at, t0));
-    job->longest_s = std::max(job->longest_s, seconds);
-    // The last slice to end ends the chunk.
-    if (--job->left == 0) {
-      spdlog::debug("receive {}: layers {} to {} in {} slices: the last began {:.3f} ms after the "
-                    "verification, the longest ran {:.3f} ms",
+    if (job->slices_done == 0) {
+      job->slices_done = job->slices;
+      --t->unpack_tasks;
+      EndUnpackLocked(t, first, last, verify_status, d);
+    }
+  } else {
+    // No check for an ended transfer: a verified chunk is unpacked whole (as UnpackLayers
+    // does), so that each layer of the decode pool is either written in full or untouched.
+    for (uint32_t slice = job->next_slice.fetch_add(1); slice < job->slices;
+         slice = job->next_slice.fetch_add(1)) {
+      const auto t0 = SteadyClock::now();
+      const absl::Status s = job->codec->UnpackLayerSlice(
+          *t->prelude, t->buffer.span(), t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
+          slice, job->slices);
+      const double dt = Since(t0, SteadyClock::now());
+      absl::MutexLock lock(&mu_);
+      t->unpack_s += seconds + dt;
+      seconds = 0;
+      if (!s.ok() && job->status.ok()) job->status = s;
+      job->last_start_s = std::max(job->last_start_s, Since(verified_at, t0));
+      job->longest_s = std::max(job->longest_s, dt);
+      if (++job->slices_done < job->slices) continue;
+      // The last slice ends the chunk.
+      spdlog::debug("receive {}: layers {} to {} in {} slices: the last began {:.3f} ms after "
+                    "the verification, the longest ran {:.3f} ms",
                     t->id_str, first, last - 1, job->slices, job->last_start_s * 1e3,
                     job->longest_s * 1e3);
+      --t->unpack_tasks;
       EndUnpackLocked(t, first, last, job->status, d);
-    } else if (t->terminal()) {
-      ReleaseRecvIfIdle(t);
+    }
+    if (seconds > 0) {
+      absl::MutexLock lock(&mu_);
+      t->unpack_s += seconds;
     }
   }
   d.Run();

@@ -268,13 +268,17 @@ class TransferManager final : public TransportHandler {
   // Checks received chunks against the prelude and queues their unpacking when possible.
   void Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& d)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Unpacks a received chunk (layers [first, last)). A host pool's chunk is verified here, then
-  // unpacked in slices by several workers (RunUnpackSlice); the slice that ends last ends the
-  // chunk (EndUnpackLocked).
+  // Unpacks a received chunk (layers [first, last)). A host pool's chunk cut in slices is
+  // shared by several workers: this task hands helpers to the others (they wake while it works)
+  // and joins them in UnpackSlicesTask.
   void RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last);
   struct UnpackSlices;
-  void RunUnpackSlice(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last,
-                      uint32_t slice, std::shared_ptr<UnpackSlices> job);
+  // One worker's share of a chunk cut in slices: it takes parts of the chunk's CRC32Cs until none
+  // is left (whoever ends the last part checks the trailers), waits for that verdict (only parts
+  // already being computed), then takes slices to unpack until none is left; whoever ends the
+  // last slice, or finds a checksum wrong, ends the chunk (EndUnpackLocked).
+  void UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t first, uint32_t last,
+                        std::shared_ptr<UnpackSlices> job);
   // A chunk's unpacking ended with `s` (its tasks already given back).
   void EndUnpackLocked(const std::shared_ptr<RecvTransfer>& t, uint32_t first, uint32_t last,
                        const absl::Status& s, Deferred& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

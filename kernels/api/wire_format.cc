@@ -304,8 +304,20 @@ absl::Status VerifyLayerSection(const WireLayout& layout, uint32_t layer,
   if (payload.size() < sec.end) {
     return DataLoss(absl::StrFormat("layer %u section truncated", layer));
   }
+  return CheckLayerTrailer(
+      layout, layer, payload,
+      crc32c::Value(payload.data() + sec.begin, sec.crc_offset - sec.begin));
+}
+
+absl::Status CheckLayerTrailer(const WireLayout& layout, uint32_t layer,
+                               std::span<const uint8_t> payload, uint32_t crc) {
+  SPECTRUMKV_CHECK(layer < layout.layers.size());
+  const LayerSection& sec = layout.layers[layer];
+  if (payload.size() < sec.end) {
+    return DataLoss(absl::StrFormat("layer %u section truncated", layer));
+  }
   const uint8_t* p = payload.data();
-  if (LoadLe32(p + sec.crc_offset) != crc32c::Value(p + sec.begin, sec.crc_offset - sec.begin)) {
+  if (LoadLe32(p + sec.crc_offset) != crc) {
     return DataLoss(absl::StrFormat("layer %u checksum mismatch", layer));
   }
   for (uint64_t i = sec.crc_offset + 4; i < sec.end; ++i) {

@@ -131,6 +131,12 @@ absl::Status CheckPayloadSize(const WireLayout& layout, uint64_t payload_size);
 absl::Status VerifyLayerSection(const WireLayout& layout, uint32_t layer,
                                 std::span<const uint8_t> payload);
 
+// As VerifyLayerSection, with the CRC32C of the section's bytes [begin, crc_offset) computed by
+// the caller (in parts, crc32c::Combine): DATA_LOSS unless the trailer holds `crc` and zero
+// padding.
+absl::Status CheckLayerTrailer(const WireLayout& layout, uint32_t layer,
+                               std::span<const uint8_t> payload, uint32_t crc);
+
 // Writes the CRC trailer of layer `layer` over the already written section bytes.
 void SealLayerSection(const WireLayout& layout, uint32_t layer, std::span<uint8_t> payload);
 

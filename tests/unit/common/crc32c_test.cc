@@ -29,6 +29,27 @@ TEST(Crc32cTest, ExtendConcatenates) {
             Value((a + b).data(), a.size() + b.size()));
 }
 
+TEST(Crc32cTest, CombineEqualsTheCrcOfTheWhole) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<uint8_t> buf(100000);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng());
+  for (int i = 0; i < 200; ++i) {
+    const size_t n = rng() % buf.size(), cut = n == 0 ? 0 : rng() % (n + 1);
+    EXPECT_EQ(Combine(Value(buf.data(), cut), Value(buf.data() + cut, n - cut), n - cut),
+              Value(buf.data(), n))
+        << n << " cut at " << cut;
+  }
+  EXPECT_EQ(Combine(0x12345678u, 0, 0), 0x12345678u);  // b empty
+  EXPECT_EQ(Combine(0, 0xE3069283u, 9), 0xE3069283u);  // a empty: "123456789"
+  // Eight parts, combined in order.
+  uint32_t crc = 0;
+  for (size_t p = 0; p < 8; ++p) {
+    const size_t b = buf.size() * p / 8, e = buf.size() * (p + 1) / 8;
+    crc = Combine(crc, Value(buf.data() + b, e - b), e - b);
+  }
+  EXPECT_EQ(crc, Value(buf.data(), buf.size()));
+}
+
 TEST(Crc32cTest, AcceleratedMatchesPortable) {
   std::mt19937_64 rng(std::random_device{}());
   std::vector<uint8_t> buf(70000);
