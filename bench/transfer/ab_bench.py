@@ -2,18 +2,18 @@
 """Alternating A/B of two daemon builds: uncompressed goodput one transfer at a time and streamed.
 
 Two builds (folders with spectrumkvd; the client, spectrumkv, is taken from --bin-b, so only the
-daemons differ; or one build twice with --pack-slices-a/-b or --in-flight-a/-b differing) run in turn, --reps times
-each (A, B, A, B, ...), each time as a fresh pair of daemons (--lanes, --workers, --chunk) that
-moves uncompressed llama3-8b KV of every --sizes, with every --pool-memory: one transfer at a
-time (logical bytes / the client's end-to-end median of --rounds) and, for every --concurrency N
-above 1, a stream of N in flight (fake-frontend --streaming, N slots x --rounds transfers; all
-bytes / wall time). Every transfer's arrival is verified. Prints each measurement per build and
-rep, and the ratio of the medians B / A.
+daemons differ; or one build twice with --pack-slices-a/-b, --in-flight-a/-b or --ucx-option-b
+differing) run in turn, --reps times each (A, B, A, B, ...), each time as a fresh pair of daemons
+(--lanes, --workers, --chunk) that moves uncompressed llama3-8b KV of every --sizes, with every
+--pool-memory: one transfer at a time (logical bytes / the client's end-to-end median of
+--rounds) and, for every --concurrency N above 1, a stream of N in flight (fake-frontend
+--streaming, N slots x --rounds transfers; all bytes / wall time). Every transfer's arrival is
+verified. Prints each measurement per build and rep, and the ratio of the medians B / A.
 Machines are noisy: alternating builds in one run is how docs/BENCHMARKS.md compares them.
 
 Usage: ab_bench.py --bin-a OLD/bin --bin-b NEW/bin [--reps 3] [--sizes 16 64]
        [--pool-memory host cuda] [--concurrency 1 8] [--pack-slices-a 1 --pack-slices-b 0]
-       [--in-flight-a 1 --in-flight-b 2]
+       [--in-flight-a 1 --in-flight-b 2] [--ucx-option-b TCP_TX_SEG_SIZE=64k]
 """
 import argparse
 import collections
@@ -50,6 +50,8 @@ def main():
                     help="transport.ucx_chunks_in_flight of A's daemons")
     ap.add_argument("--in-flight-b", type=int, default=2,
                     help="transport.ucx_chunks_in_flight of B's daemons")
+    ap.add_argument("--ucx-option-b", action="append", default=[], metavar="NAME=VALUE",
+                    help="an entry of transport.ucx_options of B's daemons only")
     args = ap.parse_args()
     client = os.path.join(args.bin_b, "spectrumkv")
     for b in (args.bin_a, args.bin_b):
@@ -57,9 +59,9 @@ def main():
             sys.exit(f"no spectrumkvd in {b}")
     res = collections.defaultdict(list)
     for rep in range(args.reps):
-        for name, folder, slices, in_flight in (
-                ("A", args.bin_a, args.pack_slices_a, args.in_flight_a),
-                ("B", args.bin_b, args.pack_slices_b, args.in_flight_b)):
+        for name, folder, slices, in_flight, options in (
+                ("A", args.bin_a, args.pack_slices_a, args.in_flight_a, []),
+                ("B", args.bin_b, args.pack_slices_b, args.in_flight_b, args.ucx_option_b)):
             with tempfile.TemporaryDirectory(prefix="skv-ab-") as work:
                 # Daemons of this build, the one client: a folder of links to both.
                 bins = os.path.join(work, "bin")
@@ -69,7 +71,8 @@ def main():
                 os.symlink(os.path.abspath(client), os.path.join(bins, "spectrumkv"))
                 tb.BIN = bins
                 d = tb.Daemons(work, chunk=args.chunk, workers=args.workers, lanes=args.lanes,
-                               pack_slices=slices, in_flight=in_flight)
+                               pack_slices=slices, in_flight=in_flight,
+                               ucx_options=tb.ucx_options(options))
                 try:
                     for memory in args.pool_memory:
                         for mib in args.sizes:

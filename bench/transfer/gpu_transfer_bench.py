@@ -79,7 +79,8 @@ def one_link(args, rate):
         with tempfile.TemporaryDirectory(prefix="skv-gpubench-") as work:
             d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers,
                            lanes=args.lanes[0], score_threads=args.score_threads,
-                           pack_slices=args.pack_slices, in_flight=args.in_flight)
+                           pack_slices=args.pack_slices, in_flight=args.in_flight,
+                           ucx_options=tb.ucx_options(args.ucx_option))
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:

@@ -4,20 +4,24 @@
 With `logging: {level: debug}` each daemon logs, per transfer id, when a Send was accepted, began
 to run, offered its payload, finished its scoring pass (if it makes one), and finished, and when
 the receiver accepted the offer, had its first chunk (the prelude), its first chunk of layers and
-then every chunk, and finished. This prints the median gap between consecutive events over all
-transfers found in both logs.
+then every chunk, verified and unpacked every chunk, and finished. This prints the median gap
+between consecutive events over all transfers found in both logs, and (with --run) the last
+chunks' arrivals and unpacks against the last arrival, the last verification's start and length
+and the wake-up of its slices.
 
   timeline.py PREFILL_LOG DECODE_LOG      read two daemons' debug logs
   timeline.py --run [--sizes MIB...] [--pool-memory host cuda] [--rounds N] [--lanes L]
-              [--chunk C] [--workers W] [--score-threads S] [--bin DIR]
-              [--delivery B] [--scoring S] [--rate R]
+              [--in-flight K] [--chunk C] [--workers W] [--score-threads S] [--bin DIR]
+              [--delivery B] [--scoring S] [--rate R] [--ucx-option NAME=VALUE]
                                           start two daemons with debug logs (as transfer_bench.py
                                           does), move uncompressed llama3-8b KV one transfer at a
                                           time, and print the client's end to end beside the
                                           daemons' timeline and the offer's way through the lanes;
                                           with --delivery, the 4096-token llama3-8b KV at budget
                                           B instead (scored with S), and with --rate through a
-                                          namespace's lo shaped to R (ip, tc; root)
+                                          namespace's lo shaped to R (ip, tc; root), then
+                                          what that link carried (shaper drops, TCP
+                                          retransmissions)
 """
 import argparse
 import collections
@@ -153,6 +157,13 @@ def run(args):
         for memory in args.pool_memory:
             for mib in ([0] if args.delivery else args.sizes):
                 one(args, tb, ns, memory, mib)
+                if ns:
+                    st = tb.link_stats(ns)
+                    print(f"link so far: the shaper sent {st.get('shaper_packets', '?')} packets "
+                          f"({st.get('shaper_bytes', 0) / 1e6:.1f} MB), dropped "
+                          f"{st.get('shaper_dropped', '?')}; TCP sent "
+                          f"{st.get('tcp_out_segments', '?')} segments, retransmitted "
+                          f"{st.get('tcp_retransmitted', '?')}", flush=True)
     finally:
         if ns:
             tb.run(["ip", "netns", "del", ns], 10, check=False)
@@ -162,7 +173,8 @@ def one(args, tb, ns, memory, mib):
     with tempfile.TemporaryDirectory(prefix="skv-timeline-") as work:
         d = tb.Daemons(work, ns=ns, chunk=args.chunk, workers=args.workers,
                        log_level="debug", lanes=args.lanes,
-                       score_threads=args.score_threads, in_flight=args.in_flight)
+                       score_threads=args.score_threads, in_flight=args.in_flight,
+                       ucx_options=tb.ucx_options(args.ucx_option))
         try:
             if args.delivery:
                 r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
@@ -184,10 +196,10 @@ def one(args, tb, ns, memory, mib):
         else:
             what = f"{mib} MiB"
         print(f"\n{memory} pools, {what}, link {args.rate or 'loopback'}, {args.lanes} "
-              f"lanes x {args.in_flight} in flight, chunk {args.chunk}, {args.workers} workers: client end to end "
-              f"{e2e * 1e3:.3f} ms ({rnd['logical_bytes'] / rnd['ok'] / e2e / 1e9:.2f} "
-              f"GB/s logical), medians of {rnd['ok']}; stages (ms): score "
-              f"{med['score'] * 1e3:.3f}, pack {med['pack'] * 1e3:.3f}, network "
+              f"lanes x {args.in_flight} in flight, chunk {args.chunk}, {args.workers} workers: "
+              f"client end to end {e2e * 1e3:.3f} ms "
+              f"({rnd['logical_bytes'] / rnd['ok'] / e2e / 1e9:.2f} GB/s logical), medians of "
+              f"{rnd['ok']}; stages (ms): score {med['score'] * 1e3:.3f}, pack {med['pack'] * 1e3:.3f}, network "
               f"{med['network'] * 1e3:.3f}, unpack {med['unpack'] * 1e3:.3f}", flush=True)
         gaps = gaps_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log"))
         if not gaps:
@@ -216,6 +228,8 @@ def main():
     ap.add_argument("--lanes", type=int, default=4)
     ap.add_argument("--in-flight", type=int, default=2,
                     help="transport.ucx_chunks_in_flight of both daemons")
+    ap.add_argument("--ucx-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
     ap.add_argument("--score-threads", type=int, default=0,

@@ -47,11 +47,16 @@ def ns_prefix(ns):
     return ["ip", "netns", "exec", ns] if ns else []
 
 
+def ucx_options(pairs):
+    """NAME=VALUE strings as entries of a YAML flow mapping (transport.ucx_options)."""
+    return [p.replace("=", ": ", 1) for p in pairs]
+
+
 class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
     def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
-                 lanes=4, score_threads=0, pack_slices=0, in_flight=2):
+                 lanes=4, score_threads=0, pack_slices=0, in_flight=2, ucx_options=()):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -61,7 +66,7 @@ class Daemons:
 listen: {{unix_socket: {work}/{name}.sock}}
 metrics: {{address: "127.0.0.1:0"}}
 transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {lanes},
-            ucx_chunks_in_flight: {in_flight}}}
+            ucx_chunks_in_flight: {in_flight}, ucx_options: {{{", ".join(ucx_options)}}}}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
 codec: {{chunk_bytes: {chunk}, worker_threads: {workers}, score_threads: {score_threads},
         pack_slices: {pack_slices}}}
@@ -158,7 +163,7 @@ def goodput(args, pool_memory="host"):
         block = []
         with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
             d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers, lanes=lanes,
-                        in_flight=args.in_flight)
+                        in_flight=args.in_flight, ucx_options=ucx_options(args.ucx_option))
             try:
                 for mib in args.sizes:
                     block.append(goodput_row(args, d, mib, pool_memory, lanes))
@@ -280,6 +285,25 @@ def shape_namespace(rate):
         raise
 
 
+def link_stats(ns):
+    """What the shaped link in namespace `ns` has carried so far: packets the tbf shaper sent
+    and dropped, and the TCP segments retransmitted in the namespace."""
+    out = {}
+    q = run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "lo"], 10,
+            check=False).stdout
+    m = re.search(r"Sent (\d+) bytes (\d+) pkt \(dropped (\d+), overlimits (\d+)", q)
+    if m:
+        out.update(shaper_bytes=int(m.group(1)), shaper_packets=int(m.group(2)),
+                   shaper_dropped=int(m.group(3)), shaper_overlimits=int(m.group(4)))
+    snmp = run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], 10, check=False).stdout
+    tcp = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
+    if len(tcp) == 2:
+        fields = dict(zip(tcp[0][1:], tcp[1][1:]))
+        out.update(tcp_out_segments=int(fields.get("OutSegs", 0)),
+                   tcp_retransmitted=int(fields.get("RetransSegs", 0)))
+    return out
+
+
 def delivery(d, rounds, scoring, extra=()):
     """The 4096-token llama3-8b KV at b = 1.0, 0.5 and 0.3 through daemons `d`: a row per
     budget, with its end-to-end median and its ratio to the uncompressed (b = 1.0) one."""
@@ -309,7 +333,8 @@ def shaped(args):
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
                 d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers,
                             lanes=args.lanes[0], score_threads=args.score_threads,
-                            pack_slices=args.pack_slices, in_flight=args.in_flight)
+                            pack_slices=args.pack_slices, in_flight=args.in_flight,
+                            ucx_options=ucx_options(args.ucx_option))
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
@@ -341,6 +366,8 @@ def add_common_args(ap):
                          "runs once per value (shaped links and GPU deliveries use the first)")
     ap.add_argument("--in-flight", type=int, default=2,
                     help="transport.ucx_chunks_in_flight of both daemons (the daemon's default: 2)")
+    ap.add_argument("--ucx-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
 
 
 def main():
