@@ -199,8 +199,9 @@ def one(args, tb, ns, memory, mib):
               f"lanes x {args.in_flight} in flight, chunk {args.chunk}, {args.workers} workers: "
               f"client end to end {e2e * 1e3:.3f} ms "
               f"({rnd['logical_bytes'] / rnd['ok'] / e2e / 1e9:.2f} GB/s logical), medians of "
-              f"{rnd['ok']}; stages (ms): score {med['score'] * 1e3:.3f}, pack {med['pack'] * 1e3:.3f}, network "
-              f"{med['network'] * 1e3:.3f}, unpack {med['unpack'] * 1e3:.3f}", flush=True)
+              f"{rnd['ok']}; stages (ms): score {med['score'] * 1e3:.3f}, pack "
+              f"{med['pack'] * 1e3:.3f}, network {med['network'] * 1e3:.3f}, unpack "
+              f"{med['unpack'] * 1e3:.3f}", flush=True)
         gaps = gaps_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log"))
         if not gaps:
             sys.exit("no transfer found in both daemons' logs")
