@@ -1278,8 +1278,8 @@ void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t
     job->verified_at = SteadyClock::now();
     job->verdict = true;
     if (v.ok()) {
-      spdlog::debug("receive {}: layers {} to {} verified in {:.3f} ms", t->id_str, first,
-                    last - 1, Since(job->started, job->verified_at) * 1e3);
+      spdlog::debug("receive {}: layers {} to {} verified in {:.3f} ms", t->id_str, first, last - 1,
+                    Since(job->started, job->verified_at) * 1e3);
     }
   }
   absl::Status verify_status;
@@ -1308,8 +1308,8 @@ void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t
          slice = job->next_slice.fetch_add(1)) {
       const auto t0 = SteadyClock::now();
       const absl::Status s = job->codec->UnpackLayerSlice(
-          *t->prelude, t->buffer.span(), t->pool->View(t->args.blocks, t->args.num_tokens), first, last,
-          slice, job->slices);
+          *t->prelude, t->buffer.span(), t->pool->View(t->args.blocks, t->args.num_tokens), first,
+          last, slice, job->slices);
       const double dt = Since(t0, SteadyClock::now());
       absl::MutexLock lock(&mu_);
       t->unpack_s += seconds + dt;
@@ -1319,10 +1319,10 @@ void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t
       job->longest_s = std::max(job->longest_s, dt);
       if (++job->slices_done < job->slices) continue;
       // The last slice ends the chunk.
-      spdlog::debug("receive {}: layers {} to {} in {} slices: the last began {:.3f} ms after "
-                    "the verification, the longest ran {:.3f} ms",
-                    t->id_str, first, last - 1, job->slices, job->last_start_s * 1e3,
-                    job->longest_s * 1e3);
+      spdlog::debug(
+          "receive {}: layers {} to {} in {} slices: the last began {:.3f} ms after "
+          "the verification, the longest ran {:.3f} ms",
+          t->id_str, first, last - 1, job->slices, job->last_start_s * 1e3, job->longest_s * 1e3);
       --t->unpack_tasks;
       EndUnpackLocked(t, first, last, job->status, d);
     }

@@ -304,9 +304,8 @@ absl::Status VerifyLayerSection(const WireLayout& layout, uint32_t layer,
   if (payload.size() < sec.end) {
     return DataLoss(absl::StrFormat("layer %u section truncated", layer));
   }
-  return CheckLayerTrailer(
-      layout, layer, payload,
-      crc32c::Value(payload.data() + sec.begin, sec.crc_offset - sec.begin));
+  return CheckLayerTrailer(layout, layer, payload,
+                           crc32c::Value(payload.data() + sec.begin, sec.crc_offset - sec.begin));
 }
 
 absl::Status CheckLayerTrailer(const WireLayout& layout, uint32_t layer,

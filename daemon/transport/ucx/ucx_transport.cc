@@ -280,8 +280,9 @@ struct UcxTransport::Impl {
     void Execute(Op op);
     // Sends `op` on `e`, or holds it (a data chunk waits its turn: chunks_in_flight). A
     // completion known at once goes to Complete. A peer's held chunks are waiting only while
-    // chunks_in_flight are in flight: a chunk is held then or behind other held ones, and whatever ends a chunk
-    // in flight (OnSendDone, PumpData's loop) pumps; nothing is left to pump after a Post.
+    // chunks_in_flight are in flight: a chunk is held then or behind other held ones, and whatever
+    // ends a chunk in flight (OnSendDone, PumpData's loop) pumps; nothing is left to pump after a
+    // Post.
     void Post(Endpoint* e, Op op, bool on_lane_thread);
     // Sends `op` on `e` now (a data chunk: counted in flight by the caller).
     void PostNow(Endpoint* e, Op op, bool on_lane_thread);
@@ -637,7 +638,8 @@ void Impl::Lane::Complete(SendCallback done, absl::Status status, bool on_lane_t
 void Impl::Lane::PumpData(const std::string& peer, bool on_lane_thread) {
   for (;;) {
     auto f = flows.find(peer);
-    if (f == flows.end() || f->second.held.empty() || f->second.in_flight >= impl->chunks_in_flight) {
+    if (f == flows.end() || f->second.held.empty() ||
+        f->second.in_flight >= impl->chunks_in_flight) {
       return;
     }
     Op op = std::move(f->second.held.front());
