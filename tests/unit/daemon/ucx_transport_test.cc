@@ -72,11 +72,12 @@ struct Recorder final : public TransportHandler {
   size_t receiving = 0, max_receiving = 0;  // chunks begun and not ended
 };
 
-std::unique_ptr<UcxTransport> Make(int lanes) {
+std::unique_ptr<UcxTransport> Make(int lanes, int chunks_in_flight = 2) {
   UcxTransportOptions o;
   o.listen_address = "127.0.0.1:0";
   o.tls = "tcp";
   o.lanes = lanes;
+  o.chunks_in_flight = chunks_in_flight;
   auto t = UcxTransport::Create(o);
   EXPECT_TRUE(t.ok()) << t.status();
   return t.ok() ? std::move(*t) : nullptr;
@@ -85,8 +86,8 @@ std::unique_ptr<UcxTransport> Make(int lanes) {
 // A sending and a receiving transport with `lanes` lanes each, started with these handlers
 // (declared before the transports, which call into them until they are shut down).
 bool StartPair(int lanes, Recorder& sent, Recorder& received, std::unique_ptr<UcxTransport>* tx,
-               std::unique_ptr<UcxTransport>* rx) {
-  *tx = Make(lanes);
+               std::unique_ptr<UcxTransport>* rx, int chunks_in_flight = 2) {
+  *tx = Make(lanes, chunks_in_flight);
   *rx = Make(lanes);
   return *tx && *rx && (*tx)->Start(&sent).ok() && (*rx)->Start(&received).ok();
 }
@@ -202,40 +203,42 @@ TEST_P(UcxTransportTest, ChunksFollowTheirOfferAndLandWhereNamed) {
   rx->Shutdown();
 }
 
-// One payload's chunks, posted at once, travel at most two per lane at a time (UCX would
-// interleave them all and they would all arrive at the end): the receiver never has more than
-// that many begun and not ended.
+// One payload's chunks, posted at once, travel at most chunks_in_flight per lane at a time (UCX
+// would interleave them all and they would all arrive at the end): the receiver never has more
+// than that many begun and not ended. With the default 2, and with 1 and 3.
 TEST_P(UcxTransportTest, ChunksPostedTogetherTravelAFewAtATime) {
   const int lanes = GetParam();
   constexpr uint64_t kChunks = 24, kChunkBytes = 256 << 10;
   std::vector<uint8_t> payload(kChunks * kChunkBytes);
   for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<uint8_t>(i * 31 + (i >> 12));
-  Recorder sent, received;
-  Completions sends;
-  std::unique_ptr<UcxTransport> tx, rx;
-  ASSERT_TRUE(StartPair(lanes, sent, received, &tx, &rx));
-  tx->SendControl(rx->address(), Offer(7, payload.size()), sends.Callback());
-  for (uint64_t c = 0; c < kChunks; ++c) {
-    DataChunkHeader h;
-    h.transfer_id = 7;
-    h.index = static_cast<uint32_t>(c);
-    h.offset = c * kChunkBytes;
-    h.size = kChunkBytes;
-    tx->SendData(rx->address(), h, std::span<const uint8_t>(payload.data() + h.offset, h.size),
-                 sends.Callback());
+  for (int in_flight : {2, 1, 3}) {  // 2: the default
+    Recorder sent, received;
+    Completions sends;
+    std::unique_ptr<UcxTransport> tx, rx;
+    ASSERT_TRUE(StartPair(lanes, sent, received, &tx, &rx, in_flight));
+    tx->SendControl(rx->address(), Offer(7, payload.size()), sends.Callback());
+    for (uint64_t c = 0; c < kChunks; ++c) {
+      DataChunkHeader h;
+      h.transfer_id = 7;
+      h.index = static_cast<uint32_t>(c);
+      h.offset = c * kChunkBytes;
+      h.size = kChunkBytes;
+      tx->SendData(rx->address(), h, std::span<const uint8_t>(payload.data() + h.offset, h.size),
+                   sends.Callback());
+    }
+    ASSERT_TRUE(received.Wait(1, kChunks));
+    sends.Wait(kChunks + 1);
+    {
+      std::lock_guard<std::mutex> lock(received.mu);
+      EXPECT_EQ(received.failed, 0u);
+      EXPECT_EQ(received.before_offer, 0u);
+      EXPECT_EQ(0, std::memcmp(received.buffers[7].data(), payload.data(), payload.size()));
+      EXPECT_LE(received.max_receiving, static_cast<size_t>(in_flight) * lanes) << in_flight;
+      EXPECT_GE(received.max_receiving, 1u);
+    }
+    tx->Shutdown();
+    rx->Shutdown();
   }
-  ASSERT_TRUE(received.Wait(1, kChunks));
-  sends.Wait(kChunks + 1);
-  {
-    std::lock_guard<std::mutex> lock(received.mu);
-    EXPECT_EQ(received.failed, 0u);
-    EXPECT_EQ(received.before_offer, 0u);
-    EXPECT_EQ(0, std::memcmp(received.buffers[7].data(), payload.data(), payload.size()));
-    EXPECT_LE(received.max_receiving, 2u * lanes);
-    EXPECT_GE(received.max_receiving, 1u);
-  }
-  tx->Shutdown();
-  rx->Shutdown();
 }
 
 // Several threads send at once, pausing so that the lanes' threads fall asleep: a message then
@@ -353,6 +356,16 @@ TEST(UcxTransportOptionsTest, LanesOutOfRangeAreRefused) {
     o.lanes = lanes;
     auto t = UcxTransport::Create(o);
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << lanes;
+  }
+}
+
+TEST(UcxTransportOptionsTest, ChunksInFlightOutOfRangeAreRefused) {
+  for (int k : {0, -1, UcxTransportOptions::kMaxChunksInFlight + 1}) {
+    UcxTransportOptions o;
+    o.listen_address = "127.0.0.1:0";
+    o.chunks_in_flight = k;
+    auto t = UcxTransport::Create(o);
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << k;
   }
 }
 
