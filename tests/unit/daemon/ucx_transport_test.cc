@@ -349,23 +349,20 @@ INSTANTIATE_TEST_SUITE_P(Lanes, UcxTransportTest, ::testing::Values(1, 4),
                            return std::to_string(i.param) + "lane";
                          });
 
-TEST(UcxTransportOptionsTest, LanesOutOfRangeAreRefused) {
-  for (int lanes : {0, -1, UcxTransportOptions::kMaxLanes + 1}) {
+TEST(UcxTransportOptionsTest, OutOfRangeAreRefused) {
+  struct Case {
+    int lanes, chunks_in_flight;
+  };
+  for (const Case c :
+       {Case{0, 2}, Case{-1, 2}, Case{UcxTransportOptions::kMaxLanes + 1, 2}, Case{4, 0},
+        Case{4, -1}, Case{4, UcxTransportOptions::kMaxChunksInFlight + 1}}) {
     UcxTransportOptions o;
     o.listen_address = "127.0.0.1:0";
-    o.lanes = lanes;
+    o.lanes = c.lanes;
+    o.chunks_in_flight = c.chunks_in_flight;
     auto t = UcxTransport::Create(o);
-    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << lanes;
-  }
-}
-
-TEST(UcxTransportOptionsTest, ChunksInFlightOutOfRangeAreRefused) {
-  for (int k : {0, -1, UcxTransportOptions::kMaxChunksInFlight + 1}) {
-    UcxTransportOptions o;
-    o.listen_address = "127.0.0.1:0";
-    o.chunks_in_flight = k;
-    auto t = UcxTransport::Create(o);
-    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << k;
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument)
+        << c.lanes << " lanes, " << c.chunks_in_flight << " in flight";
   }
 }
 
