@@ -36,6 +36,13 @@ bool SameSections(const WireLayout& a, const WireLayout& b) {
   return true;
 }
 
+// Part `part` of `parts` near-equal runs of a layer section's checksummed bytes
+// [begin, crc_offset): its [first, second) payload offsets.
+std::pair<uint64_t, uint64_t> CrcPart(const LayerSection& sec, uint64_t part, uint64_t parts) {
+  const uint64_t bytes = sec.crc_offset - sec.begin;
+  return {sec.begin + bytes * part / parts, sec.begin + bytes * (part + 1) / parts};
+}
+
 }  // namespace
 
 std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_id,
@@ -1254,10 +1261,7 @@ void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t
     const auto t0 = SteadyClock::now();
     const WireLayout& wl = t->prelude->layout;
     const std::span<const uint8_t> payload = t->buffer.span();
-    const LayerSection& sec = wl.layers[first + k / job->slices];
-    const uint64_t bytes = sec.crc_offset - sec.begin, part = k % job->slices;
-    const uint64_t b = sec.begin + bytes * part / job->slices;
-    const uint64_t e = sec.begin + bytes * (part + 1) / job->slices;
+    const auto [b, e] = CrcPart(wl.layers[first + k / job->slices], k % job->slices, job->slices);
     job->part_crcs[k] = crc32c::Value(payload.data() + b, e - b);
     seconds += Since(t0, SteadyClock::now());
     absl::MutexLock lock(&job->mu);
@@ -1265,12 +1269,10 @@ void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t
     // The last part: every layer's CRC from its parts, against its trailer.
     absl::Status v = absl::OkStatus();
     for (uint32_t l = first; l < last && v.ok(); ++l) {
-      const LayerSection& ls = wl.layers[l];
-      const uint64_t n = ls.crc_offset - ls.begin;
       uint32_t crc = 0;
       for (uint32_t i = 0; i < job->slices; ++i) {
-        const uint64_t len = n * (i + 1) / job->slices - n * i / job->slices;
-        crc = crc32c::Combine(crc, job->part_crcs[(l - first) * job->slices + i], len);
+        const auto [begin, end] = CrcPart(wl.layers[l], i, job->slices);
+        crc = crc32c::Combine(crc, job->part_crcs[(l - first) * job->slices + i], end - begin);
       }
       v = CheckLayerTrailer(wl, l, payload, crc);
     }

@@ -29,6 +29,11 @@ constexpr unsigned kAmData = 2;
 constexpr uint16_t kHeaderMagic = 0x4B53;  // "SK"
 constexpr size_t kDataHeaderBytes = 40;
 
+// What a data chunk held for a connection that closed is told.
+absl::Status ConnectionClosed(const std::string& peer) {
+  return absl::UnavailableError("the connection to " + peer + " was closed");
+}
+
 absl::Status FromUcs(ucs_status_t s, const std::string& what) {
   if (s == UCS_OK) return absl::OkStatus();
   return absl::UnavailableError(absl::StrFormat("%s: %s", what, ucs_status_string(s)));
@@ -278,11 +283,11 @@ struct UcxTransport::Impl {
     void Loop();
     Endpoint* Connect(const std::string& peer, absl::Status* error);
     void Execute(Op op);
-    // Sends `op` on `e`, or holds it (a data chunk waits its turn: chunks_in_flight). A
-    // completion known at once goes to Complete. A peer's held chunks are waiting only while
-    // chunks_in_flight are in flight: a chunk is held then or behind other held ones, and whatever
-    // ends a chunk in flight (OnSendDone, PumpData's loop) pumps; nothing is left to pump after a
-    // Post.
+    // Sends `op` on `e` (this lane's connection to op.peer). A data chunk joins the peer's held
+    // chunks and goes when its turn comes (PumpData): a peer's chunks are held only while
+    // chunks_in_flight are in flight, and whatever ends one of those (OnSendDone, PostNow's
+    // immediate completion inside PumpData's loop) pumps. A completion known at once goes to
+    // Complete.
     void Post(Endpoint* e, Op op, bool on_lane_thread);
     // Sends `op` on `e` now (a data chunk: counted in flight by the caller).
     void PostNow(Endpoint* e, Op op, bool on_lane_thread);
@@ -570,12 +575,10 @@ void Impl::Lane::Execute(Op op) {
 
 void Impl::Lane::Post(Endpoint* e, Op op, bool on_lane_thread) {
   if (op.kind == Op::Kind::kData) {
-    DataFlow& f = flows[op.peer];
-    if (f.in_flight >= impl->chunks_in_flight || !f.held.empty()) {
-      f.held.push_back(std::move(op));
-      return;
-    }
-    ++f.in_flight;
+    const std::string peer = op.peer;
+    flows[peer].held.push_back(std::move(op));
+    PumpData(peer, on_lane_thread);
+    return;
   }
   PostNow(e, std::move(op), on_lane_thread);
 }
@@ -615,7 +618,7 @@ void Impl::Lane::PostNow(Endpoint* e, Op op, bool on_lane_thread) {
                 data ? "data" : "control",
                 r == nullptr ? "done" : (UCS_PTR_IS_ERR(r) ? "error" : "pending"));
   if (r != nullptr && !UCS_PTR_IS_ERR(r)) return;  // OnSendDone follows
-  if (data) --flows[req->op.peer].in_flight;       // nothing was held (Post), or PumpData loops
+  if (data) --flows[req->op.peer].in_flight;       // PumpData's loop posts the next
   Complete(std::move(req->op.done),
            r == nullptr ? absl::OkStatus() : FromUcs(UCS_PTR_STATUS(r), "send to " + req->op.peer),
            on_lane_thread);
@@ -646,8 +649,7 @@ void Impl::Lane::PumpData(const std::string& peer, bool on_lane_thread) {
     f->second.held.pop_front();
     auto e = outbound.find(peer);
     if (e == outbound.end()) {
-      Complete(std::move(op.done),
-               absl::UnavailableError("the connection to " + peer + " was closed"), on_lane_thread);
+      Complete(std::move(op.done), ConnectionClosed(peer), on_lane_thread);
       continue;
     }
     ++f->second.in_flight;
@@ -695,7 +697,7 @@ void Impl::Lane::CloseEndpoint(Endpoint* e, bool force) {
       std::deque<Op> held;
       held.swap(f->second.held);
       for (Op& op : held) {
-        op.done(absl::UnavailableError("the connection to " + e->peer + " was closed"));
+        op.done(ConnectionClosed(e->peer));
       }
     }
   }
