@@ -49,22 +49,29 @@ constexpr size_t kPrefetchAhead = 2;
 // a few tokens ahead keeps loads in flight across the 4 KiB pages a hardware prefetcher stops at.
 constexpr uint32_t kScorePrefetchAhead = 4;
 
-void PrefetchRows(const Rows& rows, uint32_t t, uint32_t heads, uint32_t row_bytes,
-                  bool for_write) {
+// Always inlined: GCC finds a function that only prefetches free of side effects (a prefetch has
+// none it can see) and deletes every call to it, which left the passes with no prefetch at all.
+[[gnu::always_inline]] inline void PrefetchRows(const Rows& rows, uint32_t t, uint32_t heads,
+                                                uint32_t row_bytes, bool for_write) {
+  // One offset computation per token (it divides by the block size); heads are a stride apart.
+  const char* first = reinterpret_cast<const char*>(rows.Row(t, 0));
   for (uint32_t h = 0; h < heads; ++h) {
-    const char* p = reinterpret_cast<const char*>(rows.Row(t, h));
+    const char* p = first + h * rows.head_stride_bytes();
     for (uint32_t b = 0; b < row_bytes; b += 64) {
       if (for_write) {
         __builtin_prefetch(p + b, 1, 0);
       } else {
-        __builtin_prefetch(p + b, 0, 0);
+        // Into L2 (prefetcht1): a non-temporal prefetch (locality 0) made the scoring pass slower
+        // than none at all (docs/BENCHMARKS.md, "the prefetches that were not there").
+        __builtin_prefetch(p + b, 0, 2);
       }
     }
   }
 }
 
-void PrefetchToken(const Rows& rows, std::span<const uint32_t> tokens, size_t i, uint32_t heads,
-                   uint32_t row_bytes, bool for_write) {
+[[gnu::always_inline]] inline void PrefetchToken(const Rows& rows, std::span<const uint32_t> tokens,
+                                                 size_t i, uint32_t heads, uint32_t row_bytes,
+                                                 bool for_write) {
   if (i + kPrefetchAhead < tokens.size()) {
     PrefetchRows(rows, tokens[i + kPrefetchAhead], heads, row_bytes, for_write);
   }
