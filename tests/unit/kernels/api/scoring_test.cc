@@ -1,7 +1,10 @@
 #include "kernels/api/scoring.h"
 
+#include <atomic>
 #include <cmath>
 #include <random>
+#include <thread>
+#include <vector>
 
 #include "client/kvgen/synthetic.h"
 #include "gtest/gtest.h"
@@ -119,6 +122,36 @@ TEST(CpuKeyNormTest, HeadCountsAndDimsOffTheVectorWidths) {
         ExpectKeyNormScores(pool.View(), scores);
       }
     }
+  }
+}
+
+TEST(CpuKeyNormTest, PassesFromSeveralThreadsAtOnce) {
+  // One codec scoring on 4, 1 and 3 threads, four callers at once, each pass run twice (the
+  // daemon's workers share one codec). Every pass must see its own buffer and its own ranges.
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<testing::TestPool> pools;
+  for (int i = 0; i < 4; ++i) {
+    pools.push_back(testing::MakePool(kvgen::PoolLayoutKind::kVllmNhd, ModelShape{2, 4, 32},
+                                      DType::kFloat16, 16, 1000 + 100 * i, rng()));
+    testing::FillRandom(pools.back().View(), rng);
+  }
+  CpuCodec codec(ScalarRowKernels());
+  for (uint32_t team : {4u, 1u, 3u}) {
+    codec.set_score_threads(team);
+    std::vector<std::vector<float>> scores(pools.size());
+    std::vector<std::thread> callers;
+    std::atomic<int> failures{0};
+    for (size_t i = 0; i < pools.size(); ++i) {
+      callers.emplace_back([&, i] {
+        scores[i].resize(pools[i].View().num_tokens);
+        for (int rep = 0; rep < 2; ++rep) {
+          if (!codec.Score(pools[i].View(), ScoreOptions{}, scores[i]).ok()) ++failures;
+        }
+      });
+    }
+    for (std::thread& t : callers) t.join();
+    ASSERT_EQ(failures.load(), 0);
+    for (size_t i = 0; i < pools.size(); ++i) ExpectKeyNormScores(pools[i].View(), scores[i]);
   }
 }
 
