@@ -136,8 +136,8 @@ TEST(CpuKeyNormTest, PassesFromSeveralThreadsAtOnce) {
     testing::FillRandom(pools.back().View(), rng);
   }
   CpuCodec codec(ScalarRowKernels());
-  for (uint32_t team : {4u, 1u, 3u}) {
-    codec.set_score_threads(team);
+  for (uint32_t threads : {4u, 1u, 3u}) {
+    codec.set_score_threads(threads);
     std::vector<std::vector<float>> scores(pools.size());
     std::vector<std::thread> callers;
     std::atomic<int> failures{0};
