@@ -51,29 +51,24 @@ constexpr uint32_t kScorePrefetchAhead = 4;
 
 // Always inlined: GCC finds a function that only prefetches free of side effects (a prefetch has
 // none it can see) and deletes every call to it, which left the passes with no prefetch at all.
+// Into L2 (prefetcht1): a non-temporal prefetch (locality 0) made the scoring pass slower than
+// none at all (docs/BENCHMARKS.md, "the prefetches that were not there"). Only source rows are
+// prefetched: prefetching the destination rows of the scalar unpack (whose stores are ordinary)
+// was no faster than not, and non-temporally 1.1x slower.
 [[gnu::always_inline]] inline void PrefetchRows(const Rows& rows, uint32_t t, uint32_t heads,
-                                                uint32_t row_bytes, bool for_write) {
+                                                uint32_t row_bytes) {
   // One offset computation per token (it divides by the block size); heads are a stride apart.
   const char* first = reinterpret_cast<const char*>(rows.Row(t, 0));
   for (uint32_t h = 0; h < heads; ++h) {
     const char* p = first + h * rows.head_stride_bytes();
-    for (uint32_t b = 0; b < row_bytes; b += 64) {
-      if (for_write) {
-        __builtin_prefetch(p + b, 1, 0);
-      } else {
-        // Into L2 (prefetcht1): a non-temporal prefetch (locality 0) made the scoring pass slower
-        // than none at all (docs/BENCHMARKS.md, "the prefetches that were not there").
-        __builtin_prefetch(p + b, 0, 2);
-      }
-    }
+    for (uint32_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
   }
 }
 
 [[gnu::always_inline]] inline void PrefetchToken(const Rows& rows, std::span<const uint32_t> tokens,
-                                                 size_t i, uint32_t heads, uint32_t row_bytes,
-                                                 bool for_write) {
+                                                 size_t i, uint32_t heads, uint32_t row_bytes) {
   if (i + kPrefetchAhead < tokens.size()) {
-    PrefetchRows(rows, tokens[i + kPrefetchAhead], heads, row_bytes, for_write);
+    PrefetchRows(rows, tokens[i + kPrefetchAhead], heads, row_bytes);
   }
 }
 
@@ -207,7 +202,7 @@ absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
           const Rows rows(kv, l, value);
           for (uint32_t t = begin; t < end; ++t) {
             if (t + kScorePrefetchAhead < end) {
-              PrefetchRows(rows, t + kScorePrefetchAhead, heads, dim * 2, false);
+              PrefetchRows(rows, t + kScorePrefetchAhead, heads, dim * 2);
             }
             scores[t] +=
                 k_.sum_row_norms(dtype, rows.Row(t, 0), rows.head_stride_bytes(), heads, dim);
@@ -363,7 +358,7 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
       uint8_t* dst = out + part.fp16_rows + f0 * hd * 2;
       for (size_t i = f0; i < f1; ++i) {
         const uint32_t t = fp16_tokens[i];
-        PrefetchToken(rows, fp16_tokens, i, heads, row_bytes, false);
+        PrefetchToken(rows, fp16_tokens, i, heads, row_bytes);
         for (uint32_t h = 0; h < heads; ++h, dst += uint64_t{dim} * 2) {
           std::memcpy(dst, rows.Row(t, h), uint64_t{dim} * 2);
         }
@@ -376,7 +371,7 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
       auto* scales8 = reinterpret_cast<uint16_t*>(out + part.int8_scales) + e0 * heads;
       for (size_t i = e0; i < e1; ++i) {
         const uint32_t t = int8_tokens[i];
-        PrefetchToken(rows, int8_tokens, i, heads, row_bytes, false);
+        PrefetchToken(rows, int8_tokens, i, heads, row_bytes);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
           if (!k_.quantize_int8(dtype, rows.Row(t, h), dim, codes8, scales8)) {
             return NonFiniteRowError(l, value, t, h);
@@ -394,7 +389,7 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
       const bool kcn = desc.key_channel_norm() && !value;
       for (size_t i = q0; i < q1; ++i) {
         const uint32_t t = int4_tokens[i];
-        PrefetchToken(rows, int4_tokens, i, heads, row_bytes, false);
+        PrefetchToken(rows, int4_tokens, i, heads, row_bytes);
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
           const uint16_t* row = rows.Row(t, h);
           const bool ok =
@@ -448,8 +443,6 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
     const RowKernels& k;
     ~FenceOnExit() { k.store_fence(); }
   } fence{k_};
-  // Prefetching a destination row for writing would read the lines that streaming stores skip.
-  const bool prefetch_dst = !k_.streaming_stores;
 
   for (uint32_t l = first_layer; l < last_layer; ++l) {
     if (verify == VerifyMode::kVerify)
@@ -469,13 +462,11 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
     for (bool value : {false, true}) {
       const PartLayout& part = value ? sec.value : sec.key;
       const Rows rows(dst, l, value);
-      const uint32_t row_bytes = dim * 2;
       const std::vector<uint32_t>& fp16_tokens = lists[Tier::kFp16];
       const auto [f0, f1] = run(fp16_tokens);
       const uint8_t* src = in + part.fp16_rows + f0 * hd * 2;
       for (size_t i = f0; i < f1; ++i) {
         const uint32_t t = fp16_tokens[i];
-        if (prefetch_dst) PrefetchToken(rows, fp16_tokens, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, src += uint64_t{dim} * 2) {
           k_.copy_row(reinterpret_cast<const uint16_t*>(src), dim, rows.Row(t, h));
         }
@@ -486,7 +477,6 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
       const auto* scales8 = reinterpret_cast<const uint16_t*>(in + part.int8_scales) + e0 * heads;
       for (size_t i = e0; i < e1; ++i) {
         const uint32_t t = int8_tokens[i];
-        if (prefetch_dst) PrefetchToken(rows, int8_tokens, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, codes8 += dim, ++scales8) {
           k_.dequantize_int8(dtype, codes8, *scales8, dim, rows.Row(t, h));
         }
@@ -498,7 +488,6 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
       const auto* scales4 = reinterpret_cast<const uint16_t*>(in + part.int4_scales) + q0 * heads;
       for (size_t i = q0; i < q1; ++i) {
         const uint32_t t = int4_list[i];
-        if (prefetch_dst) PrefetchToken(rows, int4_list, i, heads, row_bytes, true);
         for (uint32_t h = 0; h < heads; ++h, codes4 += dim / 2, ++scales4) {
           if (kcn) {
             k_.dequantize_int4_kcn(dtype, codes4, *scales4, &f.offset[uint64_t{h} * dim],
