@@ -44,7 +44,6 @@ struct RowKernels {
   // streaming (non-temporal) stores, which skip the read-for-ownership of every destination line
   // (the decode pool is not read back by the codec). Such stores are weakly ordered: store_fence
   // must run before the rows are handed to anyone else (UnpackLayers calls it before returning).
-  bool streaming_stores;
   void (*store_fence)();
 };
 

@@ -380,8 +380,7 @@ const RowKernels* Avx2RowKernels() {
   static const RowKernels kKernels = {
       "avx2",          &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
       &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumRowNorms,
-      &MinMax,         &DotMany,        &CopyRow,           true,
-      &StoreFence,
+      &MinMax,         &DotMany,        &CopyRow,           &StoreFence,
   };
   __builtin_cpu_init();
   const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&

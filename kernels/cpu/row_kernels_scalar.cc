@@ -135,8 +135,7 @@ const RowKernels& ScalarRowKernels() {
   static const RowKernels kKernels = {
       "scalar",        &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
       &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumRowNorms,
-      &MinMax,         &DotMany,        &CopyRow,           false,
-      &NoFence,
+      &MinMax,         &DotMany,        &CopyRow,           &NoFence,
   };
   return kKernels;
 }
