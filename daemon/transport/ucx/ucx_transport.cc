@@ -8,6 +8,7 @@
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -16,8 +17,10 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status.h"
 #include "kernels/api/wire_format.h"
 
 namespace spectrumkv {
@@ -141,6 +144,30 @@ bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
     return true;
   }
   return out->kind == kAmControl && length == kFixedHeaderBytes + sender_len;
+}
+
+// UCX 1.13's new protocol stack (`PROTO_ENABLE`, experimental there and off by default) aborts
+// the process in connection set-up under this transport's traffic (an assertion in
+// proto_reconfig.c while wire-up replays the pending sends; seen with transport_bench and with
+// two daemons): refuse it, from the configuration or the environment, before anything is set.
+absl::Status CheckProtocolStack(const UcxTransportOptions& options) {
+  unsigned major = 0, minor = 0, release = 0;
+  ucp_get_version(&major, &minor, &release);
+  if (major != 1 || minor > 13) return absl::OkStatus();
+  std::string value;
+  if (auto it = options.ucx_options.find("PROTO_ENABLE"); it != options.ucx_options.end()) {
+    value = it->second;
+  } else if (const char* env = std::getenv("UCX_PROTO_ENABLE"); env != nullptr) {
+    value = env;
+  } else {
+    return absl::OkStatus();
+  }
+  const std::string v = absl::AsciiStrToLower(value);
+  if (v != "y" && v != "yes" && v != "on" && v != "1") return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "UCX PROTO_ENABLE=%s: UCX %u.%u's new protocols abort in connection set-up with this "
+      "transport; leave PROTO_ENABLE unset (transport.ucx_options, UCX_PROTO_ENABLE)",
+      value, major, minor));
 }
 
 // Unique per connection and per process life.
@@ -976,6 +1003,7 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
                                                       options.chunks_in_flight,
                                                       UcxTransportOptions::kMaxChunksInFlight));
   }
+  SPECTRUMKV_RETURN_IF_ERROR(CheckProtocolStack(options));
   auto impl = std::make_unique<Impl>();
   impl->chunks_in_flight = static_cast<uint32_t>(options.chunks_in_flight);
   std::random_device rd;

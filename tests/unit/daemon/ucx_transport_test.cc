@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include <ucp/api/ucp.h>
+
 #include "gtest/gtest.h"
 
 namespace spectrumkv {
@@ -364,6 +366,32 @@ TEST(UcxTransportOptionsTest, OutOfRangeAreRefused) {
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument)
         << c.lanes << " lanes, " << c.chunks_in_flight << " in flight";
   }
+}
+
+TEST(UcxTransportOptionsTest, Ucx113NewProtocolStackIsRefused) {
+  // UCX 1.13's PROTO_ENABLE=y aborts the process in wire-up (ucx_transport.cc): refused as a bad
+  // setting (the daemon exits with its configuration code), from the configuration and from the
+  // environment; the configuration's value wins.
+  unsigned major = 0, minor = 0, release = 0;
+  ucp_get_version(&major, &minor, &release);
+  if (major != 1 || minor > 13) GTEST_SKIP() << "UCX " << major << "." << minor;
+  auto make = [](const char* option) {
+    UcxTransportOptions o;
+    o.listen_address = "127.0.0.1:0";
+    if (option != nullptr) o.ucx_options["PROTO_ENABLE"] = option;
+    return UcxTransport::Create(o);
+  };
+  for (const char* on : {"y", "YES", "on", "1"}) {
+    auto t = make(on);
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << on;
+    EXPECT_NE(t.status().message().find("PROTO_ENABLE"), std::string::npos) << t.status();
+  }
+  ASSERT_EQ(setenv("UCX_PROTO_ENABLE", "y", 1), 0);
+  EXPECT_EQ(make(nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  auto t = make("n");
+  unsetenv("UCX_PROTO_ENABLE");
+  ASSERT_TRUE(t.ok()) << t.status();
+  (*t)->Shutdown();
 }
 
 }  // namespace
