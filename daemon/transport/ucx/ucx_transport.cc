@@ -148,8 +148,9 @@ bool DecodeHeader(const void* header, size_t length, ParsedHeader* out) {
 
 // UCX 1.13's new protocol stack (`PROTO_ENABLE`, experimental there and off by default) aborts
 // the process in connection set-up under this transport's traffic (an assertion in
-// proto_reconfig.c while wire-up replays the pending sends; seen with transport_bench and with
-// two daemons): refuse it, from the configuration or the environment, before anything is set.
+// proto_reconfig.c while wire-up replays the pending sends, seen with transport_bench; a transfer
+// between two daemons with it never finished): refuse it, from the configuration or the
+// environment, before anything is set.
 absl::Status CheckProtocolStack(const UcxTransportOptions& options) {
   unsigned major = 0, minor = 0, release = 0;
   ucp_get_version(&major, &minor, &release);
