@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -79,7 +80,7 @@ int Run(int argc, char** argv) {
   std::vector<uint64_t> sizes_mib = {16, 64, 256};
   uint64_t chunk_bytes = 4ull << 20, region_mib = 2048;
   std::string tls = "tcp";
-  int rounds = 9, lanes = UcxTransportOptions{}.lanes;
+  int rounds = 9, lanes = UcxTransportOptions{}.lanes, idle_ms = 0;
   bool json = false;
   CLI::App app{
       "The UCX transport alone: chunked payloads between two transports on loopback, "
@@ -95,6 +96,10 @@ int Run(int argc, char** argv) {
   app.add_option("--rounds", rounds, "Transfers per size and mode (median)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000));
+  app.add_option("--idle-ms", idle_ms,
+                 "Idle time before each cold and hot transfer, ms (as between deliveries)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 10000));
   app.add_flag("--json", json, "Print JSON");
   CLI11_PARSE(app, argc, argv);
   const uint64_t largest =
@@ -173,6 +178,7 @@ int Run(int argc, char** argv) {
     return seconds;
   };
   auto transfer = [&](uint64_t size, uint64_t at) { return transfers(size, {at}); };
+  auto idle = [&] { std::this_thread::sleep_for(std::chrono::milliseconds(idle_ms)); };
 
   // Warm-up: connection set-up, UCX's first-use costs, and the sockets' buffer autotuning
   // (measured: a first 16 MiB size ran at about half the speed after a single warm-up transfer).
@@ -200,7 +206,9 @@ int Run(int argc, char** argv) {
     for (int r = 0; r < rounds; ++r) {
       // Alternate the modes so that drifts of a shared machine hit all alike. The stream is
       // `rounds` cold transfers posted back to back.
+      idle();
       const double c = transfer(size, next_at());
+      idle();
       const double h = transfer(size, 0);
       double st = 0;
       if (r < 3) {
@@ -228,8 +236,9 @@ int Run(int argc, char** argv) {
 
   if (json) {
     std::printf(
-        "{\"tls\": \"%s\", \"lanes\": %d, \"chunk_bytes\": %lu, \"rounds\": %d, \"rows\": [",
-        tls.c_str(), lanes, static_cast<unsigned long>(chunk_bytes), rounds);
+        "{\"tls\": \"%s\", \"lanes\": %d, \"chunk_bytes\": %lu, \"rounds\": %d, \"idle_ms\": %d, "
+        "\"rows\": [",
+        tls.c_str(), lanes, static_cast<unsigned long>(chunk_bytes), rounds, idle_ms);
     for (size_t i = 0; i < rows.size(); ++i) {
       std::printf(
           "%s{\"size_mib\": %lu, \"cold_Bps\": %.0f, \"hot_Bps\": %.0f, \"stream_Bps\": %.0f}",
@@ -238,8 +247,10 @@ int Run(int argc, char** argv) {
     }
     std::printf("]}\n");
   } else {
-    std::printf("UcxTransport alone, UCX_TLS=%s, %d lane(s), %lu-byte chunks, medians of %d\n",
-                tls.c_str(), lanes, static_cast<unsigned long>(chunk_bytes), rounds);
+    std::printf(
+        "UcxTransport alone, UCX_TLS=%s, %d lane(s), %lu-byte chunks, medians of %d, %d ms idle "
+        "before each cold and hot transfer\n",
+        tls.c_str(), lanes, static_cast<unsigned long>(chunk_bytes), rounds, idle_ms);
     std::printf("%9s %14s %14s %14s\n", "size", "cold GB/s", "hot GB/s", "stream GB/s");
     for (const Row& r : rows) {
       std::printf("%5lu MiB %14.2f %14.2f %14.2f\n", static_cast<unsigned long>(r.mib), r.cold_gbps,

@@ -7,11 +7,13 @@ the receiver accepted the offer, had its first chunk (the prelude), its first ch
 then every chunk, verified and unpacked every chunk, and finished. This prints the median gap
 between consecutive events over all transfers found in both logs, and (with --run) the last
 chunks' arrivals and unpacks against the last arrival, the last verification's start and length
-and the wake-up of its slices.
+and the wake-up of its slices, the layer chunks' arrival rate in thirds of the link phase, and
+when the sender packed its last chunk.
 
   timeline.py PREFILL_LOG DECODE_LOG      read two daemons' debug logs
   timeline.py --run [--sizes MIB...] [--pool-memory host cuda] [--rounds N] [--lanes L]
-              [--in-flight K] [--chunk C] [--workers W] [--score-threads S] [--bin DIR]
+              [--in-flight K] [--chunk C] [--workers W] [--score-threads S]
+              [--gpu-score-share G] [--bin DIR]
               [--delivery B] [--scoring S] [--rate R] [--ucx-option NAME=VALUE]
                                           start two daemons with debug logs (as transfer_bench.py
                                           does), move uncompressed llama3-8b KV one transfer at a
@@ -97,6 +99,26 @@ def offer_legs_ms(prefill_log, decode_log):
     return legs
 
 
+PACKED = re.compile(r"(\S+)Z D send (\S+): chunk \d+ packed")
+SCORED = re.compile(r"(\S+)Z D send (\S+): scored")
+
+
+def packing_ms(prefill_log):
+    """When the sender packed its last chunk, ms after its scoring pass: how long packing keeps
+    the workers busy beside the lanes."""
+    per = collections.defaultdict(dict)
+    with open(prefill_log) as f:
+        for line in f:
+            for kind, pattern in (("packed", PACKED), ("scored", SCORED)):
+                m = pattern.match(line)
+                if m:
+                    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                    per[m.group(2)][kind] = max(t, per[m.group(2)].get(kind, t))
+    return {"pack: last chunk packed (vs send scored)":
+            [(e["packed"] - e["scored"]) * 1e3 for e in per.values()
+             if "packed" in e and "scored" in e]}
+
+
 CHUNK_IN = re.compile(r"(\S+)Z D receive (\S+): chunk \d+ in")
 UNPACKED = re.compile(r"(\S+)Z D receive (\S+): layers \d+ to \d+ unpacked")
 VERIFIED = re.compile(r"(\S+)Z D receive (\S+): layers \d+ to \d+ verified in ([\d.]+) ms")
@@ -123,6 +145,16 @@ def tail_ms(decode_log, last=4):
         if not e["in"]:
             continue
         end = max(e["in"])[0]
+        # Arrivals of the layer chunks (the prelude, first in, left out) in thirds: the time
+        # between the last arrival before a third and its last arrival, per chunk in it. Equal
+        # chunks at the link's rate give equal thirds.
+        arrivals = sorted(t for t, in e["in"])
+        n = len(arrivals) - 1
+        if n >= 3:
+            ends = [arrivals[0]] + [arrivals[round(n * k / 3)] for k in (1, 2, 3)]
+            counts = [round(n * k / 3) - round(n * (k - 1) / 3) for k in (1, 2, 3)]
+            for label, a, b, c in zip(("first", "middle", "last"), ends, ends[1:], counts):
+                rows[f"link: ms per chunk in, {label} third"].append((b - a) * 1e3 / c)
         for kind in ("in", "unpacked"):
             for rank, (t,) in enumerate(sorted(e[kind], reverse=True)[:last]):
                 label = "arrived" if kind == "in" else "unpacked"
@@ -174,6 +206,7 @@ def one(args, tb, ns, memory, mib):
         d = tb.Daemons(work, ns=ns, chunk=args.chunk, workers=args.workers,
                        log_level="debug", lanes=args.lanes,
                        score_threads=args.score_threads, in_flight=args.in_flight,
+                       gpu_score_share=args.gpu_score_share,
                        ucx_options=tb.ucx_options(args.ucx_option))
         try:
             if args.delivery:
@@ -209,6 +242,7 @@ def one(args, tb, ns, memory, mib):
         print_gaps(offer_legs_ms(os.path.join(work, "prefill.log"),
                                  os.path.join(work, "decode.log")))
         print_gaps(tail_ms(os.path.join(work, "decode.log")))
+        print_gaps(packing_ms(os.path.join(work, "prefill.log")))
 
 
 def main():
@@ -235,6 +269,8 @@ def main():
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
     ap.add_argument("--score-threads", type=int, default=0,
                     help="codec.score_threads of both daemons (0: as many as --workers)")
+    ap.add_argument("--gpu-score-share", type=float, default=0.0,
+                    help="codec.gpu_score_share of both daemons")
     ap.add_argument("--bin", default="", help="folder with spectrumkvd and spectrumkv "
                                               "(default: build/bin)")
     ap.add_argument("--delivery", type=float, default=0, metavar="B",
