@@ -7,11 +7,7 @@
 // reported, as GB/s of FP16 KV bytes and as a ratio to memcpy.
 //
 // With --score-threads, scoring also runs on that many threads (not pinned), next to a plain
-// read of the same pool bytes on as many threads: the memory floor that scoring can reach. With
-// --gpu-score-shares too, on a machine with the CUDA backend, the pool is mapped for the GPU
-// (MapHostMemoryToDevice) and scored by the GPU alone over the bus, and split (ScoreSplit: the
-// GPU takes that share of the tokens, the CPU threads the rest, at once), as the daemon's
-// codec.gpu_score_share does.
+// read of the same pool bytes on as many threads: the memory floor that scoring can reach.
 #include <sched.h>
 
 #include <algorithm>
@@ -28,7 +24,6 @@
 #include "client/kvgen/synthetic.h"
 #include "kernels/api/codec.h"
 #include "kernels/cpu/cpu_codec.h"
-#include "kernels/registry/codec_registry.h"
 
 namespace spectrumkv {
 namespace {
@@ -91,21 +86,7 @@ int Run(int argc, char** argv) {
   app.add_option("--backend", backend, "best or scalar")->capture_default_str();
   app.add_option("--score-threads", score_threads,
                  "Also score (and read the pool) on each of these thread counts, unpinned");
-  std::vector<double> gpu_shares;
-  app.add_option("--gpu-score-shares", gpu_shares,
-                 "With --score-threads and a GPU: also score with the GPU taking each of these "
-                 "shares of the tokens over the bus (0-1)")
-      ->check(CLI::Range(0.0, 1.0));
   CLI11_PARSE(app, argc, argv);
-  std::unique_ptr<Codec> gpu;
-  if (!gpu_shares.empty()) {
-    absl::StatusOr<BackendSelection> cuda = CreateCodec(BackendChoice::kCuda);
-    if (cuda.ok()) {
-      gpu = std::move(cuda->codec);
-    } else {
-      std::printf("# no GPU scoring: %s\n", cuda.status().ToString().c_str());
-    }
-  }
 
   cpu_set_t all_cpus;
   if (sched_getaffinity(0, sizeof(all_cpus), &all_cpus) != 0) std::perror("sched_getaffinity");
@@ -165,36 +146,6 @@ int Run(int argc, char** argv) {
       const std::string label = "x" + std::to_string(k);
       row(label.c_str(), "score", t_k);
       row(label.c_str(), "read", t_read);
-      if (gpu == nullptr) continue;
-      std::vector<std::unique_ptr<DeviceAllocation>> mappings;
-      std::vector<MemoryRegion> mapped;
-      for (const MemoryRegion& r : src_pool->regions()) {
-        absl::StatusOr<std::unique_ptr<DeviceAllocation>> m =
-            MapHostMemoryToDevice(r.base, r.size_bytes);
-        if (!m.ok()) {
-          std::printf("# mapping the pool for the GPU failed: %s\n", m.status().ToString().c_str());
-          break;
-        }
-        mapped.push_back(MemoryRegion{(*m)->data(), r.size_bytes});
-        mappings.push_back(std::move(*m));
-      }
-      if (mapped.size() != src_pool->regions().size()) continue;
-      KvBuffer gpu_view = src;
-      gpu_view.regions = mapped;
-      gpu_view.memory_kind = MemoryKind::kDevice;
-      sched_setaffinity(0, sizeof(all_cpus), &all_cpus);
-      codec->set_score_threads(k);
-      for (double share : gpu_shares) {
-        const uint32_t split = static_cast<uint32_t>(n * share / 16) * 16;
-        const double t = MedianSeconds(reps, [&] {
-          if (!ScoreSplit(*codec, src, *gpu, gpu_view, split, ScoreOptions{}, scores).ok()) {
-            std::abort();
-          }
-        });
-        row((label + "+gpu" + std::to_string(share).substr(0, 4)).c_str(), "score", t);
-      }
-      codec->set_score_threads(1);
-      sched_setaffinity(0, sizeof(pinned), &pinned);
     }
     for (double b : budgets) {
       PlanOptions o;

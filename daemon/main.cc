@@ -56,8 +56,7 @@ void SdNotify(const std::string& state) {
   close(fd);
 }
 
-// A GPU region of a pool (memory of the frontend's process, opened through its CUDA IPC handle),
-// or a host region's mapping for the device codec.
+// A GPU region of a pool: memory of the frontend's process, opened through its CUDA IPC handle.
 class ImportedDeviceMemory final : public ImportedMemory {
  public:
   explicit ImportedDeviceMemory(std::unique_ptr<DeviceAllocation> memory)
@@ -270,31 +269,13 @@ int Run(int argc, char** argv) {
                    pinned.status().ToString());
     }
   }
-  // codec.gpu_score_share: host pools are mapped for the device codec, which scores part of
-  // their key_norm pass over the bus.
-  HostRegionMapper host_mapper;
-  if (config.codec.gpu_score_share > 0) {
-    if (device_codec) {
-      host_mapper = [](void* data,
-                       uint64_t bytes) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
-        absl::StatusOr<std::unique_ptr<DeviceAllocation>> mapped =
-            MapHostMemoryToDevice(data, bytes);
-        if (!mapped.ok()) return mapped.status();
-        return std::make_unique<ImportedDeviceMemory>(std::move(*mapped));
-      };
-    } else {
-      spdlog::warn("codec.gpu_score_share {} has no effect: this daemon runs no CUDA codec",
-                   config.codec.gpu_score_share);
-    }
-  }
   PoolRegistry pools(
       config.limits.max_pools,
       MakeCudaIpcImporter(device_codec != nullptr,
                           CudaBackendBuilt()
                               ? absl::StrFormat("this daemon runs the %s codec, not CUDA (%s)",
                                                 backend_name, selected->reason)
-                              : std::string("this daemon was built without the CUDA backend")),
-      host_mapper);
+                              : std::string("this daemon was built without the CUDA backend")));
   ModelPolicies models;
   for (const ModelPolicyConfig& m : config.models) {
     if (absl::Status s = models.Set({m.model, m.allow_int4, m.allow_int8, m.source}); !s.ok()) {
@@ -337,7 +318,6 @@ int Run(int argc, char** argv) {
       kChunksPerLane * (config.transport.kind == "ucx" ? config.transport.ucx_lanes : 1);
   options.pack_threads = config.codec.worker_threads;
   options.pack_slices = config.codec.pack_slices;
-  options.gpu_score_share = config.codec.gpu_score_share;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
       options, pools, CodecSet{host_codec.get(), device_codec.get(), device_memory.get()},

@@ -80,8 +80,7 @@ def one_link(args, rate):
             d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers,
                            lanes=args.lanes[0], score_threads=args.score_threads,
                            pack_slices=args.pack_slices, in_flight=args.in_flight,
-                           ucx_options=tb.ucx_options(args.ucx_option),
-                           gpu_score_share=args.gpu_score_share)
+                           ucx_options=tb.ucx_options(args.ucx_option))
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:
@@ -115,7 +114,6 @@ def main():
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
               "score_threads": args.score_threads, "pack_slices": args.pack_slices,
-              "gpu_score_share": args.gpu_score_share,
               "rounds": args.rounds, "lanes": args.lanes, "cpus": os.cpu_count(),
               "kernel": os.uname().release, "links": [], "goodput": []}
     for memory in args.goodput:

@@ -12,8 +12,7 @@ when the sender packed its last chunk.
 
   timeline.py PREFILL_LOG DECODE_LOG      read two daemons' debug logs
   timeline.py --run [--sizes MIB...] [--pool-memory host cuda] [--rounds N] [--lanes L]
-              [--in-flight K] [--chunk C] [--workers W] [--score-threads S]
-              [--gpu-score-share G] [--bin DIR]
+              [--in-flight K] [--chunk C] [--workers W] [--score-threads S] [--bin DIR]
               [--delivery B] [--scoring S] [--rate R] [--ucx-option NAME=VALUE]
                                           start two daemons with debug logs (as transfer_bench.py
                                           does), move uncompressed llama3-8b KV one transfer at a
@@ -206,7 +205,6 @@ def one(args, tb, ns, memory, mib):
         d = tb.Daemons(work, ns=ns, chunk=args.chunk, workers=args.workers,
                        log_level="debug", lanes=args.lanes,
                        score_threads=args.score_threads, in_flight=args.in_flight,
-                       gpu_score_share=args.gpu_score_share,
                        ucx_options=tb.ucx_options(args.ucx_option))
         try:
             if args.delivery:
@@ -269,8 +267,6 @@ def main():
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
     ap.add_argument("--score-threads", type=int, default=0,
                     help="codec.score_threads of both daemons (0: as many as --workers)")
-    ap.add_argument("--gpu-score-share", type=float, default=0.0,
-                    help="codec.gpu_score_share of both daemons")
     ap.add_argument("--bin", default="", help="folder with spectrumkvd and spectrumkv "
                                               "(default: build/bin)")
     ap.add_argument("--delivery", type=float, default=0, metavar="B",

@@ -56,8 +56,7 @@ class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
     def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
-                 lanes=4, score_threads=0, pack_slices=0, in_flight=2, ucx_options=(),
-                 gpu_score_share=0.0):
+                 lanes=4, score_threads=0, pack_slices=0, in_flight=2, ucx_options=()):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -70,7 +69,7 @@ transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {la
             ucx_chunks_in_flight: {in_flight}, ucx_options: {{{", ".join(ucx_options)}}}}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
 codec: {{chunk_bytes: {chunk}, worker_threads: {workers}, score_threads: {score_threads},
-        pack_slices: {pack_slices}, gpu_score_share: {gpu_score_share}}}
+        pack_slices: {pack_slices}}}
 logging: {{level: {log_level}}}
 """)
             log = open(os.path.join(work, f"{name}.log"), "w")
@@ -335,8 +334,7 @@ def shaped(args):
                 d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers,
                             lanes=args.lanes[0], score_threads=args.score_threads,
                             pack_slices=args.pack_slices, in_flight=args.in_flight,
-                            ucx_options=ucx_options(args.ucx_option),
-                            gpu_score_share=args.gpu_score_share)
+                            ucx_options=ucx_options(args.ucx_option))
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
@@ -370,9 +368,6 @@ def add_common_args(ap):
                     help="transport.ucx_chunks_in_flight of both daemons (the daemon's default: 2)")
     ap.add_argument("--ucx-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
-    ap.add_argument("--gpu-score-share", type=float, default=0.0,
-                    help="codec.gpu_score_share of both daemons (with a GPU: the share of a host "
-                         "pool's key_norm pass scored on it)")
 
 
 def main():

@@ -334,10 +334,6 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Uint32(m, q, &k.pack_slices, 0, 256);
                         }},
-                       {"gpu_score_share",
-                        [&](const YAML::Node& m, const std::string& q) {
-                          r.Double(m, q, &k.gpu_score_share, 0, 0.9);
-                        }},
                    });
            }},
           {"models",
@@ -509,8 +505,7 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "min_chunk_bytes" << YAML::Value << k.min_chunk_bytes;
   out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads;
   out << YAML::Key << "score_threads" << YAML::Value << k.score_threads;
-  out << YAML::Key << "pack_slices" << YAML::Value << k.pack_slices;
-  out << YAML::Key << "gpu_score_share" << YAML::Value << k.gpu_score_share << YAML::EndMap;
+  out << YAML::Key << "pack_slices" << YAML::Value << k.pack_slices << YAML::EndMap;
   out << YAML::Key << "models" << YAML::Value << YAML::BeginMap;
   for (const ModelPolicyConfig& m : c.models) {
     out << YAML::Key << m.model << YAML::Value << YAML::BeginMap;

@@ -66,7 +66,6 @@ struct CodecConfig {
   uint32_t worker_threads = 2;         // codec and transfer work
   uint32_t score_threads = 0;          // CPU key_norm scoring of one Send; 0: worker_threads
   uint32_t pack_slices = 0;            // parts of a host chunk; 0: workers / transfers in flight
-  double gpu_score_share = 0;          // of a host pool's key_norm pass scored on the GPU
 };
 
 struct ModelPolicyConfig {

@@ -30,21 +30,15 @@ bool IsValidPoolId(const std::string& id) {
 }
 
 Pool::Pool(std::string id, KvLayout layout, MemoryKind kind, std::string model,
-           std::vector<std::unique_ptr<ImportedMemory>> memory,
-           std::vector<std::unique_ptr<ImportedMemory>> device_views)
+           std::vector<std::unique_ptr<ImportedMemory>> memory)
     : id_(std::move(id)),
       layout_(std::move(layout)),
       kind_(kind),
       model_(std::move(model)),
-      memory_(std::move(memory)),
-      device_views_(std::move(device_views)) {
+      memory_(std::move(memory)) {
   for (const auto& m : memory_) {
     regions_.push_back(MemoryRegion{m->data(), m->size()});
     total_bytes_ += m->size();
-  }
-  if (device_views_.size() == memory_.size()) {
-    for (const auto& m : device_views_)
-      device_regions_.push_back(MemoryRegion{m->data(), m->size()});
   }
 }
 
@@ -58,22 +52,10 @@ KvBuffer Pool::View(std::span<const uint32_t> block_table, uint32_t num_tokens) 
   return kv;
 }
 
-KvBuffer Pool::DeviceView(std::span<const uint32_t> block_table, uint32_t num_tokens) const {
-  KvBuffer kv = View(block_table, num_tokens);
-  kv.regions = device_regions_;
-  kv.memory_kind = MemoryKind::kDevice;
-  return kv;
-}
+PoolRegistry::PoolRegistry(uint32_t max_pools, CudaIpcImporter cuda_importer)
+    : max_pools_(max_pools), cuda_importer_(std::move(cuda_importer)) {}
 
-PoolRegistry::PoolRegistry(uint32_t max_pools, CudaIpcImporter cuda_importer,
-                           HostRegionMapper host_mapper)
-    : max_pools_(max_pools),
-      cuda_importer_(std::move(cuda_importer)),
-      host_mapper_(std::move(host_mapper)) {}
-
-absl::StatusOr<std::shared_ptr<Pool>> PoolRegistry::Register(PoolSpec spec,
-                                                             absl::Status* host_mapping_error) {
-  if (host_mapping_error != nullptr) *host_mapping_error = absl::OkStatus();
+absl::StatusOr<std::shared_ptr<Pool>> PoolRegistry::Register(PoolSpec spec) {
   if (!IsValidPoolId(spec.pool_id)) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "pool_id \"%s\" must be 1-128 characters of [A-Za-z0-9._-]", spec.pool_id.substr(0, 200)));
@@ -127,25 +109,9 @@ absl::StatusOr<std::shared_ptr<Pool>> PoolRegistry::Register(PoolSpec spec,
       memory.push_back(std::move(*imported));
     }
   }
-  std::vector<std::unique_ptr<ImportedMemory>> device_views;
-  if (any_host && host_mapper_) {
-    for (size_t i = 0; i < memory.size(); ++i) {
-      auto mapped = host_mapper_(memory[i]->data(), memory[i]->size());
-      if (!mapped.ok()) {
-        device_views.clear();
-        if (host_mapping_error != nullptr) {
-          *host_mapping_error =
-              absl::Status(mapped.status().code(),
-                           absl::StrFormat("regions[%u]: %s", i, mapped.status().message()));
-        }
-        break;
-      }
-      device_views.push_back(std::move(*mapped));
-    }
-  }
-  auto pool = std::make_shared<Pool>(
-      spec.pool_id, std::move(spec.layout), any_cuda ? MemoryKind::kDevice : MemoryKind::kHost,
-      std::move(spec.model), std::move(memory), std::move(device_views));
+  auto pool = std::make_shared<Pool>(spec.pool_id, std::move(spec.layout),
+                                     any_cuda ? MemoryKind::kDevice : MemoryKind::kHost,
+                                     std::move(spec.model), std::move(memory));
   absl::MutexLock lock(&mu_);
   if (!pools_.emplace(pool->id(), pool).second) {
     return absl::AlreadyExistsError(

@@ -56,19 +56,10 @@ class ImportedMemory {
 using CudaIpcImporter =
     std::function<absl::StatusOr<std::unique_ptr<ImportedMemory>>(const CudaIpcSpec&)>;
 
-// Maps a host region of a pool into the device codec's address space (pinned, read by kernels
-// over the bus), so that part of a host pool's scoring pass runs on the GPU
-// (codec.gpu_score_share). The returned memory's data() is the device address of the region.
-using HostRegionMapper =
-    std::function<absl::StatusOr<std::unique_ptr<ImportedMemory>>(void* data, uint64_t bytes)>;
-
 class Pool {
  public:
-  // `device_views`: for a host pool, one mapping of each of `memory`'s regions (HostRegionMapper),
-  // or none.
   Pool(std::string id, KvLayout layout, MemoryKind kind, std::string model,
-       std::vector<std::unique_ptr<ImportedMemory>> memory,
-       std::vector<std::unique_ptr<ImportedMemory>> device_views = {});
+       std::vector<std::unique_ptr<ImportedMemory>> memory);
 
   const std::string& id() const { return id_; }
   const KvLayout& layout() const { return layout_; }
@@ -80,11 +71,6 @@ class Pool {
   // A view of one request; `block_table` must outlive it.
   KvBuffer View(std::span<const uint32_t> block_table, uint32_t num_tokens) const;
 
-  // Whether a host pool is also mapped for the device codec, and the same view through that
-  // mapping (memory_kind kDevice).
-  bool has_device_view() const { return !device_regions_.empty(); }
-  KvBuffer DeviceView(std::span<const uint32_t> block_table, uint32_t num_tokens) const;
-
   // Transfers currently using the pool.
   std::atomic<uint32_t> active_transfers{0};
 
@@ -94,26 +80,18 @@ class Pool {
   MemoryKind kind_;
   std::string model_;
   std::vector<std::unique_ptr<ImportedMemory>> memory_;
-  // After memory_: unmapped from the device before the memory itself goes.
-  std::vector<std::unique_ptr<ImportedMemory>> device_views_;
-  std::vector<MemoryRegion> regions_, device_regions_;
+  std::vector<MemoryRegion> regions_;
   uint64_t total_bytes_ = 0;
 };
 
 class PoolRegistry {
  public:
-  // With `host_mapper`, every host pool is also mapped for the device codec; a pool whose mapping
-  // fails is registered without it (host_mapping_error() says why).
-  PoolRegistry(uint32_t max_pools, CudaIpcImporter cuda_importer,
-               HostRegionMapper host_mapper = nullptr);
+  PoolRegistry(uint32_t max_pools, CudaIpcImporter cuda_importer);
 
   // Imports the regions and validates the layout against them. Errors: INVALID_ARGUMENT (bad id,
   // layout, handle or range; mixed host and CUDA regions), ALREADY_EXISTS, NOT_FOUND (no such
   // shared-memory object), UNAVAILABLE (CUDA IPC without a GPU), RESOURCE_EXHAUSTED (max_pools).
-  // `host_mapping_error`, if given, receives why a host pool could not be mapped for the device
-  // (OK if it was, or if no mapper is set).
-  absl::StatusOr<std::shared_ptr<Pool>> Register(PoolSpec spec,
-                                                 absl::Status* host_mapping_error = nullptr);
+  absl::StatusOr<std::shared_ptr<Pool>> Register(PoolSpec spec);
 
   // NOT_FOUND, or FAILED_PRECONDITION while transfers use the pool.
   absl::Status Unregister(const std::string& pool_id);
@@ -127,7 +105,6 @@ class PoolRegistry {
  private:
   const uint32_t max_pools_;
   CudaIpcImporter cuda_importer_;
-  HostRegionMapper host_mapper_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
 };

@@ -102,8 +102,7 @@ grpc::ServerUnaryReactor* KvTransferService::RegisterPool(grpc::CallbackServerCo
                                                           v1::RegisterPoolResponse* resp) {
   absl::StatusOr<PoolSpec> spec = PoolSpecFromProto(*req);
   if (!spec.ok()) return Done(ctx, spec.status());
-  absl::Status mapping;
-  absl::StatusOr<std::shared_ptr<Pool>> pool = pools_.Register(std::move(*spec), &mapping);
+  absl::StatusOr<std::shared_ptr<Pool>> pool = pools_.Register(std::move(*spec));
   if (!pool.ok()) {
     return Done(ctx, absl::Status(pool.status().code(),
                                   absl::StrFormat("RegisterPool %s: %s", req->pool_id(),
@@ -111,13 +110,8 @@ grpc::ServerUnaryReactor* KvTransferService::RegisterPool(grpc::CallbackServerCo
   }
   resp->set_total_bytes((*pool)->total_bytes());
   metrics_.SetPools(pools_.size());
-  spdlog::info("registered pool {} ({} bytes, {} layers{})", req->pool_id(), (*pool)->total_bytes(),
-               (*pool)->layout().shape.num_layers,
-               (*pool)->has_device_view() ? ", mapped for GPU scoring" : "");
-  if (!mapping.ok()) {
-    spdlog::warn("pool {} is not mapped for GPU scoring, the CPU scores it alone: {}",
-                 req->pool_id(), mapping.ToString());
-  }
+  spdlog::info("registered pool {} ({} bytes, {} layers)", req->pool_id(), (*pool)->total_bytes(),
+               (*pool)->layout().shape.num_layers);
   return Done(ctx, absl::OkStatus());
 }
 

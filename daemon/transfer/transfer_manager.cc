@@ -607,23 +607,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     so.pool_kernel = a.pool_kernel;
     so.recency_decay = a.recency_decay;
     so.external_scores = a.external_scores;
-    // A host pool mapped for the GPU: the device codec scores its first tokens over the bus
-    // while the host codec scores the others, the two reading the pool at once.
-    const uint32_t bs = pool->layout().block_size;
-    const uint32_t split =
-        !on_device && so.mode == ScoringMode::kKeyNorm && codecs_.device != nullptr &&
-                pool->has_device_view()
-            ? static_cast<uint32_t>(a.num_tokens * options_.gpu_score_share / bs) * bs
-            : 0;
-    if (split > 0) {
-      std::vector<float> scores(a.num_tokens);
-      SPECTRUMKV_RETURN_IF_ERROR(ScoreSplit(*codec, src, *codecs_.device,
-                                            pool->DeviceView(a.blocks, a.num_tokens), split, so,
-                                            scores));
-      SPECTRUMKV_ASSIGN_OR_RETURN(plan, PlanTiers(shape, dtype, a.num_tokens, scores, po));
-    } else {
-      SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
-    }
+    SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
   }
   t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
   if (need_scores) spdlog::debug("send {}: scored", t.id_str);

@@ -172,10 +172,6 @@ struct TransferManagerOptions {
   // transfer's chunks are cut pack_threads ways, and as many transfers as workers keep whole
   // chunks. 1: always whole chunks, several at once.
   uint32_t pack_slices = 0;
-  // Of a host pool's key_norm pass, the share of tokens (whole blocks, from the front) that the
-  // device codec scores through the pool's device mapping (Pool::has_device_view) while the host
-  // codec scores the rest (ScoreSplit). 0: all on the host.
-  double gpu_score_share = 0;
   uint64_t incarnation = 0;
 };
 

@@ -1,7 +1,5 @@
 #include "kernels/api/codec.h"
 
-#include <thread>
-
 #include "absl/strings/str_format.h"
 #include "common/status.h"
 
@@ -62,46 +60,6 @@ absl::Status CheckUnpackArgs(const ParsedPrelude& prelude, std::span<const uint8
         absl::StrFormat("payload of %u bytes, the header says %u", payload.size(), wl.total_bytes));
   }
   return absl::OkStatus();
-}
-
-absl::Status ScoreSplit(Codec& rest, const KvBuffer& kv, Codec& first, const KvBuffer& first_kv,
-                        uint32_t split, const ScoreOptions& options, std::span<float> scores) {
-  if (options.mode != ScoringMode::kKeyNorm) {
-    return absl::InvalidArgumentError("ScoreSplit: key_norm scoring only");
-  }
-  if (kv.layout == nullptr || first_kv.layout == nullptr) {
-    return absl::InvalidArgumentError("ScoreSplit: layout missing");
-  }
-  const uint32_t bs = kv.layout->block_size, n = kv.num_tokens;
-  if (first_kv.layout != kv.layout || first_kv.num_tokens != n ||
-      first_kv.regions.size() != kv.regions.size() ||
-      first_kv.block_table.size() != kv.block_table.size()) {
-    return absl::InvalidArgumentError("ScoreSplit: the two views differ in layout or tokens");
-  }
-  if (bs == 0 || split % bs != 0 || split > n) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "ScoreSplit: split %u is not a multiple of the block size %u within %u tokens", split, bs,
-        n));
-  }
-  if (scores.size() != n) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%u score slots for %u tokens", scores.size(), n));
-  }
-  if (split == 0) return rest.Score(kv, options, scores);
-  if (split == n) return first.Score(first_kv, options, scores);
-  // Each part is a buffer of its own tokens: a run of the block table.
-  KvBuffer head = first_kv;
-  head.block_table = first_kv.block_table.subspan(0, split / bs);
-  head.num_tokens = split;
-  KvBuffer tail = kv;
-  tail.block_table = kv.block_table.subspan(split / bs);
-  tail.num_tokens = n - split;
-  absl::Status head_status;
-  std::thread reader([&] { head_status = first.Score(head, options, scores.subspan(0, split)); });
-  absl::Status tail_status = rest.Score(tail, options, scores.subspan(split));
-  reader.join();
-  SPECTRUMKV_RETURN_IF_ERROR(head_status);
-  return tail_status;
 }
 
 absl::Status NonFiniteRowError(uint32_t layer, bool value, uint32_t token, uint32_t head) {

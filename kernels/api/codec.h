@@ -90,17 +90,6 @@ class Codec {
                                         uint32_t slices);
 };
 
-// key_norm scores of `kv` from two readers at once: `first` scores the first `split` tokens from
-// `first_kv`, a view of the same KV that `first` can read (the same layout, regions, block table
-// and token count; for example host memory mapped into a GPU's address space), while `rest`
-// scores the others from `kv` on the calling thread. A token's key_norm reads its own rows only,
-// so each part's scores are those its backend writes for the whole buffer (backends agree within
-// float rounding, not bit for bit). `split` is a multiple of the block size, at most
-// kv.num_tokens; 0 leaves everything to `rest`. INVALID_ARGUMENT for another scoring mode, a
-// `first_kv` that differs in shape, or a bad split; otherwise the errors of either Score.
-absl::Status ScoreSplit(Codec& rest, const KvBuffer& kv, Codec& first, const KvBuffer& first_kv,
-                        uint32_t split, const ScoreOptions& options, std::span<float> scores);
-
 // Checks that `kv` is valid and matches the payload description (shape, dtype, tokens).
 absl::Status CheckBufferMatches(const KvBuffer& kv, const PayloadDesc& desc, const char* role);
 

@@ -31,28 +31,23 @@ constexpr uint64_t kMaxRangeRows = 4096;
 
 uint64_t AlignUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
-// True if `p` is memory `device` can access (device or managed allocations, mapped host memory).
-// The device's context is made current first: a thread without it sees registered host memory
-// as unregistered.
-bool IsDeviceAccessible(const void* p, int device) {
+// True if `p` is memory the device can access (device or managed allocations).
+bool IsDeviceAccessible(const void* p) {
   cudaPointerAttributes attr;
-  if (cudaSetDevice(device) != cudaSuccess || cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
     (void)cudaGetLastError();  // clear the error so it does not leak into a later call
     return false;
   }
-  // Host memory registered as mapped counts where kernels reach it at the same address (reads
-  // and writes then cross the bus).
-  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ||
-         (attr.type == cudaMemoryTypeHost && attr.devicePointer == p);
+  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
 }
 
-absl::Status CheckDeviceKv(const KvBuffer& kv, const char* role, int device) {
+absl::Status CheckDeviceKv(const KvBuffer& kv, const char* role) {
   if (kv.memory_kind != MemoryKind::kDevice) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s: the cuda codec needs KV in device memory (memory_kind kDevice)", role));
   }
   for (size_t i = 0; i < kv.regions.size(); ++i) {
-    if (kv.regions[i].size_bytes != 0 && !IsDeviceAccessible(kv.regions[i].base, device)) {
+    if (kv.regions[i].size_bytes != 0 && !IsDeviceAccessible(kv.regions[i].base)) {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s: regions[%u].base is not device memory", role, i));
     }
@@ -60,12 +55,12 @@ absl::Status CheckDeviceKv(const KvBuffer& kv, const char* role, int device) {
   return absl::OkStatus();
 }
 
-absl::Status CheckDevicePayload(const void* p, uint64_t size, int device) {
+absl::Status CheckDevicePayload(const void* p, uint64_t size) {
   if (size == 0) return absl::OkStatus();
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
     return absl::InvalidArgumentError("payload: the cuda codec needs a 16-byte aligned buffer");
   }
-  if (!IsDeviceAccessible(p, device)) {
+  if (!IsDeviceAccessible(p)) {
     return absl::InvalidArgumentError("payload: not device memory");
   }
   return absl::OkStatus();
@@ -560,8 +555,8 @@ absl::Status BadRowStatus(const uint8_t* report) {
 absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
                                    uint32_t last_layer, std::span<uint8_t> payload) {
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source", device_));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size(), device_));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
   if (first_layer == last_layer) return absl::OkStatus();
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   WorkspaceLease lease(this);
@@ -581,8 +576,8 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
   const WireLayout& wl = prelude.layout;
   const PayloadDesc& desc = wl.desc;
   SPECTRUMKV_RETURN_IF_ERROR(CheckUnpackArgs(prelude, payload, dst, first_layer, last_layer));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(dst, "destination", device_));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size(), device_));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(dst, "destination"));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
   if (first_layer == last_layer) return absl::OkStatus();
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
 
@@ -692,7 +687,7 @@ absl::StatusOr<const float*> CudaCodec::EnqueueScore(Workspace& ws, const KvBuff
     return reinterpret_cast<const float*>(arena.device);
   }
   const ModelShape& shape = kv.layout->shape;
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv", device_));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
 
   auto call = std::make_unique<DevScoreCall>();
   call->block_size = kv.layout->block_size;
@@ -794,7 +789,7 @@ absl::Status CudaCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
                               std::span<float> scores) {
   SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, options, scores));
   if (complete) return absl::OkStatus();
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv", device_));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   const uint64_t bytes = 4 * uint64_t{kv.num_tokens};
   WorkspaceLease lease(this);
@@ -917,7 +912,7 @@ absl::StatusOr<TierPlan> CudaCodec::PlanOnDevice(std::span<const float> device_s
   const uint32_t n = static_cast<uint32_t>(device_scores.size());
   SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton, PlanSkeletonFor(shape, dtype, n, options));
   if (!skeleton.ranked) return std::move(skeleton.plan);
-  if (!IsDeviceAccessible(device_scores.data(), device_)) {
+  if (!IsDeviceAccessible(device_scores.data())) {
     return absl::InvalidArgumentError("device_scores: not device memory");
   }
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
@@ -948,7 +943,7 @@ absl::StatusOr<TierPlan> CudaCodec::ScoreAndPlan(const KvBuffer& kv,
                                                  const PlanOptions& plan_options) {
   std::vector<float> host_scores(kv.num_tokens);
   SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(kv, score_options, host_scores));
-  if (!complete) SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv", device_));
+  if (!complete) SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(kv, "kv"));
   const KvLayout& layout = *kv.layout;
   SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton, PlanSkeletonFor(layout.shape, layout.dtype,
                                                                      kv.num_tokens, plan_options));
@@ -972,7 +967,7 @@ absl::StatusOr<TierPlan> CudaCodec::ScorePlanPack(const KvBuffer& src,
                                                   std::span<uint8_t> payload) {
   std::vector<float> host_scores(src.num_tokens);
   SPECTRUMKV_ASSIGN_OR_RETURN(const bool complete, ScoreWithoutKv(src, score_options, host_scores));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source", device_));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
   const KvLayout& layout = *src.layout;
   SPECTRUMKV_ASSIGN_OR_RETURN(PlanSkeleton skeleton, PlanSkeletonFor(layout.shape, layout.dtype,
                                                                      src.num_tokens, plan_options));
@@ -980,7 +975,7 @@ absl::StatusOr<TierPlan> CudaCodec::ScorePlanPack(const KvBuffer& src,
   const WireLayout& wl = plan.layout;
   const uint32_t layers = wl.desc.shape.num_layers;
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, 0, layers, payload));
-  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size(), device_));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   if (!skeleton.ranked) {
     // Tiers known on the host (pdtrim, random_tier): the host prelude goes up, then the pack.

@@ -1,8 +1,6 @@
 // The CUDA backend of the codec. KvBuffer regions and payloads live in device memory
-// (memory_kind() == kDevice), or in host memory registered as mapped at the same address
-// (cudaHostRegister; kernels then read it over the bus: the daemon scores part of a host pool
-// this way, ScoreSplit); score outputs, window queries and external scores stay on the host as
-// the Codec interface defines them. Payloads are byte-identical to the CPU reference's.
+// (memory_kind() == kDevice); score outputs, window queries and external scores stay on the host
+// as the Codec interface defines them. Payloads are byte-identical to the CPU reference's.
 //
 // How it runs (docs/BENCHMARKS.md has the measurements):
 //   * Planning: the score-independent half (tier counts, layout, tiers by rank: PlanSkeletonFor)

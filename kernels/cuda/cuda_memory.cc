@@ -235,24 +235,15 @@ absl::StatusOr<IpcExport> ExportIpcHandle(const void* device_ptr) {
 // PinnedHostRange
 
 absl::StatusOr<std::unique_ptr<PinnedHostRange>> PinnedHostRange::Register(void* data,
-                                                                           uint64_t bytes,
-                                                                           bool map_to_device) {
+                                                                           uint64_t bytes) {
   if (data == nullptr || bytes == 0) {
     return absl::InvalidArgumentError("pinning an empty host range");
   }
   int count = 0;
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
   if (count == 0) return absl::UnavailableError("no CUDA device to pin host memory for");
-  const unsigned flags = cudaHostRegisterPortable | (map_to_device ? cudaHostRegisterMapped : 0);
-  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaHostRegister(data, bytes, flags));
-  void* device_data = nullptr;
-  if (map_to_device) {
-    if (cudaError_t e = cudaHostGetDevicePointer(&device_data, data, 0); e != cudaSuccess) {
-      cudaHostUnregister(data);
-      return CudaStatus(e, "cudaHostGetDevicePointer");
-    }
-  }
-  return std::unique_ptr<PinnedHostRange>(new PinnedHostRange(data, bytes, device_data));
+  SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaHostRegister(data, bytes, cudaHostRegisterPortable));
+  return std::unique_ptr<PinnedHostRange>(new PinnedHostRange(data, bytes));
 }
 
 PinnedHostRange::~PinnedHostRange() { cudaHostUnregister(data_); }

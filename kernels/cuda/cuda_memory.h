@@ -102,29 +102,23 @@ struct IpcExport {
 absl::StatusOr<IpcExport> ExportIpcHandle(const void* device_ptr);
 
 // Page-locks [data, data + bytes) of existing host memory (cudaHostRegister) until destroyed, so
-// that copies between it and any device run by DMA at full speed. With `map_to_device`, kernels
-// can also read and write it over the bus at device_data() (the same address on 64-bit systems:
-// unified addressing). The memory must stay mapped while registered. UNAVAILABLE where no device
-// exists; RESOURCE_EXHAUSTED if the pages cannot be locked.
+// that copies between it and any device run by DMA at full speed. The memory must stay mapped
+// while registered. UNAVAILABLE where no device exists; RESOURCE_EXHAUSTED if the pages cannot be
+// locked.
 class PinnedHostRange {
  public:
-  static absl::StatusOr<std::unique_ptr<PinnedHostRange>> Register(void* data, uint64_t bytes,
-                                                                   bool map_to_device = false);
+  static absl::StatusOr<std::unique_ptr<PinnedHostRange>> Register(void* data, uint64_t bytes);
   ~PinnedHostRange();
   PinnedHostRange(const PinnedHostRange&) = delete;
   PinnedHostRange& operator=(const PinnedHostRange&) = delete;
 
   void* data() const { return data_; }
   uint64_t size() const { return size_; }
-  // Where kernels reach the range; nullptr unless registered with map_to_device.
-  void* device_data() const { return device_data_; }
 
  private:
-  PinnedHostRange(void* data, uint64_t size, void* device_data)
-      : data_(data), size_(size), device_data_(device_data) {}
+  PinnedHostRange(void* data, uint64_t size) : data_(data), size_(size) {}
   void* const data_;
   const uint64_t size_;
-  void* const device_data_;
 };
 
 }  // namespace spectrumkv::cuda

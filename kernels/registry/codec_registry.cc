@@ -49,17 +49,6 @@ class CudaPinnedHostMemory final : public PinnedHostMemory {
   std::unique_ptr<cuda::PinnedHostRange> range_;
 };
 
-class CudaMappedHostMemory final : public DeviceAllocation {
- public:
-  explicit CudaMappedHostMemory(std::unique_ptr<cuda::PinnedHostRange> range)
-      : range_(std::move(range)) {}
-  uint8_t* data() const override { return static_cast<uint8_t*>(range_->device_data()); }
-  uint64_t size() const override { return range_->size(); }
-
- private:
-  std::unique_ptr<cuda::PinnedHostRange> range_;
-};
-
 class CudaExportableAllocation final : public ExportableDeviceAllocation {
  public:
   CudaExportableAllocation(cuda::DeviceBuffer buffer, std::string handle)
@@ -192,19 +181,6 @@ absl::StatusOr<std::unique_ptr<PinnedHostMemory>> PinHostMemory(void* data, uint
   auto range = cuda::PinnedHostRange::Register(data, bytes);
   if (!range.ok()) return range.status();
   return std::unique_ptr<PinnedHostMemory>(new CudaPinnedHostMemory(std::move(*range)));
-#else
-  (void)data;
-  (void)bytes;
-  return absl::UnavailableError(kNoCuda);
-#endif
-}
-
-absl::StatusOr<std::unique_ptr<DeviceAllocation>> MapHostMemoryToDevice(void* data,
-                                                                        uint64_t bytes) {
-#ifdef SPECTRUMKV_HAVE_CUDA
-  auto range = cuda::PinnedHostRange::Register(data, bytes, /*map_to_device=*/true);
-  if (!range.ok()) return range.status();
-  return std::unique_ptr<DeviceAllocation>(new CudaMappedHostMemory(std::move(*range)));
 #else
   (void)data;
   (void)bytes;

@@ -96,12 +96,6 @@ class PinnedHostMemory {
 // pages cannot be locked.
 absl::StatusOr<std::unique_ptr<PinnedHostMemory>> PinHostMemory(void* data, uint64_t bytes);
 
-// Pins [data, data + bytes) and maps it into device kCudaCodecDevice's address space, so that the
-// CUDA codec reads it over the bus (the daemon scores part of a host pool there: ScoreSplit). The
-// returned object's data() is where kernels reach the range (the same address as `data` on
-// 64-bit systems); destroying it unmaps and unpins. Errors as PinHostMemory.
-absl::StatusOr<std::unique_ptr<DeviceAllocation>> MapHostMemoryToDevice(void* data, uint64_t bytes);
-
 }  // namespace spectrumkv
 
 #endif  // SPECTRUMKV_KERNELS_REGISTRY_CODEC_REGISTRY_H_

@@ -139,7 +139,6 @@ absl::StatusOr<KvBuffer> FakeDeviceCodec::HostView(const KvBuffer& kv, const cha
 absl::Status FakeDeviceCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
                                     std::span<float> scores) {
   SPECTRUMKV_ASSIGN_OR_RETURN(const KvBuffer host, HostView(kv, "kv"));
-  scored_tokens += kv.num_tokens;
   return host_.Score(host, options, scores);
 }
 

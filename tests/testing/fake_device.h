@@ -81,7 +81,6 @@ class FakeDeviceCodec final : public Codec {
 
   std::atomic<uint64_t> packs{0};
   std::atomic<uint64_t> unpacks{0};
-  std::atomic<uint64_t> scored_tokens{0};  // by Score, summed over calls
 
  private:
   // INVALID_ARGUMENT unless `kv` is kDevice and each region is device memory; the host view.

@@ -50,22 +50,6 @@ class BorrowedMemory final : public ImportedMemory {
   MemoryRegion region_;
 };
 
-// A host region mapped for the fake GPU: device memory until destroyed.
-class FakeHostMapping final : public ImportedMemory {
- public:
-  FakeHostMapping(testing::FakeDeviceMemory& memory, void* data, uint64_t bytes)
-      : memory_(memory), region_{data, bytes} {
-    memory_.AddRegion(data, bytes);
-  }
-  ~FakeHostMapping() override { memory_.RemoveRegion(region_.base); }
-  void* data() const override { return region_.base; }
-  uint64_t size() const override { return region_.size_bytes; }
-
- private:
-  testing::FakeDeviceMemory& memory_;
-  MemoryRegion region_;
-};
-
 // The host CPU codec, recording into how many slices the transfer manager cut its chunks (1: a
 // whole-chunk PackLayers / UnpackLayers call), with hooks into its scoring.
 class SliceRecordingCodec final : public Codec {
@@ -121,8 +105,7 @@ class SliceRecordingCodec final : public Codec {
 
 // One daemon's components. With `gpu`, it also has a fake GPU (tests/testing/fake_device.h): GPU
 // pools whose "CUDA IPC handles" name regions of host memory that the fake device memory treats
-// as device memory, and (unless `device_codec` is false) a device codec with that memory; with
-// options.gpu_score_share too, host pools are mapped for that device codec.
+// as device memory, and (unless `device_codec` is false) a device codec with that memory.
 class Node {
  public:
   explicit Node(TransferManagerOptions options = TestOptions(), uint64_t staging_bytes = 64 << 20,
@@ -131,17 +114,10 @@ class Node {
         gpu_(gpu),
         metrics_(BuildInfo{"test", "", "no", "no", "cpu"}),
         staging_(std::move(*StagingArena::Create(staging_bytes, false, false))),
-        pools_(
-            16,
-            [this](const CudaIpcSpec& spec) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
-              return ImportGpuRegion(spec);
-            },
-            gpu&& options.gpu_score_share > 0
-                ? HostRegionMapper([this](void* data, uint64_t bytes)
-                                       -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
-                    return std::make_unique<FakeHostMapping>(device_memory_, data, bytes);
-                  })
-                : HostRegionMapper()),
+        pools_(16,
+               [this](const CudaIpcSpec& spec) -> absl::StatusOr<std::unique_ptr<ImportedMemory>> {
+                 return ImportGpuRegion(spec);
+               }),
         codec_(std::make_unique<SliceRecordingCodec>()),
         device_codec_(*codec_, device_memory_),
         inproc_(name_),
@@ -621,53 +597,6 @@ TEST_F(UncompressedTest, UncompressedPayloadArrivesBitExact) {
 // chunk_bytes as whole layers allow, and target_chunks of them as long as they stay at least
 // min_chunk_bytes; the payload arrives bit-exact whatever the cut. kWide at b = 1.0 is four
 // layers of a little over 200 KiB.
-// codec.gpu_score_share on a daemon with a GPU: the device codec scores the first whole blocks
-// of a host pool's key_norm pass through the pool's device mapping, the host codec the rest and
-// packs; the plan is the host codec's alone (here both run the same kernels), so what arrives is
-// byte for byte what a daemon without the share delivers.
-TEST(GpuScoreShareTest, TheDeviceScoresTheFirstBlocksOfAHostPool) {
-  TransferManagerOptions shared = TestOptions();
-  shared.gpu_score_share = 0.5;
-  Node with(shared, 64 << 20, /*gpu=*/true), without(TestOptions(), 64 << 20, /*gpu=*/true);
-  Node d1, d2;
-  kvgen::SyntheticOptions syn;
-  syn.seed = std::random_device{}();
-  std::vector<std::string> dsts;
-  for (auto [from, to] : {std::pair{&with, &d1}, std::pair{&without, &d2}}) {
-    const std::string src = from->AddPool(PoolLayoutKind::kVllmNhd, 16);
-    const std::string dst = to->AddPool(PoolLayoutKind::kVllmHnd, 8);
-    kvgen::FillSynthetic(from->View(src), syn);
-    Pending<ReceiveResult> recv;
-    Pending<SendResult> send;
-    to->manager().Receive(MakeReceive("g", *to, dst), In(10), recv.cb());
-    from->manager().Send(MakeSend("g", *from, src, *to), In(10), send.cb());
-    auto s = send.Get();
-    auto r = recv.Get();
-    ASSERT_TRUE(s.ok()) << s.status();
-    ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_NE(s->stats.backend, "fake-device");  // the host codec packs
-    ExpectArrived(from->View(src), to->View(dst), *r);
-    dsts.push_back(dst);
-  }
-  // 100 tokens in 16-token blocks: half of them, in whole blocks, is the first 48.
-  EXPECT_EQ(with.device_codec().scored_tokens, 48u);
-  EXPECT_EQ(with.device_codec().packs, 0u);
-  EXPECT_EQ(without.device_codec().scored_tokens, 0u);
-  const KvBuffer a = d1.View(dsts[0]), b = d2.View(dsts[1]);
-  for (uint32_t l = 0; l < kShape.num_layers; ++l) {
-    for (bool v : {false, true}) {
-      for (uint32_t t = 0; t < kTokens; ++t) {
-        for (uint32_t h = 0; h < kShape.num_kv_heads; ++h) {
-          ASSERT_EQ(std::memcmp(HostRowPtr(a, l, v, t, h), HostRowPtr(b, l, v, t, h),
-                                2 * kShape.head_dim),
-                    0)
-              << "layer " << l << " token " << t << " head " << h;
-        }
-      }
-    }
-  }
-}
-
 TEST(ChunkingTest, PayloadsAreCutIntoWholeLayerChunksOfTheConfiguredSizes) {
   struct Case {
     uint64_t chunk_bytes, min_chunk_bytes;

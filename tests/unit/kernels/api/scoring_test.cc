@@ -8,7 +8,6 @@
 
 #include "client/kvgen/synthetic.h"
 #include "gtest/gtest.h"
-#include "kernels/api/codec.h"
 #include "kernels/cpu/cpu_codec.h"
 #include "tests/testing/kv_testing.h"
 
@@ -154,63 +153,6 @@ TEST(CpuKeyNormTest, PassesFromSeveralThreadsAtOnce) {
     ASSERT_EQ(failures.load(), 0);
     for (size_t i = 0; i < pools.size(); ++i) ExpectKeyNormScores(pools[i].View(), scores[i]);
   }
-}
-
-// The tokens [begin, end) of `kv` as a buffer of their own (begin a multiple of the block size).
-KvBuffer Tokens(KvBuffer kv, uint32_t begin, uint32_t end) {
-  kv.block_table = kv.block_table.subspan(begin / kv.layout->block_size);
-  kv.num_tokens = end - begin;
-  return kv;
-}
-
-TEST(ScoreSplitTest, TheFirstReaderScoresTheHeadFromItsViewTheOtherTheRest) {
-  // `mirror` has the same layout and block table as `pool` but other contents: scores of the
-  // head must come from the mirror (what `first` was given), the rest from the pool.
-  std::mt19937_64 rng(testing::FreshSeed());
-  const uint64_t table_seed = rng();
-  const uint32_t n = 1000, bs = 16;
-  testing::TestPool pool = testing::MakePool(kvgen::PoolLayoutKind::kVllmNhd, ModelShape{3, 2, 64},
-                                             DType::kFloat16, bs, n, table_seed);
-  testing::TestPool mirror = testing::MakePool(
-      kvgen::PoolLayoutKind::kVllmNhd, ModelShape{3, 2, 64}, DType::kFloat16, bs, n, table_seed);
-  ASSERT_EQ(pool.table, mirror.table);
-  testing::FillRandom(pool.View(), rng);
-  testing::FillRandom(mirror.View(), rng);
-  KvBuffer first_view = pool.View();
-  first_view.regions = mirror.View().regions;
-  CpuCodec rest(ScalarRowKernels()), first(ScalarRowKernels());
-  rest.set_score_threads(3);
-  for (uint32_t split : {0u, bs, 31 * bs, 62 * bs}) {
-    SCOPED_TRACE(split);
-    std::vector<float> scores(n, -1.0f);
-    ASSERT_TRUE(
-        ScoreSplit(rest, pool.View(), first, first_view, split, ScoreOptions{}, scores).ok());
-    ExpectKeyNormScores(Tokens(mirror.View(), 0, split), std::span(scores).first(split));
-    ExpectKeyNormScores(Tokens(pool.View(), split, n), std::span(scores).subspan(split));
-  }
-}
-
-TEST(ScoreSplitTest, RefusesWhatItCannotSplit) {
-  std::mt19937_64 rng(testing::FreshSeed());
-  testing::TestPool pool = testing::MakePool(kvgen::PoolLayoutKind::kVllmNhd, ModelShape{2, 2, 32},
-                                             DType::kFloat16, 16, 100, rng());
-  testing::FillRandom(pool.View(), rng);
-  CpuCodec codec(ScalarRowKernels());
-  std::vector<float> scores(100);
-  const KvBuffer kv = pool.View();
-  auto split = [&](const KvBuffer& first_view, uint32_t at, const ScoreOptions& o) {
-    return ScoreSplit(codec, kv, codec, first_view, at, o, scores).code();
-  };
-  EXPECT_EQ(split(kv, 48, ScoreOptions{}), absl::StatusCode::kOk);
-  EXPECT_EQ(split(kv, 40, ScoreOptions{}), absl::StatusCode::kInvalidArgument);   // not a block
-  EXPECT_EQ(split(kv, 112, ScoreOptions{}), absl::StatusCode::kInvalidArgument);  // past the end
-  EXPECT_EQ(split(Tokens(kv, 0, 99), 48, ScoreOptions{}), absl::StatusCode::kInvalidArgument);
-  ScoreOptions positional;
-  positional.mode = ScoringMode::kPositional;
-  EXPECT_EQ(split(kv, 48, positional), absl::StatusCode::kInvalidArgument);
-  std::vector<float> short_scores(99);
-  EXPECT_EQ(ScoreSplit(codec, kv, codec, kv, 48, ScoreOptions{}, short_scores).code(),
-            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CpuScoringTest, AttentionFindsTheKeyTheQueriesLookFor) {

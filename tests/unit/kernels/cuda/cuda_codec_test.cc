@@ -2,7 +2,6 @@
 // warp geometry, many layers with few tokens (one launch for all of them), multi-range segments,
 // 2-byte aligned rows, corruption in the middle of a layer range, concurrent calls, both
 // attention paths, the self-test and the registry. They skip where no GPU exists.
-#include <cmath>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -433,48 +432,6 @@ TEST_F(CudaCodecTest, RegistryPicksCudaOnlyForDeviceMemoryCallers) {
                 .status()
                 .code(),
             absl::StatusCode::kUnavailable);
-}
-
-// Host memory mapped for the device (MapHostMemoryToDevice) is read by the key_norm kernel over
-// the bus, alone and beside the CPU (ScoreSplit, as the daemon scores a host pool); unmapped, it
-// is refused again.
-TEST_F(CudaCodecTest, ScoresHostMemoryMappedForTheDevice) {
-  const uint32_t n = 1000;
-  TestPool src =
-      MakePool(PoolLayoutKind::kVllmNhd, ModelShape{4, 2, 128}, DType::kFloat16, 16, n, rng_());
-  FillRandom(src.View(), rng_);
-  std::vector<float> expect(n), got(n);
-  ASSERT_TRUE(reference_.Score(src.View(), ScoreOptions{}, expect).ok());
-  auto expect_near = [&](const char* what) {
-    for (uint32_t t = 0; t < n; ++t) {
-      ASSERT_NEAR(got[t], expect[t], 1e-4 * std::abs(expect[t]) + 1e-6)
-          << what << " token " << t << " seed " << seed_;
-    }
-  };
-  KvBuffer mapped_view = src.View();
-  mapped_view.memory_kind = MemoryKind::kDevice;
-  EXPECT_EQ(cuda().Score(mapped_view, ScoreOptions{}, got).code(),
-            absl::StatusCode::kInvalidArgument);  // not mapped yet
-  {
-    std::vector<std::unique_ptr<DeviceAllocation>> mappings;
-    std::vector<MemoryRegion> regions;
-    for (const MemoryRegion& r : src.pool->regions()) {
-      auto mapped = MapHostMemoryToDevice(r.base, r.size_bytes);
-      ASSERT_TRUE(mapped.ok()) << mapped.status();
-      regions.push_back(MemoryRegion{(*mapped)->data(), r.size_bytes});
-      mappings.push_back(std::move(*mapped));
-    }
-    mapped_view.regions = regions;
-    ASSERT_TRUE(cuda().Score(mapped_view, ScoreOptions{}, got).ok());
-    expect_near("mapped");
-    std::fill(got.begin(), got.end(), -1.0f);
-    ASSERT_TRUE(
-        ScoreSplit(reference_, src.View(), cuda(), mapped_view, 496, ScoreOptions{}, got).ok());
-    expect_near("split");
-  }
-  mapped_view.regions = src.View().regions;
-  EXPECT_EQ(cuda().Score(mapped_view, ScoreOptions{}, got).code(),
-            absl::StatusCode::kInvalidArgument);  // unmapped
 }
 
 TEST_F(CudaCodecTest, RefusesHostMemory) {
