@@ -99,23 +99,21 @@ def offer_legs_ms(prefill_log, decode_log):
 
 
 PACKED = re.compile(r"(\S+)Z D send (\S+): chunk \d+ packed")
-SCORED = re.compile(r"(\S+)Z D send (\S+): scored")
 
 
 def packing_ms(prefill_log):
     """When the sender packed its last chunk, ms after its scoring pass: how long packing keeps
     the workers busy beside the lanes."""
-    per = collections.defaultdict(dict)
+    scored = {tid: e["send scored"] for tid, e in parse(prefill_log).items()
+              if "send scored" in e}
+    last = {}
     with open(prefill_log) as f:
-        for line in f:
-            for kind, pattern in (("packed", PACKED), ("scored", SCORED)):
-                m = pattern.match(line)
-                if m:
-                    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
-                    per[m.group(2)][kind] = max(t, per[m.group(2)].get(kind, t))
+        for m in map(PACKED.match, f):
+            if m:
+                t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                last[m.group(2)] = max(t, last.get(m.group(2), t))
     return {"pack: last chunk packed (vs send scored)":
-            [(e["packed"] - e["scored"]) * 1e3 for e in per.values()
-             if "packed" in e and "scored" in e]}
+            [(t - scored[tid]) * 1e3 for tid, t in last.items() if tid in scored]}
 
 
 CHUNK_IN = re.compile(r"(\S+)Z D receive (\S+): chunk \d+ in")
