@@ -7,8 +7,8 @@ the receiver accepted the offer, had its first chunk (the prelude), its first ch
 then every chunk, verified and unpacked every chunk, and finished. This prints the median gap
 between consecutive events over all transfers found in both logs, and (with --run) the last
 chunks' arrivals and unpacks against the last arrival, the last verification's start and length
-and the wake-up of its slices, the layer chunks' arrival rate in thirds of the link phase, and
-when the sender packed its last chunk.
+and the wake-up of its slices, the layer chunks' arrival rate in thirds of the link phase, how
+the sender packed and sealed its first layer chunk, and when it packed its last chunk.
 
   timeline.py PREFILL_LOG DECODE_LOG      read two daemons' debug logs
   timeline.py --run [--sizes MIB...] [--pool-memory host cuda] [--rounds N] [--lanes L]
@@ -98,22 +98,49 @@ def offer_legs_ms(prefill_log, decode_log):
     return legs
 
 
-PACKED = re.compile(r"(\S+)Z D send (\S+): chunk \d+ packed")
+PACKED = re.compile(r"(\S+)Z D send (\S+): chunk (\d+) packed \(its last slice began "
+                    r"([\d.]+) ms after packing began, the slices ended at ([\d.]+) ms, "
+                    r"sealed at ([\d.]+) ms\)")
+PACKING = re.compile(r"(\S+)Z D send (\S+): packing$")
 
 
-def packing_ms(prefill_log):
-    """When the sender packed its last chunk, ms after its scoring pass: how long packing keeps
-    the workers busy beside the lanes."""
+def packing_ms(prefill_log, decode_log):
+    """After the sender's scoring pass: when it began packing (its staging allocated and the
+    prelude sent), how its first layer chunk was packed and when the receiver began to take it,
+    and when the last chunk was packed (how long packing keeps the workers busy beside the
+    lanes)."""
     scored = {tid: e["send scored"] for tid, e in parse(prefill_log).items()
               if "send scored" in e}
-    last = {}
+    first_layer = {tid: e["receive first layer"] for tid, e in parse(decode_log).items()
+                   if "receive first layer" in e}
+    began, first, last = {}, {}, {}
     with open(prefill_log) as f:
-        for m in map(PACKED.match, f):
+        for line in f:
+            m = PACKING.match(line.rstrip("\n"))
+            if m:
+                began[m.group(2)] = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+            m = PACKED.match(line)
             if m:
                 t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
                 last[m.group(2)] = max(t, last.get(m.group(2), t))
-    return {"pack: last chunk packed (vs send scored)":
-            [(t - scored[tid]) * 1e3 for tid, t in last.items() if tid in scored]}
+                if m.group(3) == "1":
+                    first[m.group(2)] = (t, *map(float, m.group(4, 5, 6)))
+    rows = collections.defaultdict(list)
+    for tid, t0 in scored.items():
+        if tid in began:
+            rows["pack: packing began (vs send scored)"].append((began[tid] - t0) * 1e3)
+        if tid in first:
+            t, last_slice, slices_done, sealed = first[tid]
+            rows["pack: first layer chunk packed (vs scored)"].append((t - t0) * 1e3)
+            rows["pack: its last slice began (vs packing)"].append(last_slice)
+            rows["pack: its slices ended (vs packing)"].append(slices_done)
+            rows["pack: it was sealed (vs packing)"].append(sealed)
+            if tid in first_layer:
+                rows["pack: it packed -> receiver began taking it"].append(
+                    (first_layer[tid] - t) * 1e3)
+        if tid in last:
+            rows["pack: last chunk packed (vs send scored)"].append((last[tid] - t0) * 1e3)
+    return rows
 
 
 CHUNK_IN = re.compile(r"(\S+)Z D receive (\S+): chunk \d+ in")
@@ -238,7 +265,7 @@ def one(args, tb, ns, memory, mib):
         print_gaps(offer_legs_ms(os.path.join(work, "prefill.log"),
                                  os.path.join(work, "decode.log")))
         print_gaps(tail_ms(os.path.join(work, "decode.log")))
-        print_gaps(packing_ms(os.path.join(work, "prefill.log")))
+        print_gaps(packing_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log")))
 
 
 def main():

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <thread>
 
 #include "absl/strings/str_format.h"
 #include "common/crc32c.h"
@@ -41,6 +42,15 @@ bool SameSections(const WireLayout& a, const WireLayout& b) {
 std::pair<uint64_t, uint64_t> CrcPart(const LayerSection& sec, uint64_t part, uint64_t parts) {
   const uint64_t bytes = sec.crc_offset - sec.begin;
   return {sec.begin + bytes * part / parts, sec.begin + bytes * (part + 1) / parts};
+}
+
+// A spin-wait's pause.
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
 }
 
 }  // namespace
@@ -401,20 +411,52 @@ struct TransferManager::PackJob {
   // `payload` with device_memory.
   uint8_t* device_payload = nullptr;
   DeviceMemory* device_memory = nullptr;
-  // Each data chunk is packed in `slices` parts (Codec::PackLayerSlice), taken in order by the
-  // workers: task k is slice k % slices of chunk 1 + k / slices (chunk 0, the prelude, is sent
-  // first by the starter). The worker that finishes a chunk's last slice seals and sends it.
+  // Each data chunk is packed in `slices` parts (Codec::PackLayerSlice). The first two chunks of
+  // a sliced payload, which the link waits for, also have their checksums computed in
+  // `crc_parts[chunk]` parts per layer (CrcPart) by as many tasks right after their slices (a
+  // part's worker waits for the slices still running); the worker that ends the last part
+  // combines them, writes the trailers and sends the chunk. Other chunks (crc_parts 0) are
+  // sealed and sent by the worker that ends their last slice. The workers take the tasks in the
+  // order of `tasks`; chunk 0, the prelude, is sent first by the starter.
+  struct Task {
+    uint32_t chunk;
+    uint32_t index;  // slice, or checksum part
+    bool checksum;
+  };
+  std::vector<Task> tasks;
   uint32_t slices = 1;
   std::unique_ptr<std::atomic<uint32_t>[]> slices_left;  // per chunk
   std::atomic<size_t> next{0};
+  std::vector<uint32_t> crc_parts;                    // per chunk
+  std::unique_ptr<std::atomic<uint32_t>[]> crc_left;  // per chunk
+  std::vector<std::vector<uint32_t>> part_crcs;       // per chunk: layer-major, crc_parts each
+  // Set when a worker leaves with a task unfinished: nobody waits for that chunk's slices then.
+  std::atomic<bool> stopped{false};
+  // For the debug log: when packing began, and per chunk when its last slice began and when its
+  // slices ended (ns after).
+  SteadyClock::time_point begun;
+  std::unique_ptr<std::atomic<int64_t>[]> last_slice_began_ns, slices_done_ns;
 };
 
 absl::Status TransferManager::PackLoop(PackJob& job) {
   SendTransfer& t = *job.t;
+  // Leaving with a task taken and not done (an error, an ended transfer) stops the workers
+  // that wait for this chunk's slices.
+  struct StopUnlessDone {
+    std::atomic<bool>& stopped;
+    bool done = false;
+    ~StopUnlessDone() {
+      if (!done) stopped.store(true);
+    }
+  } guard{job.stopped};
   for (;;) {
     const size_t k = job.next.fetch_add(1);
-    const size_t i = 1 + k / job.slices;
-    if (i >= job.chunks.size()) return absl::OkStatus();
+    if (k >= job.tasks.size()) {
+      guard.done = true;
+      return absl::OkStatus();
+    }
+    const PackJob::Task task = job.tasks[k];
+    const uint32_t i = task.chunk;
     const DataChunkHeader& c = job.chunks[i];
     {
       absl::MutexLock lock(&mu_);
@@ -424,33 +466,87 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
         job.device_payload != nullptr ? std::span<uint8_t>(job.device_payload, job.payload.size())
                                       : job.payload;
     const auto p0 = SteadyClock::now();
-    // One slice (of one, for whole chunks: PackLayers); the worker that ends a chunk's last slice
-    // seals and sends it, the others go on to the next task. (The decrement orders this slice's
-    // writes before the sealing worker's reads.)
-    SPECTRUMKV_RETURN_IF_ERROR(job.codec->PackLayerSlice(
-        job.src, job.plan, c.first_layer, c.last_layer, k % job.slices, job.slices, target));
-    if (job.slices_left[i].fetch_sub(1) != 1) {
-      const double dt = Since(p0, SteadyClock::now());
-      absl::MutexLock lock(&mu_);
-      t.stats.times.pack_s += dt;
-      continue;
+    if (!task.checksum) {
+      const int64_t began_ns =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(p0 - job.begun).count();
+      for (int64_t seen = job.last_slice_began_ns[i].load(std::memory_order_relaxed);
+           seen < began_ns && !job.last_slice_began_ns[i].compare_exchange_weak(seen, began_ns);) {
+      }
+      // One slice (of one, for whole chunks: PackLayers). The worker that ends a chunk's last
+      // slice seals it, unless the chunk has checksum parts, which that decrement lets begin.
+      // (The decrement orders this slice's writes before the reads of whoever checksums them.)
+      SPECTRUMKV_RETURN_IF_ERROR(job.codec->PackLayerSlice(
+          job.src, job.plan, c.first_layer, c.last_layer, task.index, job.slices, target));
+      const bool last_slice = job.slices_left[i].fetch_sub(1) == 1;
+      const uint32_t parts = job.crc_parts[i];
+      if (last_slice) {
+        job.slices_done_ns[i] =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(SteadyClock::now() - job.begun)
+                .count();
+        if (parts == 0) {
+          SPECTRUMKV_RETURN_IF_ERROR(
+              job.codec->SealLayers(job.plan, c.first_layer, c.last_layer, target));
+        }
+      }
+      const auto p1 = SteadyClock::now();
+      {
+        absl::MutexLock lock(&mu_);
+        t.stats.times.pack_s += Since(p0, p1);
+      }
+      if (!last_slice || parts != 0) continue;
+    } else {
+      // A checksum part: CrcPart `task.index` of each layer of the chunk, once its slices, all
+      // taken before this task and running on other workers, have ended.
+      for (uint32_t spins = 0; job.slices_left[i].load() != 0; ++spins) {
+        if (job.stopped.load()) return absl::OkStatus();
+        if (spins < 4096) {
+          CpuRelax();
+        } else {
+          std::this_thread::yield();  // a slice's worker may be waiting for this core
+        }
+      }
+      const uint32_t part = task.index, parts = job.crc_parts[i];
+      for (uint32_t l = c.first_layer; l < c.last_layer; ++l) {
+        const auto [b, e] = CrcPart(job.plan.layout.layers[l], part, parts);
+        job.part_crcs[i][(l - c.first_layer) * parts + part] =
+            crc32c::Value(target.data() + b, e - b);
+      }
+      const bool last_part = job.crc_left[i].fetch_sub(1) == 1;
+      if (last_part) {
+        for (uint32_t l = c.first_layer; l < c.last_layer; ++l) {
+          uint32_t crc = 0;
+          for (uint32_t q = 0; q < parts; ++q) {
+            const auto [b, e] = CrcPart(job.plan.layout.layers[l], q, parts);
+            crc = crc32c::Combine(crc, job.part_crcs[i][(l - c.first_layer) * parts + q], e - b);
+          }
+          WriteLayerTrailer(job.plan.layout, l, crc, target);
+        }
+      }
+      {
+        absl::MutexLock lock(&mu_);
+        t.stats.times.pack_s += Since(p0, SteadyClock::now());
+      }
+      if (!last_part) continue;
     }
-    SPECTRUMKV_RETURN_IF_ERROR(
-        job.codec->SealLayers(job.plan, c.first_layer, c.last_layer, target));
-    const auto p1 = SteadyClock::now();
+    // The chunk is sealed: (GPU pools) down to the host, then sent.
+    const auto c0 = SteadyClock::now();
     if (job.device_payload != nullptr) {
       SPECTRUMKV_RETURN_IF_ERROR(job.device_memory->CopyToHost(
           job.payload.data() + c.offset, job.device_payload + c.offset, c.size));
     }
-    const double dt = Since(p0, p1), copy_dt = Since(p1, SteadyClock::now());
+    const auto c1 = SteadyClock::now();
     {
       absl::MutexLock lock(&mu_);
-      t.stats.times.pack_s += dt;
-      if (job.device_payload != nullptr) t.stats.times.stage_copy_s += copy_dt;
+      if (job.device_payload != nullptr) t.stats.times.stage_copy_s += Since(c0, c1);
       if (t.terminal()) return absl::OkStatus();
       ++t.sends_outstanding;
     }
-    spdlog::debug("send {}: chunk {} packed", t.id_str, i);
+    const double ms = 1e-6;
+    spdlog::debug(
+        "send {}: chunk {} packed (its last slice began {:.3f} ms after packing began, the "
+        "slices ended at {:.3f} ms, sealed at {:.3f} ms)",
+        t.id_str, i, job.last_slice_began_ns[i].load() * ms, job.slices_done_ns[i].load() * ms,
+        std::chrono::duration_cast<std::chrono::nanoseconds>(c0 - job.begun).count() * ms);
     SendChunk(job.t, c, job.payload.subspan(c.offset, c.size));
   }
 }
@@ -683,10 +779,36 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   // Host payloads: every worker packs a part of each chunk, chunk after chunk, so that the first
   // chunk leaves after a fraction of one chunk's packing (a slice per worker) and chunks leave in
   // order. The device codec packs a chunk in one launch.
+  // The first two chunks' checksums are then computed in as many parts, not on one core after
+  // the last slice (measured on a 16-core host: a 5.2 MB first chunk was sealed 0.4 ms sooner,
+  // docs/BENCHMARKS.md, "the first layer chunk").
   if (device_payload == nullptr) job->slices = SlicesFor(*codec, transfers_in_flight);
-  const size_t tasks = (chunks.size() - 1) * job->slices;
+  const uint32_t n = static_cast<uint32_t>(chunks.size());
+  job->crc_parts.assign(n, 0);
+  for (uint32_t i = 1; i < n; ++i) {
+    const bool parts = job->slices > 1 && i <= 2 && chunks[i].size >= options_.checksum_parts_bytes;
+    job->crc_parts[i] = parts ? job->slices : 0;
+    for (uint32_t k = 0; k < job->slices; ++k) job->tasks.push_back({i, k, false});
+    for (uint32_t k = 0; k < job->crc_parts[i]; ++k) job->tasks.push_back({i, k, true});
+  }
+  const size_t tasks = job->tasks.size();
   job->slices_left = std::make_unique<std::atomic<uint32_t>[]>(chunks.size());
-  for (size_t i = 0; i < chunks.size(); ++i) job->slices_left[i] = job->slices;
+  job->crc_left = std::make_unique<std::atomic<uint32_t>[]>(chunks.size());
+  job->part_crcs.resize(chunks.size());
+  job->last_slice_began_ns = std::make_unique<std::atomic<int64_t>[]>(chunks.size());
+  job->slices_done_ns = std::make_unique<std::atomic<int64_t>[]>(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    job->slices_left[i] = job->slices;
+    job->crc_left[i] = job->crc_parts[i];
+    if (i > 0) {
+      job->part_crcs[i].resize(size_t{chunks[i].last_layer - chunks[i].first_layer} *
+                               job->crc_parts[i]);
+    }
+    job->last_slice_began_ns[i] = 0;
+    job->slices_done_ns[i] = 0;
+  }
+  job->begun = SteadyClock::now();
+  spdlog::debug("send {}: packing", t.id_str);
   const size_t helpers = std::min<size_t>(workers - 1, tasks > 1 ? tasks - 1 : 0);
   for (size_t h = 0; h < helpers; ++h) {
     {

@@ -172,6 +172,10 @@ struct TransferManagerOptions {
   // transfer's chunks are cut pack_threads ways, and as many transfers as workers keep whole
   // chunks. 1: always whole chunks, several at once.
   uint32_t pack_slices = 0;
+  // A sliced payload's first two chunks, when at least this large, have their checksums computed
+  // in as many parts as slices (their first byte leaves sooner); smaller ones, and every later
+  // chunk, are checksummed whole by the worker that ends their last slice.
+  uint64_t checksum_parts_bytes = 4ull << 20;
   uint64_t incarnation = 0;
 };
 

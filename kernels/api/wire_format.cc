@@ -328,9 +328,18 @@ absl::Status CheckLayerTrailer(const WireLayout& layout, uint32_t layer,
 void SealLayerSection(const WireLayout& layout, uint32_t layer, std::span<uint8_t> payload) {
   const LayerSection& sec = layout.layers[layer];
   SPECTRUMKV_CHECK(payload.size() >= sec.end);
+  WriteLayerTrailer(layout, layer,
+                    crc32c::Value(payload.data() + sec.begin, sec.crc_offset - sec.begin), payload);
+}
+
+void WriteLayerTrailer(const WireLayout& layout, uint32_t layer, uint32_t crc,
+                       std::span<uint8_t> payload) {
+  SPECTRUMKV_CHECK(layer < layout.layers.size());
+  const LayerSection& sec = layout.layers[layer];
+  SPECTRUMKV_CHECK(payload.size() >= sec.end);
   uint8_t* p = payload.data();
   std::memset(p + sec.crc_offset, 0, kWireTrailerBytes);
-  StoreLe32(p + sec.crc_offset, crc32c::Value(p + sec.begin, sec.crc_offset - sec.begin));
+  StoreLe32(p + sec.crc_offset, crc);
 }
 
 TierLists BuildTierLists(std::span<const uint8_t> map_tiers) {

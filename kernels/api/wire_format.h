@@ -140,6 +140,11 @@ absl::Status CheckLayerTrailer(const WireLayout& layout, uint32_t layer,
 // Writes the CRC trailer of layer `layer` over the already written section bytes.
 void SealLayerSection(const WireLayout& layout, uint32_t layer, std::span<uint8_t> payload);
 
+// As SealLayerSection, with the CRC32C of the section's bytes [begin, crc_offset) computed by
+// the caller (in parts, crc32c::Combine).
+void WriteLayerTrailer(const WireLayout& layout, uint32_t layer, uint32_t crc,
+                       std::span<uint8_t> payload);
+
 // Token indices of each tier of one tier map, ascending (the row order inside sections).
 struct TierLists {
   std::array<std::vector<uint32_t>, kNumTiers> tokens;

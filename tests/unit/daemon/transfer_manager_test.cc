@@ -8,6 +8,7 @@
 #include <cstring>
 #include <future>
 #include <random>
+#include <thread>
 
 #include "absl/strings/str_format.h"
 #include "client/kvgen/host_pool.h"
@@ -31,11 +32,12 @@ int node_counter = 0;
 
 // Small chunks: every layer travels as its own chunk, so faults can target one layer.
 // One layer per chunk; each chunk of a host payload packed and unpacked in two slices by the
-// executor's two workers.
+// executor's two workers, the first two checksummed in two parts.
 TransferManagerOptions TestOptions() {
   TransferManagerOptions o;
   o.chunk_bytes = 1;
   o.pack_threads = 2;
+  o.checksum_parts_bytes = 0;
   return o;
 }
 
@@ -83,6 +85,9 @@ class SliceRecordingCodec final : public Codec {
                               uint32_t last, uint32_t slice, uint32_t slices,
                               std::span<uint8_t> payload) override {
     pack_slices = slices;
+    if (on_pack_slice) {
+      if (absl::Status s = on_pack_slice(slice); !s.ok()) return s;
+    }
     return inner_->PackLayerSlice(src, plan, first, last, slice, slices, payload);
   }
   absl::Status SealLayers(const TierPlan& plan, uint32_t first, uint32_t last,
@@ -97,6 +102,7 @@ class SliceRecordingCodec final : public Codec {
   }
   std::atomic<uint32_t> pack_slices{0}, unpack_slices{0};  // the last call's
   std::function<void()> on_score;                          // called as a scoring pass starts
+  std::function<absl::Status(uint32_t)> on_pack_slice;     // called as a slice is packed
   double scored_budget = 0;  // > 0: the scored plan is made for this budget (a codec bug)
 
  private:
@@ -537,6 +543,35 @@ TEST_F(TransferManagerTest, CorruptPayloadIsDataLossAndNeverWritten) {
             std::string::npos);
   a_.faults().corrupt_chunk = -1;
   ExpectIdle(b_);
+}
+
+// A sliced chunk's checksum parts wait for its slices: a slice that fails (after the other
+// worker packed its own slice and took a checksum part) fails the Send, nobody waits forever,
+// and the next Send goes through.
+TEST_F(TransferManagerTest, ASliceThatFailsEndsTheChecksumPartsWaitingForIt) {
+  std::atomic<bool> failed{false};
+  a_.host_codec().on_pack_slice = [&](uint32_t slice) -> absl::Status {
+    if (slice != 1 || failed.exchange(true)) return absl::OkStatus();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    return absl::InternalError("injected slice failure");
+  };
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  b_.manager().Receive(MakeReceive("r10", b_, dst_pool_), In(10), recv.cb());
+  a_.manager().Send(MakeSend("r10", a_, src_pool_, b_, 0.5), In(10), send.cb());
+  auto s = send.Get();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInternal) << s.status();
+  EXPECT_NE(s.status().message().find("injected slice failure"), std::string::npos) << s.status();
+  EXPECT_FALSE(recv.Get().ok());
+  EXPECT_EQ(a_.host_codec().pack_slices, 2u);
+  ExpectIdle(a_);
+  ExpectIdle(b_);
+  Pending<ReceiveResult> recv2;
+  Pending<SendResult> send2;
+  b_.manager().Receive(MakeReceive("r11", b_, dst_pool_), In(10), recv2.cb());
+  a_.manager().Send(MakeSend("r11", a_, src_pool_, b_, 0.5), In(10), send2.cb());
+  EXPECT_TRUE(send2.Get().ok());
+  EXPECT_TRUE(recv2.Get().ok());
 }
 
 // Rows of 8 heads x 64 dims: an NHD block of 16 tokens is a 16 KiB run of the pool.
