@@ -541,12 +541,13 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
       if (t.terminal()) return absl::OkStatus();
       ++t.sends_outstanding;
     }
-    const double ms = 1e-6;
+    const double ms_per_ns = 1e-6;
     spdlog::debug(
         "send {}: chunk {} packed (its last slice began {:.3f} ms after packing began, the "
         "slices ended at {:.3f} ms, sealed at {:.3f} ms)",
-        t.id_str, i, job.last_slice_began_ns[i].load() * ms, job.slices_done_ns[i].load() * ms,
-        std::chrono::duration_cast<std::chrono::nanoseconds>(c0 - job.begun).count() * ms);
+        t.id_str, i, job.last_slice_began_ns[i].load() * ms_per_ns,
+        job.slices_done_ns[i].load() * ms_per_ns,
+        std::chrono::duration_cast<std::chrono::nanoseconds>(c0 - job.begun).count() * ms_per_ns);
     SendChunk(job.t, c, job.payload.subspan(c.offset, c.size));
   }
 }

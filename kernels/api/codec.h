@@ -73,7 +73,9 @@ class Codec {
   // in each layer of [first_layer, last_layer); slices touch disjoint bytes and may run on any
   // threads in any order.
   // - PackLayerSlice writes its rows; once every slice has returned, SealLayers writes each
-  //   layer's CRC32C, and the payload equals what PackLayers writes.
+  //   layer's CRC32C, and the payload equals what PackLayers writes. (The trailers are the wire
+  //   format's: a caller may instead checksum the sections itself, in parts, and write them with
+  //   WriteLayerTrailer, as the transfer manager does for a payload's first chunks.)
   // - UnpackLayerSlice writes its rows into `dst`; the caller has verified the layers
   //   (VerifyLayerSection): all slices together write what UnpackLayers writes.
   // The defaults serve slices == 1 only: PackLayers (sealed already; SealLayers does nothing)
