@@ -44,6 +44,22 @@ std::pair<uint64_t, uint64_t> CrcPart(const LayerSection& sec, uint64_t part, ui
   return {sec.begin + bytes * part / parts, sec.begin + bytes * (part + 1) / parts};
 }
 
+// The CRC32C of CrcPart `part` of `parts` of a section of `payload`.
+uint32_t PartCrc(const LayerSection& sec, uint32_t part, uint32_t parts, const uint8_t* payload) {
+  const auto [b, e] = CrcPart(sec, part, parts);
+  return crc32c::Value(payload + b, e - b);
+}
+
+// The CRC32C of a section's checksummed bytes from the CRCs of its `parts` parts, in order.
+uint32_t CombinedCrc(const LayerSection& sec, const uint32_t* part_crcs, uint32_t parts) {
+  uint32_t crc = 0;
+  for (uint32_t q = 0; q < parts; ++q) {
+    const auto [b, e] = CrcPart(sec, q, parts);
+    crc = crc32c::Combine(crc, part_crcs[q], e - b);
+  }
+  return crc;
+}
+
 // A spin-wait's pause.
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -495,7 +511,7 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
       }
       if (!last_slice || parts != 0) continue;
     } else {
-      // A checksum part: CrcPart `task.index` of each layer of the chunk, once its slices, all
+      // A checksum part: PartCrc `task.index` of each layer of the chunk, once its slices, all
       // taken before this task and running on other workers, have ended.
       for (uint32_t spins = 0; job.slices_left[i].load() != 0; ++spins) {
         if (job.stopped.load()) return absl::OkStatus();
@@ -505,20 +521,17 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
           std::this_thread::yield();  // a slice's worker may be waiting for this core
         }
       }
-      const uint32_t part = task.index, parts = job.crc_parts[i];
+      const uint32_t parts = job.crc_parts[i];
+      const std::vector<LayerSection>& layers = job.plan.layout.layers;
       for (uint32_t l = c.first_layer; l < c.last_layer; ++l) {
-        const auto [b, e] = CrcPart(job.plan.layout.layers[l], part, parts);
-        job.part_crcs[i][(l - c.first_layer) * parts + part] =
-            crc32c::Value(target.data() + b, e - b);
+        job.part_crcs[i][(l - c.first_layer) * parts + task.index] =
+            PartCrc(layers[l], task.index, parts, target.data());
       }
       const bool last_part = job.crc_left[i].fetch_sub(1) == 1;
       if (last_part) {
         for (uint32_t l = c.first_layer; l < c.last_layer; ++l) {
-          uint32_t crc = 0;
-          for (uint32_t q = 0; q < parts; ++q) {
-            const auto [b, e] = CrcPart(job.plan.layout.layers[l], q, parts);
-            crc = crc32c::Combine(crc, job.part_crcs[i][(l - c.first_layer) * parts + q], e - b);
-          }
+          const uint32_t crc =
+              CombinedCrc(layers[l], &job.part_crcs[i][(l - c.first_layer) * parts], parts);
           WriteLayerTrailer(job.plan.layout, l, crc, target);
         }
       }
@@ -1385,20 +1398,17 @@ void TransferManager::UnpackSlicesTask(std::shared_ptr<RecvTransfer> t, uint32_t
     const auto t0 = SteadyClock::now();
     const WireLayout& wl = t->prelude->layout;
     const std::span<const uint8_t> payload = t->buffer.span();
-    const auto [b, e] = CrcPart(wl.layers[first + k / job->slices], k % job->slices, job->slices);
-    job->part_crcs[k] = crc32c::Value(payload.data() + b, e - b);
+    job->part_crcs[k] =
+        PartCrc(wl.layers[first + k / job->slices], k % job->slices, job->slices, payload.data());
     seconds += Since(t0, SteadyClock::now());
     absl::MutexLock lock(&job->mu);
     if (++job->parts_done < job->parts) continue;
     // The last part: every layer's CRC from its parts, against its trailer.
     absl::Status v = absl::OkStatus();
     for (uint32_t l = first; l < last && v.ok(); ++l) {
-      uint32_t crc = 0;
-      for (uint32_t i = 0; i < job->slices; ++i) {
-        const auto [begin, end] = CrcPart(wl.layers[l], i, job->slices);
-        crc = crc32c::Combine(crc, job->part_crcs[(l - first) * job->slices + i], end - begin);
-      }
-      v = CheckLayerTrailer(wl, l, payload, crc);
+      v = CheckLayerTrailer(
+          wl, l, payload,
+          CombinedCrc(wl.layers[l], &job->part_crcs[(l - first) * job->slices], job->slices));
     }
     job->verify_status = v;
     job->verified_at = SteadyClock::now();
