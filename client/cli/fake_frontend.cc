@@ -89,8 +89,12 @@ struct Verification {
 // Checks every row of dst against src: FP16 bit-exact, quantized rows within the bound of
 // docs/wire-format.md recomputed from the source row (s/2 + half an ulp; kcn INT4 keys, whose
 // factors are not known here, within their row's magnitude), dropped rows untouched (zero).
-void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse& r, bool kcn,
-            Verification* v) {
+void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse& r,
+            const std::string& quantizer, Verification* v) {
+  const bool kcn = quantizer == "kcn";
+  // A progressive INT8 row is its INT4 code refined to a 16th of the INT4 step: error within
+  // half a 16th, s4 / 32 (docs/wire-format.md).
+  const bool progressive = quantizer == "progressive";
   const ModelShape& s = src.layout->shape;
   const DType dtype = src.layout->dtype;
   const bool per_layer = r.tier_maps_size() > 1;
@@ -107,7 +111,8 @@ void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse&
           float amax = 0;
           for (uint32_t i = 0; i < s.head_dim; ++i)
             amax = std::max(amax, std::fabs(ToFloat(dtype, x[i])));
-          const float qmax = tier == 1 ? 127.0f : 7.0f;
+          const float qmax = tier == 1 && !progressive ? 127.0f : 7.0f;
+          const double bound = tier == 1 && progressive ? 1.0 / 32 : 0.5;
           uint16_t sbits = FromFloatUp(dtype, amax / qmax);
           if (amax > 0 && sbits == 0) sbits = 1;
           const float scale = ToFloat(dtype, sbits);
@@ -124,7 +129,7 @@ void Verify(const KvBuffer& src, const KvBuffer& dst, const v1::ReceiveResponse&
             } else {
               const uint16_t a = y[i] & 0x7FFF;
               const double ulp = ToFloat(dtype, static_cast<uint16_t>(a + 1)) - ToFloat(dtype, a);
-              bad = !(d <= scale * 0.50001 + ulp / 2);
+              bad = !(d <= scale * bound * 1.00002 + ulp / 2);
             }
             if (tier != 3) {
               c.max_abs = std::max(c.max_abs, d);
@@ -355,8 +360,9 @@ int Run(const Options& o) {
       co->set_budget(round.budget);
       co->set_policy(policy);
       co->set_budget_kind(o.budget_kind == "wire" ? v1::BUDGET_KIND_WIRE : v1::BUDGET_KIND_ELEMENT);
-      co->set_quantizer(o.quantizer == "kcn" ? v1::QUANTIZER_KEY_CHANNEL_NORM
-                                             : v1::QUANTIZER_ABSMAX);
+      co->set_quantizer(o.quantizer == "kcn"           ? v1::QUANTIZER_KEY_CHANNEL_NORM
+                        : o.quantizer == "progressive" ? v1::QUANTIZER_PROGRESSIVE
+                                                       : v1::QUANTIZER_ABSMAX);
       co->set_seed(o.seed);
       v1::ScoringInputs* si = sr.mutable_scoring();
       if (o.scoring == "attention") {
@@ -413,7 +419,7 @@ int Run(const Options& o) {
       round.send_total.push_back(ss.timings().total_s());
       if (verify) {
         Verify((*src_pool)->View(src_tables[i], n), (*dst_pool)->View(dst_tables[i], n), *recv,
-               o.quantizer == "kcn", &round.verify);
+               o.quantizer, &round.verify);
       }
       return ss.logical_bytes();
     };
@@ -745,8 +751,8 @@ void AddFakeFrontendCommand(CLI::App& app, int* exit_code) {
                   "(seeded stand-in scores sent by the frontend)")
       ->check(CLI::IsMember({"attention", "key_norm", "positional", "external"}))
       ->capture_default_str();
-  cmd->add_option("--quantizer", o->quantizer, "absmax or kcn")
-      ->check(CLI::IsMember({"absmax", "kcn"}))
+  cmd->add_option("--quantizer", o->quantizer, "absmax, kcn or progressive")
+      ->check(CLI::IsMember({"absmax", "kcn", "progressive"}))
       ->capture_default_str();
   cmd->add_option("--window", o->window, "attention: window queries")->capture_default_str();
   cmd->add_option("--queries-via", o->queries_via,

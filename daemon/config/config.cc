@@ -304,7 +304,7 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         }},
                        {"quantizer",
                         [&](const YAML::Node& m, const std::string& q) {
-                          r.String(m, q, &k.quantizer, {"absmax", "kcn"});
+                          r.String(m, q, &k.quantizer, {"absmax", "kcn", "progressive"});
                         }},
                        {"on_unreachable",
                         [&](const YAML::Node& m, const std::string& q) {

@@ -128,6 +128,9 @@ absl::StatusOr<SendArgs> SendArgsFromProto(const v1::SendRequest& p, const Codec
     case v1::QUANTIZER_KEY_CHANNEL_NORM:
       o.quantizer = Quantizer::kKeyChannelNorm;
       break;
+    case v1::QUANTIZER_PROGRESSIVE:
+      o.quantizer = Quantizer::kProgressive;
+      break;
     default:
       return Invalid("compression.quantizer", "unknown value");
   }

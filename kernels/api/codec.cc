@@ -85,6 +85,13 @@ absl::Status Codec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan, ui
   return PackLayers(src, plan, first_layer, last_layer, payload);
 }
 
+absl::Status Codec::PackProgressiveSlice(const KvBuffer&, const TierPlan&, ProgressivePart,
+                                         uint32_t, uint32_t, uint32_t, uint32_t,
+                                         std::span<uint8_t>) {
+  return absl::UnimplementedError(
+      absl::StrFormat("the %s codec does not pack progressive payloads", name()));
+}
+
 absl::Status Codec::SealLayers(const TierPlan&, uint32_t, uint32_t, std::span<uint8_t>) {
   return absl::OkStatus();
 }

@@ -29,6 +29,12 @@ enum class VerifyMode : uint8_t {
   kAlreadyVerified = 1,  // the caller verified these layers (VerifyLayerSection)
 };
 
+// The parts of a progressive payload's layer sections (PackProgressiveSlice).
+enum class ProgressivePart : uint8_t {
+  kBase = 0,    // every token's INT4 base: [begin, ranked_begin), from the source rows alone
+  kRanked = 1,  // the INT8 tokens' refinements: [ranked_begin, crc_offset), from the tier map
+};
+
 class Codec {
  public:
   virtual ~Codec() = default;
@@ -90,6 +96,20 @@ class Codec {
                                         std::span<const uint8_t> payload, const KvBuffer& dst,
                                         uint32_t first_layer, uint32_t last_layer, uint32_t slice,
                                         uint32_t slices);
+
+  // Progressive payloads (kFlagProgressive, docs/wire-format.md): a layer's base depends on its
+  // source rows alone, so a sender may pack the bases before it has scored and ranked the tokens
+  // and the refinements after. Writes slice `slice` of `slices` of `part` of layers
+  // [first_layer, last_layer) (kBase: runs of every token, and `plan`'s tiers are not read; they
+  // may be empty; kRanked: runs of each layer's INT8 tokens). The two parts touch disjoint bytes
+  // and may be packed in either order; once both are written, SealLayers (or the caller, as for
+  // PackLayerSlice) writes the trailers. PackLayers and PackLayerSlice write both parts.
+  // The default: UNIMPLEMENTED (a backend that cannot pack progressive payloads also refuses
+  // them in PackLayers and UnpackLayers).
+  virtual absl::Status PackProgressiveSlice(const KvBuffer& src, const TierPlan& plan,
+                                            ProgressivePart part, uint32_t first_layer,
+                                            uint32_t last_layer, uint32_t slice, uint32_t slices,
+                                            std::span<uint8_t> payload);
 };
 
 // Checks that `kv` is valid and matches the payload description (shape, dtype, tokens).

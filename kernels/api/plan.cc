@@ -10,6 +10,18 @@
 namespace spectrumkv {
 namespace {
 
+uint32_t QuantizerFlags(Quantizer q) {
+  switch (q) {
+    case Quantizer::kKeyChannelNorm:
+      return kFlagKeyChannelNorm;
+    case Quantizer::kProgressive:
+      return kFlagProgressive;
+    case Quantizer::kAbsmax:
+      break;
+  }
+  return 0;
+}
+
 constexpr uint64_t kPpb = 1'000'000'000;
 
 __extension__ typedef unsigned __int128 Uint128;
@@ -227,7 +239,8 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
   }
   const uint8_t allowed = AllowedTiers(options.policy);
   if (allowed == 0) return absl::InvalidArgumentError("unknown policy");
-  if (options.quantizer != Quantizer::kAbsmax && options.quantizer != Quantizer::kKeyChannelNorm) {
+  if (options.quantizer != Quantizer::kAbsmax && options.quantizer != Quantizer::kKeyChannelNorm &&
+      options.quantizer != Quantizer::kProgressive) {
     return absl::InvalidArgumentError("unknown quantizer");
   }
 
@@ -235,13 +248,12 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
   desc.shape = shape;
   desc.dtype = dtype;
   desc.num_tokens = num_tokens;
-  desc.flags = (options.per_layer ? kFlagPerLayerTiers : 0u) |
-               (options.quantizer == Quantizer::kKeyChannelNorm ? kFlagKeyChannelNorm : 0u);
+  desc.flags = (options.per_layer ? kFlagPerLayerTiers : 0u) | QuantizerFlags(options.quantizer);
   desc.policy = options.policy;
   desc.scoring = options.scoring;
   // Validates the shape before any arithmetic on it.
   std::vector<TierCounts> probe(desc.num_maps());
-  for (auto& c : probe) c[Tier::kDrop] = num_tokens;
+  for (auto& c : probe) c[desc.progressive() ? Tier::kInt4 : Tier::kDrop] = num_tokens;
   SPECTRUMKV_RETURN_IF_ERROR(ComputeWireLayout(desc, probe).status());
 
   const uint32_t maps = desc.num_maps();
@@ -341,6 +353,17 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
     }
   }
   skeleton.plan.desc = desc;
+  if (desc.progressive()) {
+    for (uint32_t m = 0; m < maps; ++m) {
+      if (counts[m][Tier::kFp16] != 0 || counts[m][Tier::kDrop] != 0) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "the progressive quantizer sends INT8 and INT4 tokens only, and budget %g with policy "
+            "%s gives %u FP16 and %u dropped tokens%s",
+            options.budget, PolicyName(options.policy), counts[m][Tier::kFp16],
+            counts[m][Tier::kDrop], options.per_layer ? " in a layer" : ""));
+      }
+    }
+  }
   SPECTRUMKV_ASSIGN_OR_RETURN(skeleton.plan.layout, ComputeWireLayout(desc, counts));
   skeleton.plan.tiers = std::move(tiers);
   return skeleton;
@@ -381,7 +404,7 @@ absl::StatusOr<TierPlan> PlanFromTiers(const ModelShape& shape, DType dtype, uin
   desc.num_tokens = num_tokens;
   desc.policy = policy;
   desc.scoring = scoring;
-  desc.flags = quantizer == Quantizer::kKeyChannelNorm ? kFlagKeyChannelNorm : 0u;
+  desc.flags = QuantizerFlags(quantizer);
   if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
   if (tiers.size() == uint64_t{shape.num_layers} * num_tokens && shape.num_layers > 1) {
     desc.flags |= kFlagPerLayerTiers;

@@ -38,9 +38,10 @@ constexpr std::array<std::pair<std::string_view, ScoringMode>, 4> kScoring = {{
     {"external", ScoringMode::kExternal},
     {"positional", ScoringMode::kPositional},
 }};
-constexpr std::array<std::pair<std::string_view, Quantizer>, 2> kQuantizers = {{
+constexpr std::array<std::pair<std::string_view, Quantizer>, 3> kQuantizers = {{
     {"absmax", Quantizer::kAbsmax},
     {"kcn", Quantizer::kKeyChannelNorm},
+    {"progressive", Quantizer::kProgressive},
 }};
 constexpr std::array<std::pair<std::string_view, Tier>, 4> kTiers = {{
     {"fp16", Tier::kFp16},

@@ -46,6 +46,10 @@ enum class Quantizer : uint8_t {
   // Keys in the INT4 tier are first centred and divided per channel by factors computed over
   // the layer's INT4 tokens (sent once per layer and head); otherwise as kAbsmax.
   kKeyChannelNorm = 2,
+  // INT8 and INT4 tokens only. Every token's INT4 codes as kAbsmax (the base), and for an INT8
+  // token a 4-bit refinement within its INT4 step (INT8's bytes, a step of amax/112 instead of
+  // amax/127): the bases do not depend on the ranking, so a sender can send them while it scores.
+  kProgressive = 3,
 };
 std::string_view QuantizerName(Quantizer q);
 std::optional<Quantizer> ParseQuantizer(std::string_view name);

@@ -55,6 +55,10 @@ absl::Status CheckDesc(const PayloadDesc& d) {
   if ((d.flags & ~kKnownFlags) != 0) {
     return absl::InvalidArgumentError(absl::StrFormat("unknown flags 0x%x", d.flags));
   }
+  if (d.progressive() && d.key_channel_norm()) {
+    return absl::InvalidArgumentError(
+        "a payload cannot be both progressive and key-channel-normed");
+  }
   const int policy = static_cast<int>(d.policy);
   if (policy < 1 || policy > 7) {
     return absl::InvalidArgumentError(absl::StrFormat("unknown policy code %d", policy));
@@ -80,6 +84,25 @@ PartLayout LayoutPart(const ModelShape& s, const TierCounts& c, uint64_t* off) {
   *off += Align16(uint64_t{c[Tier::kInt4]} * h * 2);
   p.end = *off;
   return p;
+}
+
+// A progressive part: every token's INT4 base (rows, then scales), then, after the bases of K
+// and V, the INT8 tokens' refinements (LayoutRefinement).
+PartLayout LayoutBase(const ModelShape& s, uint32_t num_tokens, uint64_t* off) {
+  const uint64_t h = s.num_kv_heads, d = s.head_dim;
+  PartLayout p;
+  p.int4_rows = *off;
+  *off += Align16(uint64_t{num_tokens} * h * d / 2);
+  p.int4_scales = *off;
+  *off += Align16(uint64_t{num_tokens} * h * 2);
+  p.fp16_rows = p.int8_scales = *off;
+  return p;
+}
+
+void LayoutRefinement(const ModelShape& s, const TierCounts& c, PartLayout* p, uint64_t* off) {
+  p->int8_rows = *off;
+  *off += Align16(uint64_t{c[Tier::kInt8]} * s.num_kv_heads * s.head_dim / 2);
+  p->end = *off;
 }
 
 absl::Status DataLoss(const std::string& what) { return absl::DataLossError(what); }
@@ -123,6 +146,13 @@ absl::StatusOr<WireLayout> ComputeWireLayout(const PayloadDesc& desc,
       return absl::InvalidArgumentError(absl::StrFormat("tier map %u counts %u tokens, expected %u",
                                                         m, map_counts[m].Total(), desc.num_tokens));
     }
+    if (desc.progressive() &&
+        (map_counts[m][Tier::kFp16] != 0 || map_counts[m][Tier::kDrop] != 0)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tier map %u has %u FP16 and %u dropped tokens: a progressive payload carries INT8 and "
+          "INT4 tokens only",
+          m, map_counts[m][Tier::kFp16], map_counts[m][Tier::kDrop]));
+    }
     for (int t = 0; t < kNumTiers; ++t) wl.total_counts.n[t] += map_counts[m].n[t];
   }
   wl.map_counts.assign(map_counts.begin(), map_counts.end());
@@ -145,8 +175,17 @@ absl::StatusOr<WireLayout> ComputeWireLayout(const PayloadDesc& desc,
       sec.key_factors = off;
       off += factors;
     }
-    sec.key = LayoutPart(s, sec.counts, &off);
-    sec.value = LayoutPart(s, sec.counts, &off);
+    if (desc.progressive()) {
+      sec.key = LayoutBase(s, desc.num_tokens, &off);
+      sec.value = LayoutBase(s, desc.num_tokens, &off);
+      sec.ranked_begin = off;
+      LayoutRefinement(s, sec.counts, &sec.key, &off);
+      LayoutRefinement(s, sec.counts, &sec.value, &off);
+    } else {
+      sec.ranked_begin = sec.begin;  // channel factors too: they are over the INT4 tokens
+      sec.key = LayoutPart(s, sec.counts, &off);
+      sec.value = LayoutPart(s, sec.counts, &off);
+    }
     sec.crc_offset = off;
     off += kWireTrailerBytes;
     sec.end = off;

@@ -28,7 +28,8 @@ inline constexpr uint32_t kWireTrailerBytes = 16;  // u32 CRC32C + 12 zero bytes
 
 inline constexpr uint32_t kFlagPerLayerTiers = 1u << 0;
 inline constexpr uint32_t kFlagKeyChannelNorm = 1u << 1;
-inline constexpr uint32_t kKnownFlags = kFlagPerLayerTiers | kFlagKeyChannelNorm;
+inline constexpr uint32_t kFlagProgressive = 1u << 2;
+inline constexpr uint32_t kKnownFlags = kFlagPerLayerTiers | kFlagKeyChannelNorm | kFlagProgressive;
 
 // Token counts per tier, indexed by Tier.
 struct TierCounts {
@@ -50,11 +51,15 @@ struct PayloadDesc {
 
   bool per_layer_tiers() const { return (flags & kFlagPerLayerTiers) != 0; }
   bool key_channel_norm() const { return (flags & kFlagKeyChannelNorm) != 0; }
+  bool progressive() const { return (flags & kFlagProgressive) != 0; }
   uint32_t num_maps() const { return per_layer_tiers() ? shape.num_layers : 1; }
   uint32_t MapForLayer(uint32_t layer) const { return per_layer_tiers() ? layer : 0; }
 };
 
 // Byte offsets (from the payload start) of the arrays of one K or V part of a layer section.
+// With kFlagProgressive (INT8 and INT4 tokens only) the arrays are read differently: int4_rows
+// and int4_scales hold every token's INT4 base in token order, int8_rows the INT8 tokens'
+// refinement nibbles [n_int8][H][D/2]; fp16_rows and int8_scales are empty.
 struct PartLayout {
   uint64_t fp16_rows = 0;    // [n_fp16][H][D] 16-bit
   uint64_t int8_rows = 0;    // [n_int8][H][D] int8
@@ -70,6 +75,9 @@ struct LayerSection {
   uint64_t key_factors = 0;  // [H][D] 16-bit, only with kFlagKeyChannelNorm
   PartLayout key;
   PartLayout value;
+  // Where the bytes that depend on the tier map begin: `begin`, except in a progressive payload,
+  // whose K and V bases, [begin, ranked_begin), depend on the layer's source rows alone.
+  uint64_t ranked_begin = 0;
   uint64_t crc_offset = 0;  // CRC32C of [begin, crc_offset)
   uint64_t end = 0;         // crc_offset + kWireTrailerBytes
   TierCounts counts;

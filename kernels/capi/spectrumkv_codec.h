@@ -98,7 +98,7 @@ typedef struct skv_options {
   uint64_t seed;              /* random_tier */
   int32_t per_layer;          /* nonzero: one tier map per layer */
   double layer_slope;         /* per-layer budgets b_l = b + (l - (L-1)/2) * slope */
-  const char* quantizer;      /* "absmax" (the paper's) or "kcn"; default absmax */
+  const char* quantizer;      /* "absmax" (the paper's), "kcn" or "progressive"; default absmax */
 
   /* Scoring. */
   const char* scoring; /* attention key_norm external positional; default key_norm */

@@ -151,6 +151,14 @@ bool CpuCodec::SelfTest(const RowKernels& kernels) {
         kernels.dequantize_int4(dtype, c4a.data(), sa, dim, out_a.data());
         ref.dequantize_int4(dtype, c4b.data(), sb, dim, out_b.data());
         if (differ()) return false;
+        std::vector<uint8_t> r4a(dim / 2), r4b(dim / 2);
+        if (!kernels.refine_int4(dtype, row.data(), dim, r4a.data()) ||
+            !ref.refine_int4(dtype, row.data(), dim, r4b.data()) || r4a != r4b) {
+          return false;
+        }
+        kernels.dequantize_refined(dtype, c4a.data(), r4a.data(), sa, dim, out_a.data());
+        ref.dequantize_refined(dtype, c4b.data(), r4b.data(), sb, dim, out_b.data());
+        if (differ()) return false;
         std::vector<float> offset(dim), factor(dim), inv(dim);
         for (uint32_t i = 0; i < dim; ++i) {
           offset[i] = static_cast<float>(rng.Next() % 7) - 3.0f;
@@ -285,6 +293,13 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
                                       uint32_t slices, std::span<uint8_t> payload) {
   const PayloadDesc& desc = plan.desc;
   const WireLayout& wl = plan.layout;
+  if (desc.progressive()) {
+    for (ProgressivePart part : {ProgressivePart::kBase, ProgressivePart::kRanked}) {
+      SPECTRUMKV_RETURN_IF_ERROR(
+          PackProgressiveSlice(src, plan, part, first_layer, last_layer, slice, slices, payload));
+    }
+    return absl::OkStatus();
+  }
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
   SPECTRUMKV_RETURN_IF_ERROR(CheckSlice(slice, slices));
   const DType dtype = desc.dtype;
@@ -410,6 +425,75 @@ absl::Status CpuCodec::PackLayerSlice(const KvBuffer& src, const TierPlan& plan,
   return absl::OkStatus();
 }
 
+absl::Status CpuCodec::PackProgressiveSlice(const KvBuffer& src, const TierPlan& plan,
+                                            ProgressivePart part, uint32_t first_layer,
+                                            uint32_t last_layer, uint32_t slice, uint32_t slices,
+                                            std::span<uint8_t> payload) {
+  const PayloadDesc& desc = plan.desc;
+  const WireLayout& wl = plan.layout;
+  if (!desc.progressive()) {
+    return absl::InvalidArgumentError("PackProgressiveSlice: the plan is not progressive");
+  }
+  SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
+  SPECTRUMKV_RETURN_IF_ERROR(CheckSlice(slice, slices));
+  const bool base = part == ProgressivePart::kBase;
+  if (!base && plan.tiers.size() != uint64_t{desc.num_maps()} * desc.num_tokens) {
+    return absl::InvalidArgumentError("PackProgressiveSlice: the refinements need the tier map");
+  }
+  const DType dtype = desc.dtype;
+  const uint32_t heads = desc.shape.num_kv_heads, dim = desc.shape.head_dim;
+  const uint64_t hd = uint64_t{heads} * dim;
+  const uint32_t row_bytes = dim * 2;
+  const bool last_slice = slice + 1 == slices;
+  uint8_t* out = payload.data();
+  std::vector<TierLists> all_lists;
+  if (!base) all_lists = ListsFor(desc, plan.tiers, first_layer, last_layer);
+
+  for (uint32_t l = first_layer; l < last_layer; ++l) {
+    const LayerSection& sec = wl.layers[l];
+    for (bool value : {false, true}) {
+      const PartLayout& p = value ? sec.value : sec.key;
+      const Rows rows(src, l, value);
+      if (base) {
+        // Every token's INT4 base, in token order.
+        const uint32_t n = desc.num_tokens;
+        const uint32_t t0 = static_cast<uint32_t>(uint64_t{n} * slice / slices);
+        const uint32_t t1 = static_cast<uint32_t>(uint64_t{n} * (slice + 1) / slices);
+        uint8_t* codes = out + p.int4_rows + t0 * hd / 2;
+        auto* scales = reinterpret_cast<uint16_t*>(out + p.int4_scales) + uint64_t{t0} * heads;
+        for (uint32_t t = t0; t < t1; ++t) {
+          if (t + kPrefetchAhead < t1) PrefetchRows(rows, t + kPrefetchAhead, heads, row_bytes);
+          for (uint32_t h = 0; h < heads; ++h, codes += dim / 2, ++scales) {
+            if (!k_.quantize_int4(dtype, rows.Row(t, h), dim, codes, scales)) {
+              return NonFiniteRowError(l, value, t, h);
+            }
+          }
+        }
+        if (last_slice) {
+          ZeroGap(out, codes - out, p.int4_scales);
+          ZeroGap(out, reinterpret_cast<uint8_t*>(scales) - out, p.fp16_rows);
+        }
+        continue;
+      }
+      // The INT8 tokens' refinement cells, in their list's order.
+      const std::vector<uint32_t>& int8_tokens = all_lists[desc.MapForLayer(l)][Tier::kInt8];
+      const auto [e0, e1] = SliceRun(int8_tokens, slice, slices);
+      uint8_t* cells = out + p.int8_rows + e0 * hd / 2;
+      for (size_t i = e0; i < e1; ++i) {
+        const uint32_t t = int8_tokens[i];
+        PrefetchToken(rows, int8_tokens, i, heads, row_bytes);
+        for (uint32_t h = 0; h < heads; ++h, cells += dim / 2) {
+          if (!k_.refine_int4(dtype, rows.Row(t, h), dim, cells)) {
+            return NonFiniteRowError(l, value, t, h);
+          }
+        }
+      }
+      if (last_slice) ZeroGap(out, cells - out, p.end);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
                                     const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
                                     VerifyMode verify) {
@@ -449,6 +533,36 @@ absl::Status CpuCodec::Unpack(const ParsedPrelude& prelude, std::span<const uint
       SPECTRUMKV_RETURN_IF_ERROR(VerifyLayerSection(wl, l, payload));
     const LayerSection& sec = wl.layers[l];
     const TierLists& lists = all_lists[desc.MapForLayer(l)];
+    if (desc.progressive()) {
+      // INT4 tokens from their base; INT8 tokens from their base and refinement cells.
+      for (bool value : {false, true}) {
+        const PartLayout& part = value ? sec.value : sec.key;
+        const Rows rows(dst, l, value);
+        const uint8_t* bases = in + part.int4_rows;
+        const auto* scales = reinterpret_cast<const uint16_t*>(in + part.int4_scales);
+        const std::vector<uint32_t>& int4_list = lists[Tier::kInt4];
+        const auto [q0, q1] = run(int4_list);
+        for (size_t i = q0; i < q1; ++i) {
+          const uint32_t t = int4_list[i];
+          for (uint32_t h = 0; h < heads; ++h) {
+            const uint64_t row = uint64_t{t} * heads + h;
+            k_.dequantize_int4(dtype, bases + row * dim / 2, scales[row], dim, rows.Row(t, h));
+          }
+        }
+        const std::vector<uint32_t>& int8_list = lists[Tier::kInt8];
+        const auto [e0, e1] = run(int8_list);
+        const uint8_t* cells = in + part.int8_rows + e0 * hd / 2;
+        for (size_t i = e0; i < e1; ++i) {
+          const uint32_t t = int8_list[i];
+          for (uint32_t h = 0; h < heads; ++h, cells += dim / 2) {
+            const uint64_t row = uint64_t{t} * heads + h;
+            k_.dequantize_refined(dtype, bases + row * dim / 2, cells, scales[row], dim,
+                                  rows.Row(t, h));
+          }
+        }
+      }
+      continue;
+    }
     if (desc.key_channel_norm()) {
       const auto* offsets = reinterpret_cast<const uint16_t*>(in + sec.key_offsets);
       const auto* factors = reinterpret_cast<const uint16_t*>(in + sec.key_factors);

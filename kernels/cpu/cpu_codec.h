@@ -44,6 +44,9 @@ class CpuCodec final : public Codec {
                               std::span<uint8_t> payload) override;
   absl::Status SealLayers(const TierPlan& plan, uint32_t first_layer, uint32_t last_layer,
                           std::span<uint8_t> payload) override;
+  absl::Status PackProgressiveSlice(const KvBuffer& src, const TierPlan& plan, ProgressivePart part,
+                                    uint32_t first_layer, uint32_t last_layer, uint32_t slice,
+                                    uint32_t slices, std::span<uint8_t> payload) override;
   absl::Status UnpackLayers(const ParsedPrelude& prelude, std::span<const uint8_t> payload,
                             const KvBuffer& dst, uint32_t first_layer, uint32_t last_layer,
                             VerifyMode verify) override;

@@ -59,11 +59,35 @@ inline uint16_t DequantizeKcn(DType dtype, int code, float scale, float factor, 
   return FromFloatRne(dtype, y);
 }
 
+// The progressive INT8 tier (docs/wire-format.md, "Progressive payloads"): a row's INT4 code q
+// (scale s, qmax 7) plus a 4-bit cell c that places x within q's step: with y = x / s,
+// c = clamp(floor((y - q + 0.5) * 16), 0, 15) (y - q is exact, Sterbenz), and 8 when s is 0.
+// A NaN y gives 0 (never produced from a finite row; the sender rejects the others).
+inline int RefineCell(float x, const RowScale& s) {
+  if (s.value == 0.0f) return 8;
+  const float y = s.divide ? x / s.value : x * s.inv;
+  const float q = std::min(std::max(std::nearbyint(y), -kInt4Max), kInt4Max);
+  float c = std::floor((y - q + 0.5f) * 16.0f);
+  if (!(c >= 0.0f)) c = 0.0f;
+  if (c > 15.0f) c = 15.0f;
+  return static_cast<int>(c);
+}
+
+// Its reconstruction, the middle of the cell: ((32q + 2c - 15) * s) / 32 in float, exact (the
+// product has at most 19 significant bits), then rounded to nearest even in the dtype.
+inline uint16_t DequantizeRefined(DType dtype, int code, int cell, float scale) {
+  const float k = static_cast<float>(32 * code + 2 * cell - 15);
+  return FromFloatRne(dtype, (k * scale) * 0.03125f);
+}
+
 inline uint8_t PackNibbles(int even, int odd) {
   return static_cast<uint8_t>((even & 0xF) | ((odd & 0xF) << 4));
 }
 inline int LowNibble(uint8_t b) { return static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4; }
 inline int HighNibble(uint8_t b) { return static_cast<int8_t>(b) >> 4; }
+// Unsigned nibbles (refinement cells).
+inline int LowCell(uint8_t b) { return b & 0xF; }
+inline int HighCell(uint8_t b) { return b >> 4; }
 
 }  // namespace spectrumkv::quant
 

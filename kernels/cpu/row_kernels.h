@@ -22,6 +22,10 @@ struct RowKernels {
   // INT4 of (x - offset[c]) * inv_factor[c].
   bool (*quantize_int4_kcn)(DType dtype, const uint16_t* src, uint32_t dim, const float* offset,
                             const float* inv_factor, uint8_t* nibbles, uint16_t* scale);
+  // The progressive INT8 tier's refinement cells of a row (quant::RefineCell with the row's
+  // INT4 scale, the one quantize_int4 writes; unsigned nibbles, even element low). False if the
+  // row holds Inf or NaN.
+  bool (*refine_int4)(DType dtype, const uint16_t* src, uint32_t dim, uint8_t* cells);
   void (*dequantize_int8)(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim,
                           uint16_t* dst);
   void (*dequantize_int4)(DType dtype, const uint8_t* nibbles, uint16_t scale, uint32_t dim,
@@ -29,6 +33,9 @@ struct RowKernels {
   void (*dequantize_int4_kcn)(DType dtype, const uint8_t* nibbles, uint16_t scale,
                               const float* offset, const float* factor, uint32_t dim,
                               uint16_t* dst);
+  // A progressive INT8 row from its INT4 base and refinement cells (quant::DequantizeRefined).
+  void (*dequantize_refined)(DType dtype, const uint8_t* nibbles, const uint8_t* cells,
+                             uint16_t scale, uint32_t dim, uint16_t* dst);
   // Σ over h < heads of the L2 norm of the row at (const char*)first_row + h * head_stride_bytes:
   // one token's rows of one (layer, K|V), the key_norm score's inner sum.
   float (*sum_row_norms)(DType dtype, const uint16_t* first_row, uint64_t head_stride_bytes,

@@ -207,6 +207,49 @@ bool QuantizeInt4Kcn(DType dtype, const uint16_t* src, uint32_t dim, const float
   return true;
 }
 
+// 8 refinement cells (quant::RefineCell, as int32) of 8 floats, for a scale with a finite
+// reciprocal: the same float operations in the same order.
+inline __m256i Cells8(__m256 x, __m256 inv) {
+  const __m256 y = _mm256_mul_ps(x, inv);
+  __m256 q = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(-quant::kInt4Max)),
+                    _mm256_set1_ps(quant::kInt4Max));
+  __m256 c = _mm256_sub_ps(y, q);
+  c = _mm256_add_ps(c, _mm256_set1_ps(0.5f));
+  c = _mm256_floor_ps(_mm256_mul_ps(c, _mm256_set1_ps(16.0f)));
+  // max_ps returns its second operand when the first is NaN: NaN -> 0, as the scalar rule.
+  c = _mm256_min_ps(_mm256_max_ps(c, _mm256_setzero_ps()), _mm256_set1_ps(15.0f));
+  return _mm256_cvttps_epi32(c);
+}
+
+bool RefineInt4(DType dtype, const uint16_t* src, uint32_t dim, uint8_t* cells) {
+  const uint16_t amax = AbsMaxBits(src, dim);
+  if (amax >= NonFiniteAbsBits(dtype)) return false;
+  const quant::RowScale s = MakeScaleFast(dtype, amax, quant::kInt4Max);
+  if (s.value == 0.0f || s.divide) {
+    for (uint32_t i = 0; i < dim; i += 2) {
+      cells[i / 2] = static_cast<uint8_t>(quant::RefineCell(ToFloat(dtype, src[i]), s) |
+                                          (quant::RefineCell(ToFloat(dtype, src[i + 1]), s) << 4));
+    }
+    return true;
+  }
+  const __m256 inv = _mm256_set1_ps(s.inv);
+  uint32_t i = 0;
+  for (; i + 32 <= dim; i += 32) {
+    const __m256i c =
+        Pack32(Cells8(Load8(dtype, src + i), inv), Cells8(Load8(dtype, src + i + 8), inv),
+               Cells8(Load8(dtype, src + i + 16), inv), Cells8(Load8(dtype, src + i + 24), inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(cells + i / 2), Nibbles32(c));
+  }
+  for (; i < dim; i += 8) {  // dim is a multiple of 8
+    alignas(32) int32_t c[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), Cells8(Load8(dtype, src + i), inv));
+    for (int k = 0; k < 8; k += 2)
+      cells[(i + k) / 2] = static_cast<uint8_t>(c[k] | (c[k + 1] << 4));
+  }
+  return true;
+}
+
 template <bool kStream>
 void DequantizeInt8Rows(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim,
                         uint16_t* dst) {
@@ -250,6 +293,40 @@ void DequantizeInt4(DType dtype, const uint8_t* nibbles, uint16_t scale, uint32_
     DequantizeInt4Rows<true>(dtype, nibbles, scale, dim, dst);
   } else {
     DequantizeInt4Rows<false>(dtype, nibbles, scale, dim, dst);
+  }
+}
+
+// 8 refinement cells (unsigned) from 4 bytes.
+inline __m256 UnsignedNibbles8(const uint8_t* p) {
+  uint32_t word;
+  std::memcpy(&word, p, 4);
+  const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  const __m256i v = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+  return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+}
+
+template <bool kStream>
+void DequantizeRefinedRows(DType dtype, const uint8_t* nibbles, const uint8_t* cells,
+                           uint16_t scale, uint32_t dim, uint16_t* dst) {
+  const __m256 s = _mm256_set1_ps(ToFloat(dtype, scale));
+  for (uint32_t i = 0; i < dim; i += 8) {
+    // 32q + 2c - 15: small integers, exact in float.
+    const __m256 q32 = _mm256_mul_ps(Nibbles8(nibbles + i / 2), _mm256_set1_ps(32.0f));
+    const __m256 c2 =
+        _mm256_sub_ps(_mm256_mul_ps(UnsignedNibbles8(cells + i / 2), _mm256_set1_ps(2.0f)),
+                      _mm256_set1_ps(15.0f));
+    const __m256 y =
+        _mm256_mul_ps(_mm256_mul_ps(_mm256_add_ps(q32, c2), s), _mm256_set1_ps(0.03125f));
+    Store8<kStream>(dtype, dst + i, y);
+  }
+}
+
+void DequantizeRefined(DType dtype, const uint8_t* nibbles, const uint8_t* cells, uint16_t scale,
+                       uint32_t dim, uint16_t* dst) {
+  if (Streamable(dst, dim)) {
+    DequantizeRefinedRows<true>(dtype, nibbles, cells, scale, dim, dst);
+  } else {
+    DequantizeRefinedRows<false>(dtype, nibbles, cells, scale, dim, dst);
   }
 }
 
@@ -378,8 +455,8 @@ void DotMany(DType dtype, const uint16_t* row, uint32_t dim, const float* querie
 
 const RowKernels* Avx2RowKernels() {
   static const RowKernels kKernels = {
-      "avx2",          &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
-      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumRowNorms,
+      "avx2",          &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,   &RefineInt4,
+      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &DequantizeRefined, &SumRowNorms,
       &MinMax,         &DotMany,        &CopyRow,           &StoreFence,
   };
   __builtin_cpu_init();

@@ -61,6 +61,28 @@ bool QuantizeInt4Kcn(DType dtype, const uint16_t* src, uint32_t dim, const float
   return true;
 }
 
+bool RefineInt4(DType dtype, const uint16_t* src, uint32_t dim, uint8_t* cells) {
+  const uint16_t amax = AbsMaxBits(src, dim);
+  if (amax >= NonFiniteAbsBits(dtype)) return false;
+  const quant::RowScale s = quant::MakeScale(dtype, ToFloat(dtype, amax), quant::kInt4Max);
+  for (uint32_t i = 0; i < dim; i += 2) {
+    cells[i / 2] = static_cast<uint8_t>(quant::RefineCell(ToFloat(dtype, src[i]), s) |
+                                        (quant::RefineCell(ToFloat(dtype, src[i + 1]), s) << 4));
+  }
+  return true;
+}
+
+void DequantizeRefined(DType dtype, const uint8_t* nibbles, const uint8_t* cells, uint16_t scale,
+                       uint32_t dim, uint16_t* dst) {
+  const float s = ToFloat(dtype, scale);
+  for (uint32_t i = 0; i < dim; i += 2) {
+    dst[i] = quant::DequantizeRefined(dtype, quant::LowNibble(nibbles[i / 2]),
+                                      quant::LowCell(cells[i / 2]), s);
+    dst[i + 1] = quant::DequantizeRefined(dtype, quant::HighNibble(nibbles[i / 2]),
+                                          quant::HighCell(cells[i / 2]), s);
+  }
+}
+
 void DequantizeInt8(DType dtype, const int8_t* codes, uint16_t scale, uint32_t dim, uint16_t* dst) {
   const float s = ToFloat(dtype, scale);
   for (uint32_t i = 0; i < dim; ++i) dst[i] = quant::Dequantize(dtype, codes[i], s);
@@ -133,8 +155,8 @@ void NoFence() {}
 
 const RowKernels& ScalarRowKernels() {
   static const RowKernels kKernels = {
-      "scalar",        &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,
-      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &SumRowNorms,
+      "scalar",        &QuantizeInt8,   &QuantizeInt4,      &QuantizeInt4Kcn,   &RefineInt4,
+      &DequantizeInt8, &DequantizeInt4, &DequantizeInt4Kcn, &DequantizeRefined, &SumRowNorms,
       &MinMax,         &DotMany,        &CopyRow,           &NoFence,
   };
   return kKernels;

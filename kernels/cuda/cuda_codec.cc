@@ -550,10 +550,18 @@ absl::Status BadRowStatus(const uint8_t* report) {
   return NonFiniteRowError(layer, value, token, head);
 }
 
+// This backend has no kernels for progressive payloads (docs/wire-format.md): refused whole.
+absl::Status RefuseProgressive(const PayloadDesc& desc) {
+  if (!desc.progressive()) return absl::OkStatus();
+  return absl::UnimplementedError(
+      "the cuda codec does not pack or unpack progressive payloads (quantizer progressive)");
+}
+
 }  // namespace
 
 absl::Status CudaCodec::PackLayers(const KvBuffer& src, const TierPlan& plan, uint32_t first_layer,
                                    uint32_t last_layer, std::span<uint8_t> payload) {
+  SPECTRUMKV_RETURN_IF_ERROR(RefuseProgressive(plan.desc));
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, first_layer, last_layer, payload));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(src, "source"));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
@@ -575,6 +583,7 @@ absl::Status CudaCodec::UnpackLayers(const ParsedPrelude& prelude, std::span<con
                                      VerifyMode verify) {
   const WireLayout& wl = prelude.layout;
   const PayloadDesc& desc = wl.desc;
+  SPECTRUMKV_RETURN_IF_ERROR(RefuseProgressive(desc));
   SPECTRUMKV_RETURN_IF_ERROR(CheckUnpackArgs(prelude, payload, dst, first_layer, last_layer));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDeviceKv(dst, "destination"));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
@@ -974,6 +983,7 @@ absl::StatusOr<TierPlan> CudaCodec::ScorePlanPack(const KvBuffer& src,
   TierPlan& plan = skeleton.plan;
   const WireLayout& wl = plan.layout;
   const uint32_t layers = wl.desc.shape.num_layers;
+  SPECTRUMKV_RETURN_IF_ERROR(RefuseProgressive(wl.desc));
   SPECTRUMKV_RETURN_IF_ERROR(CheckPackArgs(src, plan, 0, layers, payload));
   SPECTRUMKV_RETURN_IF_ERROR(CheckDevicePayload(payload.data(), payload.size()));
   SPECTRUMKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));

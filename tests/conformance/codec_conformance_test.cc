@@ -63,6 +63,12 @@ class CodecConformanceTest
 
   std::string Ctx() const { return absl::StrFormat("%s seed %u", GetParam().first, seed_); }
 
+  // Progressive payloads are packed and unpacked by the CPU backends only (the CUDA backend
+  // refuses them: ProgressiveIsPackedInPartsOrRefused).
+  bool Skips(Quantizer q) const {
+    return q == Quantizer::kProgressive && harness_->codec().memory_kind() != MemoryKind::kHost;
+  }
+
   std::unique_ptr<BackendHarness> harness_;
   CpuCodec reference_{ScalarRowKernels()};
   uint64_t seed_ = 0;
@@ -84,6 +90,8 @@ constexpr Case kCases[] = {
     {DType::kBFloat16, Quantizer::kKeyChannelNorm, true, {3, 1, 256}, 23},
     {DType::kFloat16, Quantizer::kAbsmax, true, {2, 3, 72}, 64},
     {DType::kFloat16, Quantizer::kAbsmax, false, {1, 1, 8}, 1},
+    {DType::kFloat16, Quantizer::kProgressive, false, {3, 2, 64}, 45},
+    {DType::kBFloat16, Quantizer::kProgressive, true, {2, 3, 136}, 29},
 };
 
 // A case's source: a pool of `kind` holding fresh random rows, and a 3-tier plan of random tiers.
@@ -97,13 +105,17 @@ CaseInput RandomInput(const Case& c, PoolLayoutKind kind, uint32_t block_size,
   CaseInput in{MakePool(kind, c.shape, c.dtype, block_size, c.tokens, rng()), {}};
   FillRandom(in.src.View(), rng);
   const uint32_t maps = c.per_layer ? c.shape.num_layers : 1;
-  in.plan = *PlanFromTiers(c.shape, c.dtype, c.tokens, RandomTiers(maps, c.tokens, rng),
+  in.plan = *PlanFromTiers(c.shape, c.dtype, c.tokens,
+                           c.quantizer == Quantizer::kProgressive
+                               ? RandomProgressiveTiers(maps, c.tokens, rng)
+                               : RandomTiers(maps, c.tokens, rng),
                            Policy::k3Tier, c.quantizer);
   return in;
 }
 
 TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
   for (const Case& c : kCases) {
+    if (Skips(c.quantizer)) continue;
     CaseInput in = RandomInput(c, PoolLayoutKind::kVllmNhd, 16, rng_);
     const TestPool& src = in.src;
     const TierPlan& plan = in.plan;
@@ -124,6 +136,7 @@ TEST_P(CodecConformanceTest, PayloadBytesMatchTheReference) {
 TEST_P(CodecConformanceTest, SlicedPackEqualsPackLayers) {
   Codec& codec = harness_->codec();
   for (const Case& c : kCases) {
+    if (Skips(c.quantizer)) continue;
     CaseInput in = RandomInput(c, PoolLayoutKind::kVllmHnd, 16, rng_);
     const TestPool& src = in.src;
     const TierPlan& plan = in.plan;
@@ -182,10 +195,77 @@ TEST_P(CodecConformanceTest, SlicedPackEqualsPackLayers) {
   }
 }
 
+// A progressive payload's bases (packed from a plan without tiers, as a sender does before it
+// ranks) and refinements, each in shuffled slices, the refinements first, then sealed, are byte
+// for byte PackLayers' payload; a layer's base does not depend on the tier map. A backend
+// without progressive kernels refuses such payloads whole.
+TEST_P(CodecConformanceTest, ProgressiveIsPackedInPartsOrRefused) {
+  Codec& codec = harness_->codec();
+  for (const Case& c : kCases) {
+    if (c.quantizer != Quantizer::kProgressive) continue;
+    CaseInput in = RandomInput(c, PoolLayoutKind::kVllmHnd, 16, rng_);
+    const TierPlan& plan = in.plan;
+    const KvBuffer dev = harness_->Upload(in.src.View());
+    std::span<uint8_t> payload = harness_->AllocPayload(plan.layout.total_bytes);
+    if (Skips(c.quantizer)) {
+      EXPECT_EQ(codec.PackLayers(dev, plan, 0, c.shape.num_layers, payload).code(),
+                absl::StatusCode::kUnimplemented);
+      const std::vector<uint8_t> bytes = *PackPayload(reference_, in.src.View(), plan);
+      EXPECT_EQ(Unpack(bytes, in.src.View()).code(), absl::StatusCode::kUnimplemented);
+      continue;
+    }
+    const std::vector<uint8_t> expect = *PackPayload(reference_, in.src.View(), plan);
+    TierPlan untiered = plan;
+    untiered.tiers.clear();
+    const uint32_t layers = c.shape.num_layers;
+    harness_->PayloadFromHost(std::vector<uint8_t>(payload.size(), 0xC3), payload);
+    const uint32_t slices = 3;
+    std::vector<uint32_t> order = {0, 1, 2};
+    for (ProgressivePart part : {ProgressivePart::kRanked, ProgressivePart::kBase}) {
+      std::shuffle(order.begin(), order.end(), rng_);
+      for (uint32_t sl : order) {
+        const TierPlan& p = part == ProgressivePart::kBase ? untiered : plan;
+        const absl::Status st =
+            codec.PackProgressiveSlice(dev, p, part, 0, layers, sl, slices, payload);
+        ASSERT_TRUE(st.ok()) << Ctx() << ": " << st;
+      }
+    }
+    ASSERT_TRUE(codec.SealLayers(plan, 0, layers, payload).ok());
+    const std::vector<uint8_t> got = harness_->PayloadToHost(payload);
+    const uint64_t begin = plan.layout.layers[0].begin;
+    for (uint64_t i = begin; i < got.size(); ++i) {
+      ASSERT_EQ(got[i], expect[i]) << Ctx() << ": first difference at byte " << i;
+    }
+    // Another tier map (other counts, other sections after it): the same first base.
+    const uint32_t maps = c.per_layer ? layers : 1;
+    const TierPlan other =
+        *PlanFromTiers(c.shape, c.dtype, c.tokens, RandomProgressiveTiers(maps, c.tokens, rng_),
+                       Policy::k3Tier, Quantizer::kProgressive);
+    const std::vector<uint8_t> theirs = *PackPayload(reference_, in.src.View(), other);
+    const LayerSection& sec = plan.layout.layers[0];
+    ASSERT_EQ(other.layout.layers[0].ranked_begin, sec.ranked_begin);
+    EXPECT_TRUE(std::equal(expect.begin() + sec.begin, expect.begin() + sec.ranked_begin,
+                           theirs.begin() + sec.begin))
+        << Ctx();
+    EXPECT_EQ(
+        codec
+            .PackProgressiveSlice(dev, untiered, ProgressivePart::kRanked, 0, layers, 0, 1, payload)
+            .code(),
+        absl::StatusCode::kInvalidArgument);
+  }
+  CaseInput plain = RandomInput(kCases[0], PoolLayoutKind::kVllmNhd, 16, rng_);
+  std::span<uint8_t> payload = harness_->AllocPayload(plain.plan.layout.total_bytes);
+  EXPECT_FALSE(codec
+                   .PackProgressiveSlice(harness_->Upload(plain.src.View()), plain.plan,
+                                         ProgressivePart::kBase, 0, 1, 0, 1, payload)
+                   .ok());
+}
+
 // A verified chunk unpacked in slices (shuffled order) writes what UnpackLayers writes.
 TEST_P(CodecConformanceTest, SlicedUnpackEqualsUnpackLayers) {
   Codec& codec = harness_->codec();
   for (const Case& c : kCases) {
+    if (Skips(c.quantizer)) continue;
     CaseInput in = RandomInput(c, PoolLayoutKind::kVllmNhd, 16, rng_);
     const TestPool& src = in.src;
     const TierPlan& plan = in.plan;
@@ -259,6 +339,7 @@ TEST_P(CodecConformanceTest, RoundTripsAcrossEveryLayoutPair) {
 
 TEST_P(CodecConformanceTest, UnpacksTheReferencePayloadLikeTheReference) {
   for (const Case& c : kCases) {
+    if (Skips(c.quantizer)) continue;
     CaseInput in = RandomInput(c, PoolLayoutKind::kTrtllm, 8, rng_);
     const TestPool& src = in.src;
     const TierPlan& plan = in.plan;

@@ -106,6 +106,20 @@ std::vector<uint8_t> RandomTiers(uint32_t maps, uint32_t num_tokens, std::mt1993
   return tiers;
 }
 
+std::vector<uint8_t> RandomProgressiveTiers(uint32_t maps, uint32_t num_tokens,
+                                            std::mt19937_64& rng) {
+  std::vector<uint8_t> tiers(uint64_t{maps} * num_tokens);
+  std::uniform_int_distribution<int> code(1, 2);
+  for (auto& t : tiers) t = static_cast<uint8_t>(code(rng));
+  if (num_tokens >= 2) {
+    for (uint32_t m = 0; m < maps; ++m) {
+      tiers[uint64_t{m} * num_tokens] = 1;
+      tiers[uint64_t{m} * num_tokens + 1] = 2;
+    }
+  }
+  return tiers;
+}
+
 std::string CheckRoundTrip(const KvBuffer& src, const KvBuffer& dst, const TierPlan& plan,
                            const std::vector<uint8_t>& payload) {
   const PayloadDesc& d = plan.desc;
@@ -128,6 +142,12 @@ std::string CheckRoundTrip(const KvBuffer& src, const KvBuffer& dst, const TierP
           float s = 0.0f;
           if (tier == Tier::kInt8) s = ToFloat(dtype, Load16(payload, part.int8_scales + 2 * row));
           if (tier == Tier::kInt4) s = ToFloat(dtype, Load16(payload, part.int4_scales + 2 * row));
+          // Progressive: every token's scale is its INT4 base's, at its token index; an INT8
+          // row is within a 32nd of it (half a 16th of the INT4 step).
+          const bool refined = d.progressive() && tier == Tier::kInt8;
+          if (d.progressive()) {
+            s = ToFloat(dtype, Load16(payload, part.int4_scales + 2 * (uint64_t{t} * heads + h)));
+          }
           const bool kcn = tier == Tier::kInt4 && !value && d.key_channel_norm();
           for (uint32_t c = 0; c < dim; ++c) {
             const std::string where =
@@ -142,7 +162,7 @@ std::string CheckRoundTrip(const KvBuffer& src, const KvBuffer& dst, const TierP
               continue;
             }
             const float xv = ToFloat(dtype, x[c]), yv = ToFloat(dtype, y[c]);
-            float bound = s * (0.5f + 1e-5f) + 0.5f * UlpAt(dtype, y[c]);
+            float bound = s * ((refined ? 0.03125f : 0.5f) + 1e-5f) + 0.5f * UlpAt(dtype, y[c]);
             if (kcn) {
               const uint64_t fc = uint64_t{h} * dim + c;
               const float f = ToFloat(dtype, Load16(payload, sec.key_factors + 2 * fc));

@@ -40,6 +40,9 @@ uint64_t FreshSeed();
 
 // Random tier codes for `maps` maps of `num_tokens` tokens, every tier present when n >= 8.
 std::vector<uint8_t> RandomTiers(uint32_t maps, uint32_t num_tokens, std::mt19937_64& rng);
+// As RandomTiers, INT8 and INT4 only (a progressive payload's tiers).
+std::vector<uint8_t> RandomProgressiveTiers(uint32_t maps, uint32_t num_tokens,
+                                            std::mt19937_64& rng);
 
 // Scores that stress a ranking, one of kScoreKinds kinds: 0 uniform in [-1, 1]; 1 heavy ties
 // (four values, zeros of both signs); 2 specials (NaNs of both signs and several payloads, +-Inf,

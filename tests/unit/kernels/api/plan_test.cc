@@ -50,6 +50,33 @@ TEST(PlanTest, ThreeTierFractionsMatchThePaper) {
   }
 }
 
+// The progressive quantizer plans as absmax does where the policy gives INT8 and INT4 tokens
+// only (3tier from 0.25 to 0.5), and refuses, naming the counts, where it would not.
+TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
+  std::mt19937_64 rng(testing::FreshSeed());
+  const uint32_t n = 1000;
+  const std::vector<float> scores = Scores(n, rng);
+  for (double b : {0.25, 0.3, 0.42, 0.5}) {
+    PlanOptions o;
+    o.budget = b;
+    const TierPlan absmax = *PlanTiers(kLlama, DType::kFloat16, n, scores, o);
+    o.quantizer = Quantizer::kProgressive;
+    auto plan = PlanTiers(kLlama, DType::kFloat16, n, scores, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_TRUE(plan->desc.progressive());
+    EXPECT_EQ(plan->tiers, absmax.tiers) << "b=" << b;
+    EXPECT_EQ(plan->layout.total_bytes, absmax.layout.total_bytes) << "b=" << b;
+  }
+  for (double b : {0.2, 0.6}) {
+    PlanOptions o;
+    o.budget = b;
+    o.quantizer = Quantizer::kProgressive;
+    auto plan = PlanTiers(kLlama, DType::kFloat16, n, scores, o);
+    ASSERT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument) << "b=" << b;
+    EXPECT_NE(plan.status().message().find("INT8 and INT4 tokens only"), std::string::npos);
+  }
+}
+
 TEST(PlanTest, GreedyFollowsTheRanking) {
   const uint32_t n = 200;
   std::vector<float> scores(n);

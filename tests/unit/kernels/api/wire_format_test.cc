@@ -165,6 +165,47 @@ TEST(WireLayoutTest, SizesFollowTheCounts) {
             WireOverheadBound(d));
 }
 
+// A progressive section: every token's K and V bases first (sizes from the token count alone),
+// then the INT8 tokens' refinements; the same bytes as the absmax layout of the same counts
+// (padding aside); FP16 or dropped tokens, or key channel norms with it, are refused.
+TEST(WireLayoutTest, ProgressiveSectionsPutTheBasesFirst) {
+  PayloadDesc d;
+  d.shape = {3, 4, 64};
+  d.num_tokens = 100;
+  d.flags = kFlagProgressive;
+  TierCounts c;
+  c[Tier::kInt8] = 30;
+  c[Tier::kInt4] = 70;
+  const WireLayout wl = *ComputeWireLayout(d, std::vector<TierCounts>{c});
+  for (const LayerSection& s : wl.layers) {
+    EXPECT_EQ(s.key.int4_rows, s.begin);
+    EXPECT_EQ(s.key.int4_scales, s.begin + 100 * 4 * 32);
+    EXPECT_EQ(s.value.int4_rows, s.key.int4_scales + 800);
+    EXPECT_EQ(s.ranked_begin, s.value.int4_scales + 800);
+    EXPECT_EQ(s.key.int8_rows, s.ranked_begin);
+    EXPECT_EQ(s.value.int8_rows, s.key.int8_rows + 30 * 4 * 32);
+    EXPECT_EQ(s.crc_offset, s.value.int8_rows + 30 * 4 * 32);
+  }
+  PayloadDesc plain = d;
+  plain.flags = 0;
+  const WireLayout pl = *ComputeWireLayout(plain, std::vector<TierCounts>{c});
+  EXPECT_EQ(wl.total_bytes, pl.total_bytes);
+  EXPECT_EQ(pl.layers[1].ranked_begin, pl.layers[1].begin);
+  c[Tier::kInt4] = 69;
+  c[Tier::kFp16] = 1;
+  EXPECT_EQ(ComputeWireLayout(d, std::vector<TierCounts>{c}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  c[Tier::kFp16] = 0;
+  c[Tier::kDrop] = 1;
+  EXPECT_EQ(ComputeWireLayout(d, std::vector<TierCounts>{c}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  c[Tier::kDrop] = 0;
+  c[Tier::kInt4] = 70;
+  d.flags |= kFlagKeyChannelNorm;
+  EXPECT_EQ(ComputeWireLayout(d, std::vector<TierCounts>{c}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 class WireParseTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -174,6 +174,95 @@ TEST(RowKernelsTest, StreamingAndOrdinaryDestinationsAgree) {
   }
 }
 
+// The progressive INT8 tier: every implementation writes the scalar definition's cells and
+// reconstruction on fresh random rows (also rows with elements exactly on a cell's edge, and
+// the INT4 step's halfway points, where the cell clamps to 15), and the reconstruction is within
+// a 32nd of the INT4 scale plus half an ulp; a zero row reconstructs to zeros, a non-finite row
+// is refused.
+TEST(RowKernelsTest, RefinementAgreesAndMeetsItsBound) {
+  const RowKernels& ref = ScalarRowKernels();
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> g;
+  for (const RowKernels* k : AllKernels()) {
+    for (int trial = 0; trial < 3000; ++trial) {
+      const DType d = trial % 2 ? DType::kBFloat16 : DType::kFloat16;
+      const uint32_t dim = 8 * (1 + static_cast<uint32_t>(rng() % 40));
+      const float mag = std::exp(std::clamp(g(rng) * 3.0f, -14.0f, 8.0f));
+      std::vector<uint16_t> row(dim);
+      for (auto& x : row) x = FromFloatRne(d, g(rng) * mag);
+      if (trial % 3 == 0) {
+        // Elements on edges: amax 7 gives scale 1 exactly, so y = x.
+        row[0] = FromFloatRne(d, 7.0f);
+        for (uint32_t i = 1; i < dim; ++i) {
+          row[i] = FromFloatRne(d, static_cast<float>(static_cast<int>(rng() % 225) - 112) / 16.0f);
+        }
+      }
+      std::vector<uint8_t> nib(dim / 2), cells_a(dim / 2), cells_b(dim / 2);
+      uint16_t scale = 0;
+      ASSERT_TRUE(ref.quantize_int4(d, row.data(), dim, nib.data(), &scale));
+      ASSERT_TRUE(k->refine_int4(d, row.data(), dim, cells_a.data()));
+      ASSERT_TRUE(ref.refine_int4(d, row.data(), dim, cells_b.data()));
+      ASSERT_EQ(cells_a, cells_b) << k->name << " dim " << dim;
+      std::vector<uint16_t> ya(dim), yb(dim);
+      k->dequantize_refined(d, nib.data(), cells_a.data(), scale, dim, ya.data());
+      k->store_fence();
+      ref.dequantize_refined(d, nib.data(), cells_b.data(), scale, dim, yb.data());
+      ASSERT_EQ(ya, yb) << k->name;
+      const float s = ToFloat(d, scale);
+      for (uint32_t i = 0; i < dim; ++i) {
+        const float x = ToFloat(d, row[i]), y = ToFloat(d, ya[i]);
+        const uint16_t a = ya[i] & 0x7FFF;
+        const float ulp = ToFloat(d, static_cast<uint16_t>(a + 1)) - ToFloat(d, a);
+        ASSERT_LE(std::fabs(x - y), s * (1.0f / 32) * 1.00001f + ulp / 2)
+            << k->name << " element " << i << " x " << x << " cell "
+            << (i % 2 ? cells_a[i / 2] >> 4 : cells_a[i / 2] & 15);
+      }
+    }
+    for (DType d : {DType::kFloat16, DType::kBFloat16}) {
+      std::vector<uint16_t> row(16, 0), y(16, 0xFFFF);
+      std::vector<uint8_t> nib(8), cells(8);
+      uint16_t scale = 1;
+      ASSERT_TRUE(k->quantize_int4(d, row.data(), 16, nib.data(), &scale));
+      ASSERT_TRUE(k->refine_int4(d, row.data(), 16, cells.data()));
+      EXPECT_EQ(cells, std::vector<uint8_t>(8, 0x88)) << k->name;
+      k->dequantize_refined(d, nib.data(), cells.data(), scale, 16, y.data());
+      k->store_fence();
+      EXPECT_EQ(y, std::vector<uint16_t>(16, 0)) << k->name;
+      row[3] = d == DType::kFloat16 ? 0x7C00 : 0x7F80;
+      EXPECT_FALSE(k->refine_int4(d, row.data(), 16, cells.data())) << k->name;
+    }
+  }
+}
+
+// Worked by hand: amax 7 (scale 1 exactly); x = 2.3: q 2, cell floor((0.3 + 0.5) * 16) = 12,
+// back (64 + 24 - 15) / 32 = 2.28125; x = -0.5 (a tie: q 0, even): cell 0, back -15/32;
+// x = 0.5: q 0, cell 16 clamped to 15, back 15/32.
+TEST(RowKernelsTest, KnownAnswerRefinement) {
+  std::vector<uint16_t> row(8, 0);
+  row[0] = FloatToHalfRne(7.0f);
+  row[1] = FloatToHalfRne(2.3f);
+  row[2] = FloatToHalfRne(-0.5f);
+  row[3] = FloatToHalfRne(0.5f);
+  for (const RowKernels* k : AllKernels()) {
+    std::vector<uint8_t> nib(4), cells(4);
+    uint16_t scale = 0;
+    ASSERT_TRUE(k->quantize_int4(DType::kFloat16, row.data(), 8, nib.data(), &scale));
+    ASSERT_EQ(HalfToFloat(scale), 1.0f);
+    ASSERT_TRUE(k->refine_int4(DType::kFloat16, row.data(), 8, cells.data()));
+    EXPECT_EQ(quant::HighCell(cells[0]), 12) << k->name;
+    EXPECT_EQ(quant::LowCell(cells[1]), 0) << k->name;
+    EXPECT_EQ(quant::HighCell(cells[1]), 15) << k->name;
+    std::vector<uint16_t> y(8);
+    k->dequantize_refined(DType::kFloat16, nib.data(), cells.data(), scale, 8, y.data());
+    k->store_fence();
+    EXPECT_EQ(HalfToFloat(y[1]), HalfToFloat(FloatToHalfRne(2.28125f))) << k->name;
+    EXPECT_EQ(HalfToFloat(y[2]), -15.0f / 32) << k->name;
+    EXPECT_EQ(HalfToFloat(y[3]), 15.0f / 32) << k->name;
+    // 7 itself: q 7, cell 8, back (224 + 1) / 32.
+    EXPECT_EQ(HalfToFloat(y[0]), 225.0f / 32) << k->name;
+  }
+}
+
 TEST(RowKernelsTest, SelfTestPasses) {
   for (const RowKernels* k : AllKernels()) EXPECT_TRUE(CpuCodec::SelfTest(*k)) << k->name;
 }
