@@ -60,6 +60,22 @@ uint32_t CombinedCrc(const LayerSection& sec, const uint32_t* part_crcs, uint32_
   return crc;
 }
 
+// The parts of a layer section a data chunk carries (RecvTransfer::layer_parts): whole
+// sections [first_layer, last_layer), or one layer's base or ranked part of a progressive
+// payload; 0 if the prelude does not place the chunk so.
+constexpr uint8_t kBasePart = 1, kRankedPart = 2, kWholeSection = kBasePart | kRankedPart;
+uint8_t ChunkParts(const WireLayout& wl, const DataChunkHeader& c) {
+  const uint32_t layers = static_cast<uint32_t>(wl.layers.size());
+  if (c.first_layer >= c.last_layer || c.last_layer > layers) return 0;
+  const LayerSection& first = wl.layers[c.first_layer];
+  const uint64_t end = c.offset + c.size;
+  if (c.offset == first.begin && end == wl.layers[c.last_layer - 1].end) return kWholeSection;
+  if (c.last_layer != c.first_layer + 1 || first.ranked_begin == first.begin) return 0;
+  if (c.offset == first.begin && end == first.ranked_begin) return kBasePart;
+  if (c.offset == first.ranked_begin && end == first.end) return kRankedPart;
+  return 0;
+}
+
 // A spin-wait's pause.
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -79,6 +95,24 @@ std::vector<DataChunkHeader> PlanChunks(const WireLayout& wl, uint64_t transfer_
   prelude.size = wl.prelude_bytes;
   chunks.push_back(prelude);
   const uint32_t layers = static_cast<uint32_t>(wl.layers.size());
+  if (wl.desc.progressive()) {
+    // Every layer's base, then its ranked part: chunk 1 + 2l and 2 + 2l.
+    for (uint32_t l = 0; l < layers; ++l) {
+      const LayerSection& sec = wl.layers[l];
+      for (const auto& [begin, end] :
+           {std::pair{sec.begin, sec.ranked_begin}, std::pair{sec.ranked_begin, sec.end}}) {
+        DataChunkHeader c;
+        c.transfer_id = transfer_id;
+        c.index = static_cast<uint32_t>(chunks.size());
+        c.first_layer = l;
+        c.last_layer = l + 1;
+        c.offset = begin;
+        c.size = end - begin;
+        chunks.push_back(c);
+      }
+    }
+    return chunks;
+  }
   uint32_t first = 0;
   while (first < layers) {
     uint32_t last = first + 1;
@@ -217,7 +251,10 @@ struct TransferManager::RecvTransfer {
   uint32_t chunks_received = 0;
   uint32_t data_outstanding = 0;
   std::vector<DataChunkHeader> pending_chunks;  // received, not yet checked/unpacked
-  std::vector<bool> layer_claimed;              // a chunk carrying the layer was accepted
+  // Per layer, the parts of its section that accepted chunks carry: kBasePart, [begin,
+  // ranked_begin), and kRankedPart, the rest (a progressive payload sends them apart; a whole
+  // section is both). A layer is unpacked once it has both.
+  std::vector<uint8_t> layer_parts;
   bool destination_checked = false;
   uint32_t layers_unpacked = 0;
   uint32_t unpack_tasks = 0;
@@ -565,6 +602,264 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
   }
 }
 
+// A progressive payload's packing and sending (SendProgressive): every layer's base, packed by
+// the workers while the caller scores, then, once the tiers are known, the layers' ranked parts
+// (the INT8 tokens' refinements), which the workers take before any base left. Each part is
+// packed in `slices` tasks; the worker that ends a part checksums it, and the second of a
+// layer's two parts to be checksummed writes the layer's trailer (crc32c::Combine). Chunks are
+// handed to the transport by PumpProgressive.
+struct TransferManager::ProgressiveJob {
+  std::shared_ptr<SendTransfer> t;
+  Codec* codec = nullptr;
+  KvBuffer src;
+  TierPlan base_plan;  // the skeleton's: the layout (its tiers are not read)
+  TierPlan plan;       // the ranked plan, written before `ranked_ready` is set
+  std::atomic<bool> ranked_ready{false};
+  std::vector<DataChunkHeader> chunks;  // the prelude, then base and ranked chunk per layer
+  std::span<uint8_t> payload;
+  uint32_t layers = 0;
+  uint32_t slices = 1;
+  std::atomic<uint32_t> next_base{0}, next_ranked{0};  // tasks: layer * slices + slice
+  std::unique_ptr<std::atomic<uint32_t>[]> base_left, ranked_left, seal_left;  // per layer
+  std::vector<uint32_t> base_crc, ranked_crc;  // per layer, written before seal_left drops
+  std::atomic<bool> stopped{false};
+  SteadyClock::time_point begun;
+  // Sending: per chunk 0 waiting, 1 ready, 2 handed to the transport.
+  absl::Mutex send_mu;
+  std::vector<uint8_t> chunk_state ABSL_GUARDED_BY(send_mu);
+  uint32_t in_transport ABSL_GUARDED_BY(send_mu) = 0;
+
+  static uint32_t BaseChunk(uint32_t layer) { return 1 + 2 * layer; }
+  static uint32_t RankedChunk(uint32_t layer) { return 2 + 2 * layer; }
+  void Ready(uint32_t chunk) {
+    absl::MutexLock lock(&send_mu);
+    chunk_state[chunk] = 1;
+  }
+};
+
+absl::Status TransferManager::SendProgressive(const std::shared_ptr<SendTransfer>& self,
+                                              Codec* codec, const KvBuffer& src,
+                                              PlanSkeleton skeleton, bool need_scores) {
+  SendTransfer& t = *self;
+  const SendArgs& a = t.args;
+  auto terminal = [&] {
+    absl::MutexLock lock(&mu_);
+    return t.terminal();
+  };
+  auto job = std::make_shared<ProgressiveJob>();
+  job->t = self;
+  job->codec = codec;
+  job->src = src;
+  job->base_plan = skeleton.plan;
+  const WireLayout& wl = job->base_plan.layout;
+  uint32_t transfers_in_flight = 1;
+  SPECTRUMKV_RETURN_IF_ERROR(Offer(self, wl, &job->chunks, &transfers_in_flight));
+  if (terminal()) return absl::OkStatus();
+  absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(wl.total_bytes);
+  if (!buffer.ok()) {
+    metrics_.AdmissionRejected(RejectReason::kBytes);
+    return buffer.status();
+  }
+  job->payload = buffer->span();
+  {
+    absl::MutexLock lock(&mu_);
+    t.buffer = std::move(*buffer);
+  }
+  job->layers = static_cast<uint32_t>(wl.layers.size());
+  job->slices = SlicesFor(*codec, transfers_in_flight);
+  job->base_left = std::make_unique<std::atomic<uint32_t>[]>(job->layers);
+  job->ranked_left = std::make_unique<std::atomic<uint32_t>[]>(job->layers);
+  job->seal_left = std::make_unique<std::atomic<uint32_t>[]>(job->layers);
+  for (uint32_t l = 0; l < job->layers; ++l) {
+    job->base_left[l] = job->slices;
+    job->ranked_left[l] = job->slices;
+    job->seal_left[l] = 2;
+  }
+  job->base_crc.assign(job->layers, 0);
+  job->ranked_crc.assign(job->layers, 0);
+  {
+    absl::MutexLock lock(&job->send_mu);
+    job->chunk_state.assign(job->chunks.size(), 0);
+  }
+  job->begun = SteadyClock::now();
+  spdlog::debug("send {}: packing the bases", t.id_str);
+  // The bases, on every worker: this thread scores meanwhile.
+  auto post_workers = [&](uint32_t count) {
+    for (uint32_t h = 0; h < count; ++h) {
+      {
+        absl::MutexLock lock(&mu_);
+        ++t.runners;
+      }
+      if (!executor_.Post([this, job] { FinishRunner(job->t, ProgressiveLoop(job)); })) {
+        FinishRunner(self, absl::UnavailableError("the daemon is shutting down"));
+      }
+    }
+  };
+  const uint32_t workers = std::max<uint32_t>(1, options_.pack_threads);
+  post_workers(workers);
+
+  const auto s0 = SteadyClock::now();
+  TierPlan plan;
+  if (need_scores) {
+    ScoreOptions so;
+    so.mode = a.scoring;
+    so.window_queries = a.window_queries;
+    so.window = a.window;
+    so.num_q_heads = a.num_q_heads;
+    so.pool_kernel = a.pool_kernel;
+    so.recency_decay = a.recency_decay;
+    so.external_scores = a.external_scores;
+    PlanOptions po = a.plan;
+    po.policy = skeleton.plan.desc.policy;
+    po.scoring = static_cast<uint8_t>(a.scoring);
+    SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
+    spdlog::debug("send {}: scored", t.id_str);
+  } else {
+    if (skeleton.ranked) {  // every rank gets the same tier: any ranking gives the plan
+      std::vector<uint32_t> identity(a.num_tokens);
+      for (uint32_t i = 0; i < a.num_tokens; ++i) identity[i] = i;
+      AssignByRank(skeleton, identity);
+    }
+    plan = std::move(skeleton.plan);
+  }
+  if (!SameSections(wl, plan.layout)) {
+    return absl::InternalError("the scored plan's layout differs from the one offered");
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.terminal()) return absl::OkStatus();
+    t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
+    t.state = SendTransfer::State::kSending;
+    t.stats.policy = std::string(PolicyName(plan.desc.policy));
+    t.stats.backend = std::string(codec->name());
+    t.stats.element_budget = plan.ElementBudget();
+    t.stats.wire_budget = plan.WireBudget();
+    t.stats.tiers = plan.layout.total_counts;
+  }
+  WritePrelude(plan.layout, plan.tiers, job->payload);
+  job->plan = std::move(plan);
+  job->ranked_ready.store(true, std::memory_order_release);
+  job->Ready(0);
+  PumpProgressive(job);
+  // The ranked parts: the workers still packing bases take them first; fresh ones join.
+  post_workers(workers - 1);
+  return ProgressiveLoop(job);
+}
+
+absl::Status TransferManager::ProgressiveLoop(const std::shared_ptr<ProgressiveJob>& self) {
+  ProgressiveJob& job = *self;
+  SendTransfer& t = *job.t;
+  // Leaving with a task taken and not done: nobody finishes that part, so nobody else goes on.
+  struct StopUnlessDone {
+    std::atomic<bool>& stopped;
+    bool done = false;
+    ~StopUnlessDone() {
+      if (!done) stopped.store(true);
+    }
+  } guard{job.stopped};
+  const uint32_t tasks = job.layers * job.slices;
+  const WireLayout& wl = job.base_plan.layout;
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (t.terminal() || job.stopped.load()) return absl::OkStatus();
+    }
+    uint32_t k = tasks;
+    bool ranked = false;
+    if (job.ranked_ready.load(std::memory_order_acquire)) {
+      k = job.next_ranked.fetch_add(1);
+      ranked = k < tasks;
+    }
+    if (!ranked) k = job.next_base.fetch_add(1);
+    if (k >= tasks) {
+      guard.done = true;
+      return absl::OkStatus();
+    }
+    const uint32_t l = k / job.slices;
+    const auto p0 = SteadyClock::now();
+    SPECTRUMKV_RETURN_IF_ERROR(
+        job.codec->PackProgressiveSlice(job.src, ranked ? job.plan : job.base_plan,
+                                        ranked ? ProgressivePart::kRanked : ProgressivePart::kBase,
+                                        l, l + 1, k % job.slices, job.slices, job.payload));
+    std::atomic<uint32_t>& left = ranked ? job.ranked_left[l] : job.base_left[l];
+    if (left.fetch_sub(1) == 1) {
+      // The part is packed. A base leaves now (its checksum is read while it does); the second
+      // part of a layer to be checksummed writes the trailer, which lets the ranked part leave.
+      const LayerSection& sec = wl.layers[l];
+      if (!ranked) {
+        job.Ready(ProgressiveJob::BaseChunk(l));
+        PumpProgressive(self);
+        job.base_crc[l] =
+            crc32c::Value(job.payload.data() + sec.begin, sec.ranked_begin - sec.begin);
+      } else {
+        job.ranked_crc[l] =
+            crc32c::Value(job.payload.data() + sec.ranked_begin, sec.crc_offset - sec.ranked_begin);
+      }
+      if (job.seal_left[l].fetch_sub(1) == 1) {
+        const uint32_t crc =
+            crc32c::Combine(job.base_crc[l], job.ranked_crc[l], sec.crc_offset - sec.ranked_begin);
+        WriteLayerTrailer(wl, l, crc, job.payload);
+        job.Ready(ProgressiveJob::RankedChunk(l));
+        PumpProgressive(self);
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    t.stats.times.pack_s += Since(p0, SteadyClock::now());
+  }
+}
+
+void TransferManager::PumpProgressive(const std::shared_ptr<ProgressiveJob>& self) {
+  ProgressiveJob& job = *self;
+  SendTransfer& t = *job.t;
+  // Held while handing over, so that chunks reach the transport in the order picked here.
+  absl::MutexLock send_lock(&job.send_mu);
+  const uint32_t window = std::max<uint32_t>(1, options_.progressive_chunks_in_flight);
+  while (job.in_transport < window) {
+    // The prelude, then the lowest ready ranked part, then the lowest ready base.
+    int pick = job.chunk_state[0] == 1 ? 0 : -1;
+    for (uint32_t l = 0; pick < 0 && l < job.layers; ++l) {
+      if (job.chunk_state[ProgressiveJob::RankedChunk(l)] == 1)
+        pick = static_cast<int>(ProgressiveJob::RankedChunk(l));
+    }
+    for (uint32_t l = 0; pick < 0 && l < job.layers; ++l) {
+      if (job.chunk_state[ProgressiveJob::BaseChunk(l)] == 1)
+        pick = static_cast<int>(ProgressiveJob::BaseChunk(l));
+    }
+    if (pick < 0) return;
+    {
+      absl::MutexLock lock(&mu_);
+      if (t.terminal()) return;
+      ++t.sends_outstanding;
+      if (t.first_send == SteadyClock::time_point{}) t.first_send = SteadyClock::now();
+    }
+    job.chunk_state[pick] = 2;
+    ++job.in_transport;
+    const DataChunkHeader& c = job.chunks[pick];
+    spdlog::debug("send {}: chunk {} handed over ({:.3f} ms after packing began)", t.id_str, pick,
+                  Since(job.begun, SteadyClock::now()) * 1e3);
+    // The transport never runs the callback inside SendData.
+    transport_.SendData(
+        t.args.peer, c, job.payload.subspan(c.offset, c.size), [this, self](absl::Status s) {
+          {
+            absl::MutexLock lock(&self->send_mu);
+            --self->in_transport;
+          }
+          {
+            absl::MutexLock lock(&mu_);
+            --self->t->sends_outstanding;
+            ReleaseSendIfIdle(self->t);
+          }
+          if (!s.ok()) {
+            FinishSend(self->t, absl::UnavailableError(absl::StrFormat(
+                                    "Send %s: payload send failed: %s",
+                                    Describe(self->t->args.key, self->t->args.peer), s.message())));
+            return;
+          }
+          PumpProgressive(self);
+        });
+  }
+}
+
 void TransferManager::SendChunk(const std::shared_ptr<SendTransfer>& self,
                                 const DataChunkHeader& chunk, std::span<const uint8_t> bytes) {
   transport_.SendData(self->args.peer, chunk, bytes, [this, self](absl::Status s) {
@@ -681,6 +976,15 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     return true;
   };
   const bool need_scores = !skeleton.ok() || (skeleton->ranked && !uniform(skeleton->plan.layout));
+  if (skeleton.ok() && skeleton->plan.desc.progressive()) {
+    if (on_device) {
+      return absl::UnimplementedError(
+          "progressive payloads are packed from host pools only (the cuda codec has no "
+          "progressive kernels)");
+    }
+    t.stats.times.plan_s = Since(t0, SteadyClock::now());
+    return SendProgressive(self, codec, src, std::move(*skeleton), need_scores);
+  }
   TierPlan plan;
   if (!need_scores) {
     if (skeleton->ranked) {  // every rank gets the same tier: any ranking gives the plan
@@ -1200,7 +1504,8 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
                       : absl::InvalidArgumentError("the prelude chunk is not at offset 0");
     if (parsed.ok() &&
         (parsed->layout.total_bytes != t->total_bytes || parsed->layout.prelude_bytes != c.size ||
-         t->num_chunks > parsed->layout.layers.size() + 1)) {
+         t->num_chunks >
+             (parsed->layout.desc.progressive() ? 2 : 1) * parsed->layout.layers.size() + 1)) {
       parsed = absl::InvalidArgumentError("the prelude disagrees with the offer's sizes");
     }
     if (!parsed.ok()) {
@@ -1209,7 +1514,7 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
       return;
     }
     t->prelude = std::move(*parsed);
-    t->layer_claimed.assign(t->prelude->layout.layers.size(), false);
+    t->layer_parts.assign(t->prelude->layout.layers.size(), 0);
   }
   if (!t->claimed) return;  // an early payload: keep it until its Receive arrives
   if (!t->destination_checked) {
@@ -1223,15 +1528,13 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
     t->destination_checked = true;
   }
   const WireLayout& wl = t->prelude->layout;
-  const uint32_t layers = static_cast<uint32_t>(wl.layers.size());
   for (const DataChunkHeader& c : t->pending_chunks) {
-    bool overlaps = false;
-    if (c.first_layer < c.last_layer && c.last_layer <= layers) {
-      for (uint32_t l = c.first_layer; l < c.last_layer; ++l) overlaps |= t->layer_claimed[l];
+    const uint8_t parts = ChunkParts(wl, c);
+    bool overlaps = parts == 0;
+    for (uint32_t l = c.first_layer; parts != 0 && l < c.last_layer; ++l) {
+      overlaps |= (t->layer_parts[l] & parts) != 0;
     }
-    if (c.first_layer >= c.last_layer || c.last_layer > layers || overlaps ||
-        c.offset != wl.layers[c.first_layer].begin ||
-        c.offset + c.size != wl.layers[c.last_layer - 1].end) {
+    if (overlaps) {
       FinishRecvLocked(t,
                        absl::InvalidArgumentError(absl::StrFormat(
                            "%s: chunk %u claims layers [%u, %u) at [%u, +%u), which the "
@@ -1240,9 +1543,12 @@ void TransferManager::Advance(const std::shared_ptr<RecvTransfer>& t, Deferred& 
                        true, d);
       return;
     }
-    for (uint32_t l = c.first_layer; l < c.last_layer; ++l) t->layer_claimed[l] = true;
+    // Whole sections are unpacked as the chunk's layer range; a part completes its layer or
+    // waits for the other part.
+    uint32_t first = c.first_layer, last = c.last_layer;
+    for (uint32_t l = c.first_layer; l < c.last_layer; ++l) t->layer_parts[l] |= parts;
+    if (parts != kWholeSection && t->layer_parts[first] != kWholeSection) continue;
     ++t->unpack_tasks;
-    const uint32_t first = c.first_layer, last = c.last_layer;
     d.Add([this, t, first, last] {
       if (!executor_.Post([this, t, first, last] { RunUnpack(t, first, last); })) {
         Deferred dd;

@@ -176,6 +176,11 @@ struct TransferManagerOptions {
   // in as many parts as slices (their first byte leaves sooner); smaller ones, and every later
   // chunk, are checksummed whole by the worker that ends their last slice.
   uint64_t checksum_parts_bytes = 4ull << 20;
+  // A progressive payload (quantizer progressive: every layer's base packed and sent while the
+  // tokens are scored, the refinements after) is handed to the transport at most this many
+  // chunks at a time, by priority (the prelude, then refinements, then bases, each in layer
+  // order), so that the refinements of layers already sent do not queue behind every base.
+  uint32_t progressive_chunks_in_flight = 3;
   uint64_t incarnation = 0;
 };
 
@@ -242,6 +247,15 @@ class TransferManager final : public TransportHandler {
   // Sender steps (executor).
   void RunSend(std::shared_ptr<SendTransfer> t);
   absl::Status PrepareSend(const std::shared_ptr<SendTransfer>& self);
+  // PrepareSend for a progressive plan (host pools): offers, packs and sends the bases while it
+  // scores, then the prelude and the refinements.
+  struct ProgressiveJob;
+  absl::Status SendProgressive(const std::shared_ptr<SendTransfer>& self, Codec* codec,
+                               const KvBuffer& src, PlanSkeleton skeleton, bool need_scores);
+  absl::Status ProgressiveLoop(const std::shared_ptr<ProgressiveJob>& job);
+  // Hands the job's ready chunks to the transport, by priority, up to
+  // progressive_chunks_in_flight in flight.
+  void PumpProgressive(const std::shared_ptr<ProgressiveJob>& job);
   // Admits a payload of `layout` on bytes, cuts it into chunks and offers it to the peer; from
   // here on a failure reaches the peer as a PeerCancel. `transfers_in_flight`: the daemon's load
   // when admitted. OK without an offer if the transfer already ended.
