@@ -84,9 +84,12 @@ def one_link(args, rate):
             try:
                 for memory in args.pool_memory:
                     for scoring in args.scorings:
-                        for row in tb.delivery(d, args.rounds, scoring,
-                                               ["--pool-memory", memory]):
-                            res["runs"].append(dict(row, pool_memory=memory))
+                        for q in args.quantizers:
+                            if q == "progressive" and memory == "cuda":
+                                continue  # the CUDA codec has no progressive kernels
+                            for row in tb.delivery(d, args.rounds, scoring,
+                                                   ["--pool-memory", memory], quantizer=q):
+                                res["runs"].append(dict(row, pool_memory=memory))
             finally:
                 d.stop()
         return res
@@ -125,16 +128,17 @@ def main():
         if res is not None:
             result["links"].append(res)
     print("\nllama3-8b, 4096 tokens, UCX_TLS=%s, medians of %d" % (args.tls, args.rounds))
-    print("%9s %6s %9s %6s %9s %9s %7s %7s %7s %7s %7s %7s %5s" % (
-        "link", "pools", "scoring", "b", "wire MB", "e2e ms", "ratio", "score", "pack", "stage",
-        "net", "unpack", "ok"))
+    print("%9s %6s %9s %11s %6s %9s %9s %7s %7s %7s %7s %7s %7s %5s" % (
+        "link", "pools", "scoring", "quantizer", "b", "wire MB", "e2e ms", "ratio", "score",
+        "pack", "stage", "net", "unpack", "ok"))
     for link in result["links"]:
         print("  %s: ucx_perftest tag_bw 512 MiB %.2f GB/s" % (
             link["link"], link["perftest_512MiB_Bps"] / 1e9))
         for x in link["runs"]:
             s = x["stages_s"]
-            print("%9s %6s %9s %6.2f %9.1f %9.1f %7.3f %7.2f %7.2f %7.2f %7.2f %7.2f %5s" % (
-                link["link"], x["pool_memory"], x["scoring"], x["budget"], x["wire_bytes"] / 1e6,
+            print("%9s %6s %9s %11s %6.2f %9.1f %9.1f %7.3f %7.2f %7.2f %7.2f %7.2f %7.2f %5s" % (
+                link["link"], x["pool_memory"], x["scoring"], x["quantizer"], x["budget"],
+                x["wire_bytes"] / 1e6,
                 x["e2e_s"] * 1e3, x["ratio_to_uncompressed"], s["score"] * 1e3, s["pack"] * 1e3,
                 s["stage_copy"] * 1e3, s["network"] * 1e3, s["unpack"] * 1e3,
                 "yes" if x["verified"] and not x["failed"] else "NO"))

@@ -236,7 +236,7 @@ def one(args, tb, ns, memory, mib):
                 r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
                                 str(args.delivery), "--rounds", str(args.rounds),
                                 "--scoring", args.scoring, "--pool-memory", memory,
-                                "--timeout-s", "120"])
+                                "--quantizer", args.quantizer, "--timeout-s", "120"])
                 rnd = r["rounds"][0]
                 if rnd["failed"] or not rnd["verified"]:
                     raise RuntimeError(f"delivery failed: {rnd['errors'][:3]}")
@@ -297,6 +297,8 @@ def main():
     ap.add_argument("--delivery", type=float, default=0, metavar="B",
                     help="the 4096-token llama3-8b KV at budget B instead of --sizes")
     ap.add_argument("--scoring", default="key_norm", help="with --delivery")
+    ap.add_argument("--quantizer", default="absmax", choices=["absmax", "kcn", "progressive"],
+                    help="with --delivery")
     ap.add_argument("--rate", default="", help="shape the link (a namespace's lo) to this rate")
     run(ap.parse_args())
 

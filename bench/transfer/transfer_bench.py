@@ -304,18 +304,20 @@ def link_stats(ns):
     return out
 
 
-def delivery(d, rounds, scoring, extra=()):
+def delivery(d, rounds, scoring, extra=(), quantizer="absmax"):
     """The 4096-token llama3-8b KV at b = 1.0, 0.5 and 0.3 through daemons `d`: a row per
-    budget, with its end-to-end median and its ratio to the uncompressed (b = 1.0) one."""
+    budget, with its end-to-end median and its ratio to the uncompressed (b = 1.0) one.
+    (quantizer progressive: b = 0.3 as a progressive payload, the other two as absmax ones.)"""
     r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets", "1.0", "0.5", "0.3",
-                    "--rounds", str(rounds), "--scoring", scoring, "--timeout-s", "120"]
-                   + list(extra))
+                    "--rounds", str(rounds), "--scoring", scoring, "--timeout-s", "120",
+                    "--quantizer", quantizer] + list(extra))
     base = r["rounds"][0]["median_s"]["end_to_end"]
     rows = []
     for rnd in r["rounds"]:
         e2e = rnd["median_s"]["end_to_end"]
         ok = max(1, rnd["ok"])
-        rows.append({"scoring": scoring, "budget": rnd["budget"], "ok": rnd["ok"],
+        rows.append({"scoring": scoring, "quantizer": quantizer, "budget": rnd["budget"],
+                     "ok": rnd["ok"],
                      "failed": rnd["failed"], "errors": rnd["errors"],
                      "wire_bytes": rnd["wire_bytes"] / ok,
                      "logical_bytes": rnd["logical_bytes"] / ok, "e2e_s": e2e,
@@ -338,7 +340,8 @@ def shaped(args):
                 try:
                     res = {"rate": rate, "perftest_256MiB_Bps": link, "budgets": []}
                     for scoring in args.scorings:
-                        res["budgets"] += delivery(d, args.rounds, scoring)
+                        for q in args.quantizers:
+                            res["budgets"] += delivery(d, args.rounds, scoring, quantizer=q)
                     out.append(res)
                 finally:
                     d.stop()
@@ -368,6 +371,9 @@ def add_common_args(ap):
                     help="transport.ucx_chunks_in_flight of both daemons (the daemon's default: 2)")
     ap.add_argument("--ucx-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
+    ap.add_argument("--quantizers", nargs="+", default=["absmax"],
+                    choices=["absmax", "kcn", "progressive"],
+                    help="deliveries: run once per quantizer")
 
 
 def main():
@@ -391,12 +397,12 @@ def main():
     if not args.skip_shaped:
         result["shaped"] = shaped(args)
         print("\nShaped loopback (tc tbf), llama3-8b 4096 tokens, medians")
-        print("%8s %10s %7s %10s %10s %9s" % ("link", "scoring", "budget", "wire MB", "e2e ms",
-                                               "ratio"))
+        print("%8s %10s %11s %7s %10s %10s %9s" % ("link", "scoring", "quantizer", "budget",
+                                                    "wire MB", "e2e ms", "ratio"))
         for s in result["shaped"]:
             for b in s["budgets"]:
-                print("%8s %10s %7.2f %10.1f %10.1f %9.3f" % (
-                    s["rate"], b["scoring"], b["budget"], b["wire_bytes"] / 1e6,
+                print("%8s %10s %11s %7.2f %10.1f %10.1f %9.3f" % (
+                    s["rate"], b["scoring"], b["quantizer"], b["budget"], b["wire_bytes"] / 1e6,
                     b["e2e_s"] * 1e3, b["ratio_to_uncompressed"]))
     if args.json:
         with open(args.json, "w") as f:

@@ -387,7 +387,8 @@ void AddCodecCommand(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--quantizer", o->quantizer,
                   "absmax (the paper's per-token-head), kcn (key-channel-normalized INT4) or "
-                  "progressive (INT8 as INT4 plus a 4-bit refinement; INT8 and INT4 tiers only)")
+                  "progressive (INT8 as INT4 plus a 4-bit refinement where a plan has INT8 and "
+                  "INT4 tokens only, else absmax)")
       ->capture_default_str();
   cmd->add_option("--on-unreachable", o->on_unreachable,
                   "drop (lowest-ranked non-sinks) or reject, when the policy's tiers cannot meet "

@@ -352,18 +352,15 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
       AssignMap(seg, random_ranking, map_tiers);
     }
   }
-  skeleton.plan.desc = desc;
   if (desc.progressive()) {
+    // Progressive layers carry INT8 and INT4 tokens only: a plan with FP16 or dropped tokens
+    // is an absmax payload (the same INT4 rows, INT8 rows of their own).
     for (uint32_t m = 0; m < maps; ++m) {
-      if (counts[m][Tier::kFp16] != 0 || counts[m][Tier::kDrop] != 0) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "the progressive quantizer sends INT8 and INT4 tokens only, and budget %g with policy "
-            "%s gives %u FP16 and %u dropped tokens%s",
-            options.budget, PolicyName(options.policy), counts[m][Tier::kFp16],
-            counts[m][Tier::kDrop], options.per_layer ? " in a layer" : ""));
-      }
+      if (counts[m][Tier::kFp16] != 0 || counts[m][Tier::kDrop] != 0)
+        desc.flags &= ~kFlagProgressive;
     }
   }
+  skeleton.plan.desc = desc;
   SPECTRUMKV_ASSIGN_OR_RETURN(skeleton.plan.layout, ComputeWireLayout(desc, counts));
   skeleton.plan.tiers = std::move(tiers);
   return skeleton;
@@ -405,6 +402,12 @@ absl::StatusOr<TierPlan> PlanFromTiers(const ModelShape& shape, DType dtype, uin
   desc.policy = policy;
   desc.scoring = scoring;
   desc.flags = QuantizerFlags(quantizer);
+  // As PlanSkeletonFor: progressive only where every token is INT8 or INT4.
+  for (uint8_t t : tiers) {
+    if (t == static_cast<uint8_t>(Tier::kFp16) || t == static_cast<uint8_t>(Tier::kDrop)) {
+      desc.flags &= ~kFlagProgressive;
+    }
+  }
   if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
   if (tiers.size() == uint64_t{shape.num_layers} * num_tokens && shape.num_layers > 1) {
     desc.flags |= kFlagPerLayerTiers;

@@ -46,9 +46,11 @@ enum class Quantizer : uint8_t {
   // Keys in the INT4 tier are first centred and divided per channel by factors computed over
   // the layer's INT4 tokens (sent once per layer and head); otherwise as kAbsmax.
   kKeyChannelNorm = 2,
-  // INT8 and INT4 tokens only. Every token's INT4 codes as kAbsmax (the base), and for an INT8
-  // token a 4-bit refinement within its INT4 step (INT8's bytes, a step of amax/112 instead of
-  // amax/127): the bases do not depend on the ranking, so a sender can send them while it scores.
+  // For plans of INT8 and INT4 tokens only (3tier from b = 0.25 to 0.5): every token's INT4
+  // codes as kAbsmax (the base), and for an INT8 token a 4-bit refinement within its INT4 step
+  // (INT8's bytes, a step of amax/112 instead of amax/127). The bases do not depend on the
+  // ranking, so a sender can send them while it scores. A plan with FP16 or dropped tokens is
+  // planned and encoded as kAbsmax.
   kProgressive = 3,
 };
 std::string_view QuantizerName(Quantizer q);

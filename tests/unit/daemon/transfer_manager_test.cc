@@ -94,9 +94,8 @@ class SliceRecordingCodec final : public Codec {
                           std::span<uint8_t> payload) override {
     return inner_->SealLayers(plan, first, last, payload);
   }
-  absl::Status PackProgressiveSlice(const KvBuffer& src, const TierPlan& plan,
-                                    ProgressivePart part, uint32_t first, uint32_t last,
-                                    uint32_t slice, uint32_t slices,
+  absl::Status PackProgressiveSlice(const KvBuffer& src, const TierPlan& plan, ProgressivePart part,
+                                    uint32_t first, uint32_t last, uint32_t slice, uint32_t slices,
                                     std::span<uint8_t> payload) override {
     pack_slices = slices;
     if (on_pack_slice) {
@@ -837,14 +836,14 @@ TEST(ChunkingTest, ChunksPackedInSlicesDeliverWhatWholeChunksDeliver) {
 
 // A progressive payload (bases packed and sent while the sender scores, refinements after,
 // handed to the transport a few chunks at a time) delivers exactly what the codec's own pack and
-// unpack of the same plan deliver, whole or in slices, with one or several chunks in flight; a
-// budget the quantizer cannot meet is refused, and both nodes end idle.
+// unpack of the same plan deliver, whole or in slices, with one or several chunks in flight;
+// both nodes end idle. (At b = 0.7, with FP16 tokens, the payload is an absmax one.)
 TEST(ProgressiveTest, DeliversWhatTheCodecDelivers) {
   const uint32_t seed = std::random_device{}();
   SCOPED_TRACE(absl::StrFormat("seed %u", seed));
   auto codec = CpuCodec::CreateBest();
   int n = 0;
-  for (double budget : {0.3, 0.45}) {
+  for (double budget : {0.3, 0.45, 0.7}) {
     for (uint32_t slices : {1u, 3u}) {
       for (uint32_t window : {1u, 3u}) {
         SCOPED_TRACE(absl::StrFormat("budget %g slices %u window %u", budget, slices, window));
@@ -870,15 +869,15 @@ TEST(ProgressiveTest, DeliversWhatTheCodecDelivers) {
         ASSERT_TRUE(s.ok()) << s.status();
         ASSERT_TRUE(r.ok()) << r.status();
         EXPECT_GT(s->stats.tiers[Tier::kInt8], 0u);
-        EXPECT_GT(s->stats.tiers[Tier::kInt4], 0u);
+        EXPECT_EQ(s->stats.tiers[Tier::kInt4] > 0, budget < 0.5);
         // The reference: the tiers that arrived, packed and unpacked by the codec alone.
         ASSERT_EQ(r->tier_maps.size(), 1u);
         std::vector<uint8_t> tiers(kTokens);
         for (uint32_t t = 0; t < kTokens; ++t) {
           tiers[t] = (static_cast<uint8_t>(r->tier_maps[0][t / 4]) >> (2 * (t % 4))) & 3;
         }
-        const TierPlan plan = *PlanFromTiers(kWide, DType::kFloat16, kTokens, tiers,
-                                             Policy::k3Tier, Quantizer::kProgressive);
+        const TierPlan plan = *PlanFromTiers(kWide, DType::kFloat16, kTokens, tiers, Policy::k3Tier,
+                                             Quantizer::kProgressive);
         const std::vector<uint8_t> payload = *PackPayload(*codec, a.View(src), plan);
         ASSERT_TRUE(UnpackPayload(*codec, payload, b.View(ref), payload.size()).ok());
         const KvBuffer got = b.View(dst), want = b.View(ref);
@@ -899,19 +898,6 @@ TEST(ProgressiveTest, DeliversWhatTheCodecDelivers) {
       }
     }
   }
-  Node a, b;
-  const std::string src = a.AddPool(PoolLayoutKind::kVllmNhd, 16, kWide);
-  const std::string dst = b.AddPool(PoolLayoutKind::kVllmHnd, 8, kWide);
-  SendArgs args = MakeSend("progressive-fp16", a, src, b, 0.7);
-  args.plan.quantizer = Quantizer::kProgressive;
-  Pending<SendResult> send;
-  a.manager().Send(args, In(10), send.cb());
-  auto s = send.Get();
-  ASSERT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(s.status().message().find("INT8 and INT4 tokens only"), std::string::npos)
-      << s.status();
-  ExpectIdle(a);
-  ExpectIdle(b);
 }
 
 // pack_slices 0: the workers are shared among the transfers in flight on the daemon. A lone

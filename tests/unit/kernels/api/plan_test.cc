@@ -50,8 +50,8 @@ TEST(PlanTest, ThreeTierFractionsMatchThePaper) {
   }
 }
 
-// The progressive quantizer plans as absmax does where the policy gives INT8 and INT4 tokens
-// only (3tier from 0.25 to 0.5), and refuses, naming the counts, where it would not.
+// The progressive quantizer plans the tiers absmax plans; its payloads are progressive where the
+// plan has INT8 and INT4 tokens only (3tier from 0.25 to 0.5), absmax payloads elsewhere.
 TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
   std::mt19937_64 rng(testing::FreshSeed());
   const uint32_t n = 1000;
@@ -70,11 +70,22 @@ TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
   for (double b : {0.2, 0.6}) {
     PlanOptions o;
     o.budget = b;
+    const TierPlan absmax = *PlanTiers(kLlama, DType::kFloat16, n, scores, o);
     o.quantizer = Quantizer::kProgressive;
     auto plan = PlanTiers(kLlama, DType::kFloat16, n, scores, o);
-    ASSERT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument) << "b=" << b;
-    EXPECT_NE(plan.status().message().find("INT8 and INT4 tokens only"), std::string::npos);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_FALSE(plan->desc.progressive()) << "b=" << b;
+    EXPECT_EQ(plan->tiers, absmax.tiers) << "b=" << b;
+    EXPECT_EQ(plan->layout.total_bytes, absmax.layout.total_bytes) << "b=" << b;
   }
+  std::vector<uint8_t> tiers(n, static_cast<uint8_t>(Tier::kInt4));
+  EXPECT_TRUE(
+      PlanFromTiers(kLlama, DType::kFloat16, n, tiers, Policy::k3Tier, Quantizer::kProgressive)
+          ->desc.progressive());
+  tiers[7] = static_cast<uint8_t>(Tier::kFp16);
+  EXPECT_FALSE(
+      PlanFromTiers(kLlama, DType::kFloat16, n, tiers, Policy::k3Tier, Quantizer::kProgressive)
+          ->desc.progressive());
 }
 
 TEST(PlanTest, GreedyFollowsTheRanking) {
