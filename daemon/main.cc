@@ -318,6 +318,8 @@ int Run(int argc, char** argv) {
       kChunksPerLane * (config.transport.kind == "ucx" ? config.transport.ucx_lanes : 1);
   options.pack_threads = config.codec.worker_threads;
   options.pack_slices = config.codec.pack_slices;
+  options.progressive_chunks_in_flight = config.codec.progressive_chunks_in_flight;
+  options.progressive_score_threads = config.codec.progressive_score_threads;
   options.incarnation = incarnation;
   auto manager = std::make_unique<TransferManager>(
       options, pools, CodecSet{host_codec.get(), device_codec.get(), device_memory.get()},

@@ -80,6 +80,7 @@ def one_link(args, rate):
             d = tb.Daemons(work, ns=ns, tls=args.tls, chunk=args.chunk, workers=args.workers,
                            lanes=args.lanes[0], score_threads=args.score_threads,
                            pack_slices=args.pack_slices, in_flight=args.in_flight,
+                           codec_options=tb.codec_options(args.codec_option),
                            ucx_options=tb.ucx_options(args.ucx_option))
             try:
                 for memory in args.pool_memory:

@@ -230,7 +230,8 @@ def one(args, tb, ns, memory, mib):
         d = tb.Daemons(work, ns=ns, chunk=args.chunk, workers=args.workers,
                        log_level="debug", lanes=args.lanes,
                        score_threads=args.score_threads, in_flight=args.in_flight,
-                       ucx_options=tb.ucx_options(args.ucx_option))
+                       ucx_options=tb.ucx_options(args.ucx_option),
+                       codec_options=tb.codec_options(args.codec_option))
         try:
             if args.delivery:
                 r = d.frontend(["--model", "llama3-8b", "--tokens", "4096", "--budgets",
@@ -288,6 +289,8 @@ def main():
                     help="transport.ucx_chunks_in_flight of both daemons")
     ap.add_argument("--ucx-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
+    ap.add_argument("--codec-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="another codec setting of both daemons")
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
     ap.add_argument("--score-threads", type=int, default=0,

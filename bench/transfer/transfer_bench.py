@@ -56,7 +56,8 @@ class Daemons:
     """A prefill and a decode daemon over UCX, optionally inside a network namespace."""
 
     def __init__(self, work, ns=None, tls="tcp", chunk="4MiB", workers=2, log_level="info",
-                 lanes=4, score_threads=0, pack_slices=0, in_flight=2, ucx_options=()):
+                 lanes=4, score_threads=0, pack_slices=0, in_flight=2, ucx_options=(),
+                 codec_options=()):
         self.work, self.ns, self.procs = work, ns, []
         env = dict(os.environ, UCX_ERROR_SIGNALS="", UCX_WARN_UNUSED_ENV_VARS="n")
         for name in ("prefill", "decode"):
@@ -69,7 +70,7 @@ transport: {{kind: ucx, address: "127.0.0.1:0", ucx_tls: "{tls}", ucx_lanes: {la
             ucx_chunks_in_flight: {in_flight}, ucx_options: {{{", ".join(ucx_options)}}}}}
 limits: {{staging_bytes: 3GiB, max_inflight_bytes: 3GiB}}
 codec: {{chunk_bytes: {chunk}, worker_threads: {workers}, score_threads: {score_threads},
-        pack_slices: {pack_slices}}}
+        pack_slices: {pack_slices}{"".join(", " + o for o in codec_options)}}}
 logging: {{level: {log_level}}}
 """)
             log = open(os.path.join(work, f"{name}.log"), "w")
@@ -304,6 +305,15 @@ def link_stats(ns):
     return out
 
 
+def codec_options(pairs):
+    """--codec-option NAME=VALUE entries as YAML flow-map entries."""
+    out = []
+    for p in pairs:
+        name, _, value = p.partition("=")
+        out.append(f"{name}: {value}")
+    return out
+
+
 def delivery(d, rounds, scoring, extra=(), quantizer="absmax"):
     """The 4096-token llama3-8b KV at b = 1.0, 0.5 and 0.3 through daemons `d`: a row per
     budget, with its end-to-end median and its ratio to the uncompressed (b = 1.0) one.
@@ -335,6 +345,7 @@ def shaped(args):
             with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
                 d = Daemons(work, ns=NS, tls=args.tls, chunk=args.chunk, workers=args.workers,
                             lanes=args.lanes[0], score_threads=args.score_threads,
+                            codec_options=codec_options(args.codec_option),
                             pack_slices=args.pack_slices, in_flight=args.in_flight,
                             ucx_options=ucx_options(args.ucx_option))
                 try:
@@ -371,6 +382,9 @@ def add_common_args(ap):
                     help="transport.ucx_chunks_in_flight of both daemons (the daemon's default: 2)")
     ap.add_argument("--ucx-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
+    ap.add_argument("--codec-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="another codec setting of both daemons, e.g. "
+                         "progressive_chunks_in_flight=6")
     ap.add_argument("--quantizers", nargs="+", default=["absmax"],
                     choices=["absmax", "kcn", "progressive"],
                     help="deliveries: run once per quantizer")

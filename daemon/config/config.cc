@@ -334,6 +334,14 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Uint32(m, q, &k.pack_slices, 0, 256);
                         }},
+                       {"progressive_chunks_in_flight",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.progressive_chunks_in_flight, 1, 64);
+                        }},
+                       {"progressive_score_threads",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.progressive_score_threads, 0, 256);
+                        }},
                    });
            }},
           {"models",
@@ -505,7 +513,11 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "min_chunk_bytes" << YAML::Value << k.min_chunk_bytes;
   out << YAML::Key << "worker_threads" << YAML::Value << k.worker_threads;
   out << YAML::Key << "score_threads" << YAML::Value << k.score_threads;
-  out << YAML::Key << "pack_slices" << YAML::Value << k.pack_slices << YAML::EndMap;
+  out << YAML::Key << "pack_slices" << YAML::Value << k.pack_slices;
+  out << YAML::Key << "progressive_chunks_in_flight" << YAML::Value
+      << k.progressive_chunks_in_flight;
+  out << YAML::Key << "progressive_score_threads" << YAML::Value << k.progressive_score_threads
+      << YAML::EndMap;
   out << YAML::Key << "models" << YAML::Value << YAML::BeginMap;
   for (const ModelPolicyConfig& m : c.models) {
     out << YAML::Key << m.model << YAML::Value << YAML::BeginMap;

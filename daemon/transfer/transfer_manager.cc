@@ -709,6 +709,7 @@ absl::Status TransferManager::SendProgressive(const std::shared_ptr<SendTransfer
     so.pool_kernel = a.pool_kernel;
     so.recency_decay = a.recency_decay;
     so.external_scores = a.external_scores;
+    so.max_threads = options_.progressive_score_threads;
     PlanOptions po = a.plan;
     po.policy = skeleton.plan.desc.policy;
     po.scoring = static_cast<uint8_t>(a.scoring);

@@ -181,6 +181,9 @@ struct TransferManagerOptions {
   // chunks at a time, by priority (the prelude, then refinements, then bases, each in layer
   // order), so that the refinements of layers already sent do not queue behind every base.
   uint32_t progressive_chunks_in_flight = 3;
+  // Threads of a progressive Send's scoring pass, which shares the cores with the bases' packing
+  // (ScoreOptions::max_threads); 0: the codec's own count.
+  uint32_t progressive_score_threads = 0;
   uint64_t incarnation = 0;
 };
 

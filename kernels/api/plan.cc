@@ -10,6 +10,18 @@
 namespace spectrumkv {
 namespace {
 
+// Whether a plan is sent progressively under the progressive quantizer: a ranked plan (the
+// bases then leave while the tokens are scored) of INT8 and INT4 tokens only, with both tiers
+// used (one tier needs no ranking). Other plans are absmax payloads.
+bool ProgressiveFits(bool ranked, std::span<const TierCounts> counts) {
+  TierCounts total;
+  for (const TierCounts& c : counts) {
+    if (c[Tier::kFp16] != 0 || c[Tier::kDrop] != 0) return false;
+    for (int t = 0; t < kNumTiers; ++t) total.n[t] += c.n[t];
+  }
+  return ranked && total[Tier::kInt8] != 0 && total[Tier::kInt4] != 0;
+}
+
 uint32_t QuantizerFlags(Quantizer q) {
   switch (q) {
     case Quantizer::kKeyChannelNorm:
@@ -352,13 +364,8 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
       AssignMap(seg, random_ranking, map_tiers);
     }
   }
-  if (desc.progressive()) {
-    // Progressive layers carry INT8 and INT4 tokens only: a plan with FP16 or dropped tokens
-    // is an absmax payload (the same INT4 rows, INT8 rows of their own).
-    for (uint32_t m = 0; m < maps; ++m) {
-      if (counts[m][Tier::kFp16] != 0 || counts[m][Tier::kDrop] != 0)
-        desc.flags &= ~kFlagProgressive;
-    }
+  if (desc.progressive() && !ProgressiveFits(skeleton.ranked, counts)) {
+    desc.flags &= ~kFlagProgressive;
   }
   skeleton.plan.desc = desc;
   SPECTRUMKV_ASSIGN_OR_RETURN(skeleton.plan.layout, ComputeWireLayout(desc, counts));
@@ -402,11 +409,11 @@ absl::StatusOr<TierPlan> PlanFromTiers(const ModelShape& shape, DType dtype, uin
   desc.policy = policy;
   desc.scoring = scoring;
   desc.flags = QuantizerFlags(quantizer);
-  // As PlanSkeletonFor: progressive only where every token is INT8 or INT4.
-  for (uint8_t t : tiers) {
-    if (t == static_cast<uint8_t>(Tier::kFp16) || t == static_cast<uint8_t>(Tier::kDrop)) {
-      desc.flags &= ~kFlagProgressive;
-    }
+  if (desc.progressive()) {
+    std::vector<TierCounts> counts(1);
+    for (uint8_t t : tiers) ++counts[0].n[t & 3u];
+    const bool ranked = policy != Policy::kPdTrim && policy != Policy::kRandomTier;
+    if (!ProgressiveFits(ranked, counts)) desc.flags &= ~kFlagProgressive;
   }
   if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
   if (tiers.size() == uint64_t{shape.num_layers} * num_tokens && shape.num_layers > 1) {

@@ -31,6 +31,10 @@ struct ScoreOptions {
 
   // kExternal: one score per token, supplied by the frontend.
   std::span<const float> external_scores;
+
+  // At most this many threads for a pass over the KV (a backend that scores on several); 0: the
+  // backend's own count.
+  uint32_t max_threads = 0;
 };
 
 // INVALID_ARGUMENT naming the field if the options do not fit the model and token count.

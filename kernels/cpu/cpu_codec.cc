@@ -218,7 +218,9 @@ absl::Status CpuCodec::Score(const KvBuffer& kv, const ScoreOptions& options,
         }
       }
     };
-    const uint32_t threads = std::min<uint32_t>(score_threads_, std::max<uint32_t>(1, n / 256));
+    const uint32_t cap = options.max_threads == 0 ? score_threads_ : options.max_threads;
+    const uint32_t threads =
+        std::min<uint32_t>(std::min(score_threads_, cap), std::max<uint32_t>(1, n / 256));
     std::vector<std::thread> pool;
     for (uint32_t i = 1; i < threads; ++i) {
       pool.emplace_back(score_range, uint64_t{n} * i / threads, uint64_t{n} * (i + 1) / threads);

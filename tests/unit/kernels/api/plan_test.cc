@@ -50,13 +50,14 @@ TEST(PlanTest, ThreeTierFractionsMatchThePaper) {
   }
 }
 
-// The progressive quantizer plans the tiers absmax plans; its payloads are progressive where the
-// plan has INT8 and INT4 tokens only (3tier from 0.25 to 0.5), absmax payloads elsewhere.
+// The progressive quantizer plans the tiers absmax plans; its payloads are progressive where a
+// ranked plan has INT8 and INT4 tokens and no others (3tier between 0.25 and 0.5), absmax
+// payloads elsewhere (one tier needs no ranking).
 TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
   std::mt19937_64 rng(testing::FreshSeed());
   const uint32_t n = 1000;
   const std::vector<float> scores = Scores(n, rng);
-  for (double b : {0.25, 0.3, 0.42, 0.5}) {
+  for (double b : {0.3, 0.42, 0.48}) {
     PlanOptions o;
     o.budget = b;
     const TierPlan absmax = *PlanTiers(kLlama, DType::kFloat16, n, scores, o);
@@ -67,7 +68,7 @@ TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
     EXPECT_EQ(plan->tiers, absmax.tiers) << "b=" << b;
     EXPECT_EQ(plan->layout.total_bytes, absmax.layout.total_bytes) << "b=" << b;
   }
-  for (double b : {0.2, 0.6}) {
+  for (double b : {0.2, 0.25, 0.5, 0.6}) {
     PlanOptions o;
     o.budget = b;
     const TierPlan absmax = *PlanTiers(kLlama, DType::kFloat16, n, scores, o);
@@ -79,6 +80,10 @@ TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
     EXPECT_EQ(plan->layout.total_bytes, absmax.layout.total_bytes) << "b=" << b;
   }
   std::vector<uint8_t> tiers(n, static_cast<uint8_t>(Tier::kInt4));
+  EXPECT_FALSE(
+      PlanFromTiers(kLlama, DType::kFloat16, n, tiers, Policy::k3Tier, Quantizer::kProgressive)
+          ->desc.progressive());
+  tiers[3] = static_cast<uint8_t>(Tier::kInt8);
   EXPECT_TRUE(
       PlanFromTiers(kLlama, DType::kFloat16, n, tiers, Policy::k3Tier, Quantizer::kProgressive)
           ->desc.progressive());
