@@ -29,6 +29,7 @@ import collections
 import datetime
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -259,6 +260,11 @@ def one(args, tb, ns, memory, mib):
               f"{rnd['ok']}; stages (ms): score {med['score'] * 1e3:.3f}, pack "
               f"{med['pack'] * 1e3:.3f}, network {med['network'] * 1e3:.3f}, unpack "
               f"{med['unpack'] * 1e3:.3f}", flush=True)
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for name in ("prefill.log", "decode.log"):
+                shutil.copy(os.path.join(work, name), os.path.join(
+                    args.keep_logs, f"{memory}-{args.delivery or mib}-{name}"))
         gaps = gaps_ms(os.path.join(work, "prefill.log"), os.path.join(work, "decode.log"))
         if not gaps:
             sys.exit("no transfer found in both daemons' logs")
@@ -291,6 +297,8 @@ def main():
                     help="an entry of transport.ucx_options of both daemons, e.g. TCP_SNDBUF=4m")
     ap.add_argument("--codec-option", action="append", default=[], metavar="NAME=VALUE",
                     help="another codec setting of both daemons")
+    ap.add_argument("--keep-logs", default="", metavar="DIR",
+                    help="copy both daemons' debug logs into DIR")
     ap.add_argument("--chunk", default="4MiB", help="codec.chunk_bytes of both daemons")
     ap.add_argument("--workers", type=int, default=8, help="codec.worker_threads of both daemons")
     ap.add_argument("--score-threads", type=int, default=0,

@@ -632,6 +632,8 @@ struct TransferManager::ProgressiveJob {
   static uint32_t BaseChunk(uint32_t layer) { return 1 + 2 * layer; }
   static uint32_t RankedChunk(uint32_t layer) { return 2 + 2 * layer; }
   void Ready(uint32_t chunk) {
+    spdlog::debug("send {}: chunk {} ready ({:.3f} ms after packing began)", t->id_str, chunk,
+                  std::chrono::duration<double, std::milli>(SteadyClock::now() - begun).count());
     absl::MutexLock lock(&send_mu);
     chunk_state[chunk] = 1;
   }
