@@ -302,7 +302,8 @@ int Run(int argc, char** argv) {
   } else {
     transport = std::make_unique<InprocTransport>(config.transport.address);
   }
-  Executor executor(static_cast<int>(config.codec.worker_threads), "skv-worker");
+  Executor executor(static_cast<int>(config.codec.worker_threads), "skv-worker",
+                    static_cast<int>(config.codec.worker_nice));
   TimerQueue timers;
   TransferManagerOptions options;
   options.max_inflight_transfers = config.limits.max_inflight_transfers;

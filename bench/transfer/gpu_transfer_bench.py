@@ -118,6 +118,7 @@ def main():
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
               "score_threads": args.score_threads, "pack_slices": args.pack_slices,
+              "codec_options": args.codec_option,
               "rounds": args.rounds, "lanes": args.lanes, "cpus": os.cpu_count(),
               "kernel": os.uname().release, "links": [], "goodput": []}
     for memory in args.goodput:

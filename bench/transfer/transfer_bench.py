@@ -164,7 +164,8 @@ def goodput(args, pool_memory="host"):
         block = []
         with tempfile.TemporaryDirectory(prefix="skv-bench-") as work:
             d = Daemons(work, tls=args.tls, chunk=args.chunk, workers=args.workers, lanes=lanes,
-                        in_flight=args.in_flight, ucx_options=ucx_options(args.ucx_option))
+                        in_flight=args.in_flight, ucx_options=ucx_options(args.ucx_option),
+                        codec_options=codec_options(args.codec_option))
             try:
                 for mib in args.sizes:
                     block.append(goodput_row(args, d, mib, pool_memory, lanes))
@@ -403,6 +404,7 @@ def main():
         sys.exit("ucx_perftest not found (Debian package ucx-utils)")
     result = {"tls": args.tls, "chunk": args.chunk, "workers": args.workers,
               "score_threads": args.score_threads, "pack_slices": args.pack_slices,
+              "codec_options": args.codec_option,
               "rounds": args.rounds, "lanes": args.lanes,
               "cpus": os.cpu_count(), "kernel": os.uname().release}
     if not args.skip_goodput:

@@ -1,14 +1,38 @@
 #include "daemon/common/executor.h"
 
 #include <pthread.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include <spdlog/spdlog.h>
 
 namespace spectrumkv {
+namespace {
 
-Executor::Executor(int threads, std::string name) : name_(std::move(name)) {
+// On Linux a thread's nice value is its own (PRIO_PROCESS with a thread id); it starts at the
+// creating thread's and is raised by `by` here, to 19 at most.
+void Renice(const std::string& thread_name, int by) {
+  const id_t tid = static_cast<id_t>(gettid());
+  errno = 0;
+  const int now = getpriority(PRIO_PROCESS, tid);
+  const int target = std::min(19, (errno == 0 ? now : 0) + by);
+  if (setpriority(PRIO_PROCESS, tid, target) != 0) {
+    spdlog::warn("{}: cannot set nice {}: {}", thread_name, target, std::strerror(errno));
+  }
+}
+
+}  // namespace
+
+Executor::Executor(int threads, std::string name, int nice) : name_(std::move(name)) {
   for (int i = 0; i < threads; ++i) {
-    threads_.emplace_back([this, i] {
+    threads_.emplace_back([this, i, nice] {
       const std::string thread_name = (name_ + "-" + std::to_string(i)).substr(0, 15);
       pthread_setname_np(pthread_self(), thread_name.c_str());
+      if (nice != 0) Renice(thread_name, nice);
       Loop();
     });
   }

@@ -16,7 +16,9 @@ namespace spectrumkv {
 
 class Executor {
  public:
-  Executor(int threads, std::string name);
+  // `nice` > 0 lowers the workers' scheduling priority: each worker's nice value is the creating
+  // thread's plus `nice` (19 at most); threads they start inherit it. A failure is logged.
+  Executor(int threads, std::string name, int nice = 0);
   ~Executor();
   Executor(const Executor&) = delete;
   Executor& operator=(const Executor&) = delete;

@@ -342,6 +342,10 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         [&](const YAML::Node& m, const std::string& q) {
                           r.Uint32(m, q, &k.progressive_score_threads, 0, 256);
                         }},
+                       {"worker_nice",
+                        [&](const YAML::Node& m, const std::string& q) {
+                          r.Uint32(m, q, &k.worker_nice, 0, 19);
+                        }},
                    });
            }},
           {"models",
@@ -516,8 +520,8 @@ std::string ConfigToYaml(const DaemonConfig& c) {
   out << YAML::Key << "pack_slices" << YAML::Value << k.pack_slices;
   out << YAML::Key << "progressive_chunks_in_flight" << YAML::Value
       << k.progressive_chunks_in_flight;
-  out << YAML::Key << "progressive_score_threads" << YAML::Value << k.progressive_score_threads
-      << YAML::EndMap;
+  out << YAML::Key << "progressive_score_threads" << YAML::Value << k.progressive_score_threads;
+  out << YAML::Key << "worker_nice" << YAML::Value << k.worker_nice << YAML::EndMap;
   out << YAML::Key << "models" << YAML::Value << YAML::BeginMap;
   for (const ModelPolicyConfig& m : c.models) {
     out << YAML::Key << m.model << YAML::Value << YAML::BeginMap;

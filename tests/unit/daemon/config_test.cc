@@ -47,6 +47,7 @@ codec:
   worker_threads: 3
   score_threads: 12
   pack_slices: 1
+  worker_nice: 10
 models:
   qwen2.5-7b: {allow_int4: false, source: "probe 0/3"}
   llama3-8b: {allow_int4: true}
@@ -64,6 +65,7 @@ logging: {level: debug, format: json}
   EXPECT_EQ(c->codec.min_chunk_bytes, 256u << 10);
   EXPECT_EQ(c->codec.score_threads, 12u);
   EXPECT_EQ(c->codec.pack_slices, 1u);
+  EXPECT_EQ(c->codec.worker_nice, 10u);
   EXPECT_EQ(c->transport.ucx_lanes, 2u);
   EXPECT_EQ(c->transport.ucx_chunks_in_flight, 3u);
   EXPECT_EQ(c->codec.quantizer, "kcn");
@@ -113,6 +115,8 @@ TEST(ConfigTest, TypesAndSyntax) {
   EXPECT_FALSE(ParseConfig("codec: {min_chunk_bytes: 1KiB}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {score_threads: 257}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {pack_slices: 257}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {worker_nice: 20}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {worker_nice: -1}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_prefault: yes\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_bytes: 12XB\n", "t.yaml").ok());
   auto c = ParseConfig("codec: {budget: 0.5\n", "syntax.yaml");

@@ -1,5 +1,8 @@
 #include "daemon/common/executor.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -58,6 +61,39 @@ TEST(ExecutorTest, ABurstRunsOnEveryIdleWorkerAtOnce) {
     ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return done == kWorkers; }));
     EXPECT_EQ(all_met, kWorkers) << "round " << round;
   }
+}
+
+// Workers run at the nice they were given, relative to the process's own, and threads they
+// start inherit it; the thread that made the executor keeps its own.
+TEST(ExecutorTest, WorkersRunAtTheirNice) {
+  errno = 0;
+  const int base = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));
+  ASSERT_EQ(errno, 0);
+  if (base > 19 - 5) GTEST_SKIP() << "this process already runs at nice " << base;
+  std::mutex mu;
+  std::vector<int> seen;
+  {
+    Executor e(2, "t", 5);
+    for (int i = 0; i < 2; ++i) {
+      e.Post([&] {
+        int inherited = 0;
+        std::thread child(
+            [&] { inherited = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid())); });
+        child.join();
+        std::lock_guard<std::mutex> lock(mu);
+        seen.push_back(getpriority(PRIO_PROCESS, static_cast<id_t>(gettid())));
+        seen.push_back(inherited);
+      });
+    }
+  }
+  ASSERT_EQ(seen.size(), 4u);
+  for (int nice : seen) EXPECT_EQ(nice, base + 5);
+  EXPECT_EQ(getpriority(PRIO_PROCESS, static_cast<id_t>(gettid())), base);
+  Executor plain(1, "t");
+  int plain_nice = -100;
+  plain.Post([&] { plain_nice = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid())); });
+  plain.Shutdown();
+  EXPECT_EQ(plain_nice, base);
 }
 
 }  // namespace
