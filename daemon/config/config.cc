@@ -340,7 +340,7 @@ void ParseRoot(Reader& r, const YAML::Node& root, DaemonConfig& c) {
                         }},
                        {"progressive_score_threads",
                         [&](const YAML::Node& m, const std::string& q) {
-                          r.Uint32(m, q, &k.progressive_score_threads, 0, 256);
+                          r.Uint32(m, q, &k.progressive_score_threads, 1, 256);
                         }},
                        {"worker_nice",
                         [&](const YAML::Node& m, const std::string& q) {

@@ -66,8 +66,8 @@ struct CodecConfig {
   uint32_t worker_threads = 2;         // codec and transfer work
   uint32_t score_threads = 0;          // CPU key_norm scoring of one Send; 0: worker_threads
   uint32_t pack_slices = 0;            // parts of a host chunk; 0: workers / transfers in flight
-  uint32_t progressive_chunks_in_flight = 3;  // a progressive Send's chunks in the transport
-  uint32_t progressive_score_threads = 0;     // its scoring pass's threads; 0: score_threads
+  uint32_t progressive_chunks_in_flight = 8;  // a progressive Send's chunks in the transport
+  uint32_t progressive_score_threads = 4;     // its scoring pass's threads (at most score_threads)
   uint32_t worker_nice = 0;                   // workers' nice above the daemon's (0-19)
 };
 

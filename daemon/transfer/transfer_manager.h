@@ -180,10 +180,11 @@ struct TransferManagerOptions {
   // tokens are scored, the refinements after) is handed to the transport at most this many
   // chunks at a time, by priority (the prelude, then refinements, then bases, each in layer
   // order), so that the refinements of layers already sent do not queue behind every base.
-  uint32_t progressive_chunks_in_flight = 3;
-  // Threads of a progressive Send's scoring pass, which shares the cores with the bases' packing
-  // (ScoreOptions::max_threads); 0: the codec's own count.
-  uint32_t progressive_score_threads = 0;
+  uint32_t progressive_chunks_in_flight = 8;
+  // Threads of a progressive Send's scoring pass (ScoreOptions::max_threads; 0: the codec's own
+  // count). The pass is hidden behind the bases on the link and needs only to end before them;
+  // given every core it starves the threads that drive the link (docs/BENCHMARKS.md).
+  uint32_t progressive_score_threads = 4;
   uint64_t incarnation = 0;
 };
 

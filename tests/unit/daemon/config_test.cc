@@ -48,6 +48,8 @@ codec:
   score_threads: 12
   pack_slices: 1
   worker_nice: 10
+  progressive_chunks_in_flight: 5
+  progressive_score_threads: 2
 models:
   qwen2.5-7b: {allow_int4: false, source: "probe 0/3"}
   llama3-8b: {allow_int4: true}
@@ -66,6 +68,8 @@ logging: {level: debug, format: json}
   EXPECT_EQ(c->codec.score_threads, 12u);
   EXPECT_EQ(c->codec.pack_slices, 1u);
   EXPECT_EQ(c->codec.worker_nice, 10u);
+  EXPECT_EQ(c->codec.progressive_chunks_in_flight, 5u);
+  EXPECT_EQ(c->codec.progressive_score_threads, 2u);
   EXPECT_EQ(c->transport.ucx_lanes, 2u);
   EXPECT_EQ(c->transport.ucx_chunks_in_flight, 3u);
   EXPECT_EQ(c->codec.quantizer, "kcn");
@@ -117,6 +121,8 @@ TEST(ConfigTest, TypesAndSyntax) {
   EXPECT_FALSE(ParseConfig("codec: {pack_slices: 257}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {worker_nice: 20}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("codec: {worker_nice: -1}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {progressive_chunks_in_flight: 0}\n", "t.yaml").ok());
+  EXPECT_FALSE(ParseConfig("codec: {progressive_score_threads: 0}\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_prefault: yes\n", "t.yaml").ok());
   EXPECT_FALSE(ParseConfig("limits:\n  staging_bytes: 12XB\n", "t.yaml").ok());
   auto c = ParseConfig("codec: {budget: 0.5\n", "syntax.yaml");
