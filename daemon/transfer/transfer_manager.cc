@@ -962,6 +962,9 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   PlanOptions po = a.plan;
   po.policy = policy;
   po.scoring = static_cast<uint8_t>(a.scoring);
+  // Progressive payloads are packed from host pools only (the CUDA codec has no progressive
+  // kernels, and a GPU pool's scoring pass is short): a GPU pool's payload is an absmax one.
+  if (on_device && po.quantizer == Quantizer::kProgressive) po.quantizer = Quantizer::kAbsmax;
   const ModelShape& shape = pool->layout().shape;
   const DType dtype = pool->layout().dtype;
 
@@ -980,11 +983,6 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   };
   const bool need_scores = !skeleton.ok() || (skeleton->ranked && !uniform(skeleton->plan.layout));
   if (skeleton.ok() && skeleton->plan.desc.progressive()) {
-    if (on_device) {
-      return absl::UnimplementedError(
-          "progressive payloads are packed from host pools only (the cuda codec has no "
-          "progressive kernels)");
-    }
     t.stats.times.plan_s = Since(t0, SteadyClock::now());
     return SendProgressive(self, codec, src, std::move(*skeleton), need_scores);
   }

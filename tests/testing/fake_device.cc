@@ -121,6 +121,17 @@ void FakeDeviceMemory::Forget(uint8_t* data) {
 
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// As the CUDA backend, which has no progressive kernels.
+absl::Status RefuseProgressive() {
+  return absl::UnimplementedError(
+      "the fake-device codec does not pack or unpack progressive "
+      "payloads (as the cuda codec)");
+}
+
+}  // namespace
+
 absl::StatusOr<KvBuffer> FakeDeviceCodec::HostView(const KvBuffer& kv, const char* role) const {
   if (kv.memory_kind != MemoryKind::kDevice) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: not a device buffer", role));
@@ -149,6 +160,7 @@ absl::Status FakeDeviceCodec::PackLayers(const KvBuffer& src, const TierPlan& pl
   if (!memory_.IsDevice(payload.data(), payload.size())) {
     return absl::InvalidArgumentError("payload: not device memory");
   }
+  if (plan.desc.progressive()) return RefuseProgressive();
   ++packs;
   return host_.PackLayers(host, plan, first_layer, last_layer, payload);
 }
@@ -161,6 +173,7 @@ absl::Status FakeDeviceCodec::UnpackLayers(const ParsedPrelude& prelude,
   if (!memory_.IsDevice(payload.data(), payload.size())) {
     return absl::InvalidArgumentError("payload: not device memory");
   }
+  if (prelude.layout.desc.progressive()) return RefuseProgressive();
   ++unpacks;
   return host_.UnpackLayers(prelude, payload, host, first_layer, last_layer, verify);
 }

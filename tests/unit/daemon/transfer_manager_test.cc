@@ -1127,6 +1127,41 @@ class DevicePathTest : public ::testing::Test {
   std::string gpu_src_, gpu_dst_;
 };
 
+// The progressive quantizer is a host pools' matter: a GPU pool's Send makes an absmax payload;
+// a GPU pool cannot take a progressive one (no device kernels), and the Receive says so.
+TEST_F(DevicePathTest, ProgressiveIsForHostPools) {
+  Pending<ReceiveResult> recv;
+  Pending<SendResult> send;
+  d_.manager().Receive(MakeReceive("gp", d_, gpu_dst_), In(10), recv.cb());
+  SendArgs args = MakeSend("gp", c_, gpu_src_, d_);
+  args.plan.quantizer = Quantizer::kProgressive;
+  c_.manager().Send(args, In(10), send.cb());
+  auto s = send.Get();
+  auto r = recv.Get();
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ExpectArrived(c_.View(gpu_src_), d_.View(gpu_dst_), *r);
+
+  Node host;
+  const std::string src = host.AddPool(PoolLayoutKind::kVllmNhd, 16);
+  kvgen::SyntheticOptions syn;
+  kvgen::FillSynthetic(host.View(src), syn);
+  Pending<ReceiveResult> recv2;
+  Pending<SendResult> send2;
+  d_.manager().Receive(MakeReceive("hp", d_, gpu_dst_), In(10), recv2.cb());
+  SendArgs args2 = MakeSend("hp", host, src, d_);
+  args2.plan.quantizer = Quantizer::kProgressive;
+  host.manager().Send(args2, In(10), send2.cb());
+  auto r2 = recv2.Get();
+  auto s2 = send2.Get();
+  ASSERT_FALSE(r2.ok());
+  EXPECT_EQ(r2.status().code(), absl::StatusCode::kUnimplemented) << r2.status();
+  EXPECT_FALSE(s2.ok());
+  ExpectIdle(host);
+  ExpectIdle(c_);
+  ExpectIdle(d_);
+}
+
 TEST_F(DevicePathTest, GpuToGpuStagesEveryChunkThroughHostMemory) {
   auto [s, r] = Transfer("g1", c_, gpu_src_, d_, gpu_dst_);
   ASSERT_TRUE(s.ok()) << s.status();
