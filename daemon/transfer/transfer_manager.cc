@@ -76,6 +76,30 @@ uint8_t ChunkParts(const WireLayout& wl, const DataChunkHeader& c) {
   return 0;
 }
 
+// The scoring inputs of a Send.
+ScoreOptions ScoreOptionsFor(const SendArgs& a) {
+  ScoreOptions so;
+  so.mode = a.scoring;
+  so.window_queries = a.window_queries;
+  so.window = a.window;
+  so.num_q_heads = a.num_q_heads;
+  so.pool_kernel = a.pool_kernel;
+  so.recency_decay = a.recency_decay;
+  so.external_scores = a.external_scores;
+  return so;
+}
+
+// The plan of a skeleton that needs no scores: a ranked one gives every rank the same tier, so
+// any ranking gives the plan.
+TierPlan PlanWithoutScores(PlanSkeleton skeleton, uint32_t num_tokens) {
+  if (skeleton.ranked) {
+    std::vector<uint32_t> identity(num_tokens);
+    for (uint32_t i = 0; i < num_tokens; ++i) identity[i] = i;
+    AssignByRank(skeleton, identity);
+  }
+  return std::move(skeleton.plan);
+}
+
 // A spin-wait's pause.
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -639,9 +663,35 @@ struct TransferManager::ProgressiveJob {
   }
 };
 
+bool TransferManager::StartSending(SendTransfer& t, const TierPlan& plan, const Codec& codec) {
+  absl::MutexLock lock(&mu_);
+  if (t.terminal()) return false;
+  t.state = SendTransfer::State::kSending;
+  t.stats.policy = std::string(PolicyName(plan.desc.policy));
+  t.stats.backend = std::string(codec.name());
+  t.stats.element_budget = plan.ElementBudget();
+  t.stats.wire_budget = plan.WireBudget();
+  t.stats.tiers = plan.layout.total_counts;
+  return true;
+}
+
+absl::StatusOr<std::span<uint8_t>> TransferManager::AllocateSendBuffer(SendTransfer& t,
+                                                                       uint64_t bytes) {
+  absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(bytes);
+  if (!buffer.ok()) {
+    metrics_.AdmissionRejected(RejectReason::kBytes);
+    return buffer.status();
+  }
+  const std::span<uint8_t> payload = buffer->span();
+  absl::MutexLock lock(&mu_);
+  t.buffer = std::move(*buffer);
+  return payload;
+}
+
 absl::Status TransferManager::SendProgressive(const std::shared_ptr<SendTransfer>& self,
                                               Codec* codec, const KvBuffer& src,
-                                              PlanSkeleton skeleton, bool need_scores) {
+                                              PlanSkeleton skeleton, const PlanOptions& po,
+                                              bool need_scores) {
   SendTransfer& t = *self;
   const SendArgs& a = t.args;
   auto terminal = [&] {
@@ -657,16 +707,7 @@ absl::Status TransferManager::SendProgressive(const std::shared_ptr<SendTransfer
   uint32_t transfers_in_flight = 1;
   SPECTRUMKV_RETURN_IF_ERROR(Offer(self, wl, &job->chunks, &transfers_in_flight));
   if (terminal()) return absl::OkStatus();
-  absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(wl.total_bytes);
-  if (!buffer.ok()) {
-    metrics_.AdmissionRejected(RejectReason::kBytes);
-    return buffer.status();
-  }
-  job->payload = buffer->span();
-  {
-    absl::MutexLock lock(&mu_);
-    t.buffer = std::move(*buffer);
-  }
+  SPECTRUMKV_ASSIGN_OR_RETURN(job->payload, AllocateSendBuffer(t, wl.total_bytes));
   job->layers = static_cast<uint32_t>(wl.layers.size());
   job->slices = SlicesFor(*codec, transfers_in_flight);
   job->base_left = std::make_unique<std::atomic<uint32_t>[]>(job->layers);
@@ -703,42 +744,18 @@ absl::Status TransferManager::SendProgressive(const std::shared_ptr<SendTransfer
   const auto s0 = SteadyClock::now();
   TierPlan plan;
   if (need_scores) {
-    ScoreOptions so;
-    so.mode = a.scoring;
-    so.window_queries = a.window_queries;
-    so.window = a.window;
-    so.num_q_heads = a.num_q_heads;
-    so.pool_kernel = a.pool_kernel;
-    so.recency_decay = a.recency_decay;
-    so.external_scores = a.external_scores;
+    ScoreOptions so = ScoreOptionsFor(a);
     so.max_threads = options_.progressive_score_threads;
-    PlanOptions po = a.plan;
-    po.policy = skeleton.plan.desc.policy;
-    po.scoring = static_cast<uint8_t>(a.scoring);
     SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
     spdlog::debug("send {}: scored", t.id_str);
   } else {
-    if (skeleton.ranked) {  // every rank gets the same tier: any ranking gives the plan
-      std::vector<uint32_t> identity(a.num_tokens);
-      for (uint32_t i = 0; i < a.num_tokens; ++i) identity[i] = i;
-      AssignByRank(skeleton, identity);
-    }
-    plan = std::move(skeleton.plan);
+    plan = PlanWithoutScores(std::move(skeleton), a.num_tokens);
   }
   if (!SameSections(wl, plan.layout)) {
     return absl::InternalError("the scored plan's layout differs from the one offered");
   }
-  {
-    absl::MutexLock lock(&mu_);
-    if (t.terminal()) return absl::OkStatus();
-    t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
-    t.state = SendTransfer::State::kSending;
-    t.stats.policy = std::string(PolicyName(plan.desc.policy));
-    t.stats.backend = std::string(codec->name());
-    t.stats.element_budget = plan.ElementBudget();
-    t.stats.wire_budget = plan.WireBudget();
-    t.stats.tiers = plan.layout.total_counts;
-  }
+  t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
+  if (!StartSending(t, plan, *codec)) return absl::OkStatus();
   WritePrelude(plan.layout, plan.tiers, job->payload);
   job->plan = std::move(plan);
   job->ranked_ready.store(true, std::memory_order_release);
@@ -984,17 +1001,10 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   const bool need_scores = !skeleton.ok() || (skeleton->ranked && !uniform(skeleton->plan.layout));
   if (skeleton.ok() && skeleton->plan.desc.progressive()) {
     t.stats.times.plan_s = Since(t0, SteadyClock::now());
-    return SendProgressive(self, codec, src, std::move(*skeleton), need_scores);
+    return SendProgressive(self, codec, src, std::move(*skeleton), po, need_scores);
   }
   TierPlan plan;
-  if (!need_scores) {
-    if (skeleton->ranked) {  // every rank gets the same tier: any ranking gives the plan
-      std::vector<uint32_t> identity(a.num_tokens);
-      for (uint32_t i = 0; i < a.num_tokens; ++i) identity[i] = i;
-      AssignByRank(*skeleton, identity);
-    }
-    plan = std::move(skeleton->plan);
-  }
+  if (!need_scores) plan = PlanWithoutScores(std::move(*skeleton), a.num_tokens);
   auto t1 = SteadyClock::now();
   t.stats.times.plan_s = Since(t0, t1);
 
@@ -1014,15 +1024,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   // copies back only the tier codes, so score_s then includes the ranking.
   const auto s0 = SteadyClock::now();
   if (need_scores) {
-    ScoreOptions so;
-    so.mode = a.scoring;
-    so.window_queries = a.window_queries;
-    so.window = a.window;
-    so.num_q_heads = a.num_q_heads;
-    so.pool_kernel = a.pool_kernel;
-    so.recency_decay = a.recency_decay;
-    so.external_scores = a.external_scores;
-    SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, so, po));
+    SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, ScoreOptionsFor(a), po));
   }
   t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
   if (need_scores) spdlog::debug("send {}: scored", t.id_str);
@@ -1034,27 +1036,8 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     return absl::InternalError("the scored plan's layout differs from the one offered");
   }
   const uint64_t total = plan.layout.total_bytes;
-  {
-    absl::MutexLock lock(&mu_);
-    if (t.terminal()) return absl::OkStatus();
-    t.state = SendTransfer::State::kSending;
-    t.stats.policy = std::string(PolicyName(policy));
-    t.stats.backend = std::string(codec->name());
-    t.stats.element_budget = plan.ElementBudget();
-    t.stats.wire_budget = plan.WireBudget();
-    t.stats.tiers = plan.layout.total_counts;
-  }
-
-  absl::StatusOr<StagingBuffer> buffer = staging_.Allocate(total);
-  if (!buffer.ok()) {
-    metrics_.AdmissionRejected(RejectReason::kBytes);
-    return buffer.status();
-  }
-  std::span<uint8_t> payload = buffer->span();
-  {
-    absl::MutexLock lock(&mu_);
-    t.buffer = std::move(*buffer);
-  }
+  if (!StartSending(t, plan, *codec)) return absl::OkStatus();
+  SPECTRUMKV_ASSIGN_OR_RETURN(const std::span<uint8_t> payload, AllocateSendBuffer(t, total));
   WritePrelude(plan.layout, plan.tiers, payload);
   // A GPU pool is packed into device memory; the prelude, written on the host, goes up too so
   // that the device buffer holds the whole payload. Its chunks come down into `payload`, which
@@ -1578,6 +1561,77 @@ absl::StatusOr<std::unique_ptr<DeviceAllocation>> TransferManager::AllocateDevic
   return allocated;
 }
 
+absl::Status TransferManager::UnpackProgressiveToDevice(RecvTransfer& t, uint32_t first,
+                                                        uint32_t last, double* unpack_seconds,
+                                                        double* copy_seconds) {
+  const WireLayout& wl = t.prelude->layout;
+  const PayloadDesc& desc = wl.desc;
+  const std::span<const uint8_t> payload = t.buffer.span();
+  if (codecs_.host == nullptr || codecs_.device_memory == nullptr) {
+    return absl::UnavailableError("a progressive payload into a GPU pool needs the host codec");
+  }
+  for (uint32_t l = first; l < last; ++l) {
+    SPECTRUMKV_RETURN_IF_ERROR(VerifyLayerSection(wl, l, payload));
+  }
+  // A one-layer payload of FP16 rows only: its prelude and layout.
+  PayloadDesc one = desc;
+  one.shape.num_layers = 1;
+  one.flags = 0;
+  TierCounts all_fp16;
+  all_fp16[Tier::kFp16] = desc.num_tokens;
+  SPECTRUMKV_ASSIGN_OR_RETURN(WireLayout one_layout,
+                              ComputeWireLayout(one, std::vector<TierCounts>{all_fp16}));
+  std::vector<uint8_t> host(one_layout.total_bytes);
+  ParsedPrelude one_prelude{std::move(one_layout), std::vector<uint8_t>(desc.num_tokens, 0)};
+  const WireLayout& ol = one_prelude.layout;
+  WritePrelude(ol, one_prelude.tiers, host);
+  const LayerSection& sec = ol.layers[0];
+  // Its rows, [n][H][D] for K then for V, as a host pool of one block whose every layer is
+  // there: the host codec decodes layer l into it.
+  const uint64_t kv_bytes = sec.value.fp16_rows - sec.key.fp16_rows;
+  const ModelShape& shape = desc.shape;
+  KvLayout rows_layout;
+  rows_layout.shape = shape;
+  rows_layout.dtype = desc.dtype;
+  rows_layout.block_size = desc.num_tokens;
+  rows_layout.num_blocks = 1;
+  const uint64_t token_stride = uint64_t{shape.num_kv_heads} * shape.head_dim * 2;
+  const TensorPlacement k{0, 0, 0, token_stride, uint64_t{shape.head_dim} * 2};
+  TensorPlacement v = k;
+  v.offset_bytes = kv_bytes;
+  rows_layout.keys.assign(shape.num_layers, k);
+  rows_layout.values.assign(shape.num_layers, v);
+  const MemoryRegion rows_region{host.data() + sec.key.fp16_rows, 2 * kv_bytes};
+  const uint32_t block = 0;
+  const KvBuffer rows{
+      &rows_layout, {&rows_region, 1}, MemoryKind::kHost, {&block, 1}, desc.num_tokens};
+  // The pool's layer l as a one-layer pool.
+  const KvBuffer pool = t.pool->View(t.args.blocks, t.args.num_tokens);
+  KvLayout pool_layer = *pool.layout;
+  pool_layer.shape.num_layers = 1;
+  SPECTRUMKV_ASSIGN_OR_RETURN(std::unique_ptr<DeviceAllocation> device,
+                              AllocateDevicePayload(ol.total_bytes));
+  for (uint32_t l = first; l < last; ++l) {
+    const auto t0 = SteadyClock::now();
+    SPECTRUMKV_RETURN_IF_ERROR(codecs_.host->UnpackLayers(*t.prelude, payload, rows, l, l + 1,
+                                                          VerifyMode::kAlreadyVerified));
+    const auto t1 = SteadyClock::now();
+    SPECTRUMKV_RETURN_IF_ERROR(
+        codecs_.device_memory->CopyToDevice(device->data(), host.data(), host.size()));
+    const auto t2 = SteadyClock::now();
+    pool_layer.keys = {pool.layout->keys[l]};
+    pool_layer.values = {pool.layout->values[l]};
+    KvBuffer dst = pool;
+    dst.layout = &pool_layer;
+    SPECTRUMKV_RETURN_IF_ERROR(codecs_.device->UnpackLayers(
+        one_prelude, std::span<const uint8_t>(device->data(), host.size()), dst, 0, 1,
+        VerifyMode::kAlreadyVerified));
+    *unpack_seconds += Since(t0, t1) + Since(t2, SteadyClock::now());
+    *copy_seconds += Since(t1, t2);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::span<const uint8_t>> TransferManager::StageToDevice(RecvTransfer& t,
                                                                         uint32_t first,
                                                                         uint32_t last,
@@ -1671,6 +1725,8 @@ void TransferManager::RunUnpack(std::shared_ptr<RecvTransfer> t, uint32_t first,
     }
     UnpackSlicesTask(t, first, last, job);
     return;
+  } else if (s.ok() && on_device && t->prelude->layout.desc.progressive()) {
+    s = UnpackProgressiveToDevice(*t, first, last, &seconds, &copy_seconds);
   } else if (s.ok()) {
     absl::StatusOr<std::span<const uint8_t>> payload = t->buffer.span();
     if (on_device) payload = StageToDevice(*t, first, last, &copy_seconds);

@@ -255,7 +255,13 @@ class TransferManager final : public TransportHandler {
   // scores, then the prelude and the refinements.
   struct ProgressiveJob;
   absl::Status SendProgressive(const std::shared_ptr<SendTransfer>& self, Codec* codec,
-                               const KvBuffer& src, PlanSkeleton skeleton, bool need_scores);
+                               const KvBuffer& src, PlanSkeleton skeleton, const PlanOptions& po,
+                               bool need_scores);
+  // A Send's plan is known: the stats it reports, and the state kSending. False if the Send
+  // has ended meanwhile.
+  bool StartSending(SendTransfer& t, const TierPlan& plan, const Codec& codec);
+  // The Send's host staging buffer (RESOURCE_EXHAUSTED, counted, if the arena is full).
+  absl::StatusOr<std::span<uint8_t>> AllocateSendBuffer(SendTransfer& t, uint64_t bytes);
   absl::Status ProgressiveLoop(const std::shared_ptr<ProgressiveJob>& job);
   // Hands the job's ready chunks to the transport, by priority, up to
   // progressive_chunks_in_flight in flight.
@@ -312,6 +318,11 @@ class TransferManager final : public TransportHandler {
   absl::StatusOr<std::unique_ptr<DeviceAllocation>> AllocateDevicePayload(uint64_t bytes);
   // A GPU destination: copies layers [first, last) (and, the first time, allocates the device
   // payload buffer and copies the prelude) host->device; returns the device payload.
+  // A progressive payload into a GPU pool (the device codec has no progressive kernels): each
+  // layer verified and decoded on the host into the FP16 rows of a one-layer payload, which goes
+  // up and is unpacked by the device codec (bit for bit the host codec's reconstruction).
+  absl::Status UnpackProgressiveToDevice(RecvTransfer& t, uint32_t first, uint32_t last,
+                                         double* unpack_seconds, double* copy_seconds);
   absl::StatusOr<std::span<const uint8_t>> StageToDevice(RecvTransfer& t, uint32_t first,
                                                          uint32_t last, double* seconds);
   void FinishRecvLocked(const std::shared_ptr<RecvTransfer>& t, absl::Status status, bool tell_peer,

@@ -1128,7 +1128,8 @@ class DevicePathTest : public ::testing::Test {
 };
 
 // The progressive quantizer is a host pools' matter: a GPU pool's Send makes an absmax payload;
-// a GPU pool cannot take a progressive one (no device kernels), and the Receive says so.
+// a GPU pool takes a progressive one through the host codec (each layer decoded to FP16 rows on
+// the host, then unpacked on the device), bit for bit what the codec alone delivers.
 TEST_F(DevicePathTest, ProgressiveIsForHostPools) {
   Pending<ReceiveResult> recv;
   Pending<SendResult> send;
@@ -1154,9 +1155,32 @@ TEST_F(DevicePathTest, ProgressiveIsForHostPools) {
   host.manager().Send(args2, In(10), send2.cb());
   auto r2 = recv2.Get();
   auto s2 = send2.Get();
-  ASSERT_FALSE(r2.ok());
-  EXPECT_EQ(r2.status().code(), absl::StatusCode::kUnimplemented) << r2.status();
-  EXPECT_FALSE(s2.ok());
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  ASSERT_TRUE(s2.ok()) << s2.status();
+  std::vector<uint8_t> tiers(kTokens);
+  for (uint32_t t = 0; t < kTokens; ++t) {
+    tiers[t] = (static_cast<uint8_t>(r2->tier_maps[0][t / 4]) >> (2 * (t % 4))) & 3;
+  }
+  const TierPlan plan = *PlanFromTiers(kShape, DType::kFloat16, kTokens, tiers, Policy::k3Tier,
+                                       Quantizer::kProgressive);
+  ASSERT_TRUE(plan.desc.progressive());
+  auto codec = CpuCodec::CreateBest();
+  const std::vector<uint8_t> payload = *PackPayload(*codec, host.View(src), plan);
+  const std::string ref = host.AddPool(PoolLayoutKind::kVllmHnd, 8);
+  ASSERT_TRUE(UnpackPayload(*codec, payload, host.View(ref), payload.size()).ok());
+  const KvBuffer got = d_.View(gpu_dst_), want = host.View(ref);
+  for (uint32_t l = 0; l < kShape.num_layers; ++l) {
+    for (bool value : {false, true}) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        for (uint32_t h = 0; h < kShape.num_kv_heads; ++h) {
+          ASSERT_EQ(std::memcmp(HostRowPtr(got, l, value, t, h), HostRowPtr(want, l, value, t, h),
+                                kShape.head_dim * 2),
+                    0)
+              << "layer " << l << (value ? " V" : " K") << " token " << t << " head " << h;
+        }
+      }
+    }
+  }
   ExpectIdle(host);
   ExpectIdle(c_);
   ExpectIdle(d_);
