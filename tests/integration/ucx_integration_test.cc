@@ -113,6 +113,15 @@ TYPED_TEST(UcxDaemonsTest, EveryPolicyWithALayoutChange) {
                 &out),
             0)
       << out;
+  // Progressive payloads (bases before the prelude, refinements after, parts of layers as
+  // chunks) at 0.3 and 0.4, an absmax one at 0.6 (FP16 tokens), verified on the decode side.
+  EXPECT_EQ(TestFixture::FakeFrontend({"--model", "llama3-8b", "--tokens", "300", "--quantizer",
+                                       "progressive", "--dst-layout", "sglang", "--dst-block-size",
+                                       "1", "--budgets", "0.3", "0.4", "0.6"},
+                                      &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("agree on both sides"), std::string::npos) << out;
 }
 
 TYPED_TEST(UcxDaemonsTest, SixtyFourConcurrentTransfers) {
