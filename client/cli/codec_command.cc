@@ -101,6 +101,7 @@ nlohmann::json ReportJson(const CodecCommandOptions& o, const CodecReport& r) {
   j["policy"] = o.policy;
   j["scoring"] = o.scoring;
   j["quantizer"] = o.quantizer;
+  j["payload_quantizer"] = r.payload_quantizer;
   j["budget"] = {{"requested", o.budget}, {"kind", o.budget_kind}};
   j["src_layout"] = absl::StrFormat("%s/%u", o.src_layout, o.src_block_size);
   j["dst_layout"] = absl::StrFormat("%s/%u", o.dst_layout, o.dst_block_size);
@@ -144,9 +145,12 @@ void PrintText(const CodecCommandOptions& o, const CodecReport& r) {
   std::printf("  model      %s: %u layers, %u KV heads, head_dim %u, %s, %u tokens\n",
               r.model.c_str(), r.shape.num_layers, r.shape.num_kv_heads, r.shape.head_dim,
               DTypeName(r.dtype), r.tokens);
-  std::printf("  method     policy %s, scoring %s, quantizer %s, %s budget %.4g%s\n",
-              o.policy.c_str(), o.scoring.c_str(), o.quantizer.c_str(), o.budget_kind.c_str(),
-              o.budget, r.num_maps > 1 ? " (per-layer tier maps)" : "");
+  std::printf("  method     policy %s, scoring %s, quantizer %s%s, %s budget %.4g%s\n",
+              o.policy.c_str(), o.scoring.c_str(), o.quantizer.c_str(),
+              r.payload_quantizer != o.quantizer ? " (an absmax payload: this plan is not "
+                                                   "progressive)"
+                                                 : "",
+              o.budget_kind.c_str(), o.budget, r.num_maps > 1 ? " (per-layer tier maps)" : "");
   std::printf("  layouts    %s/%u -> %s/%u\n", o.src_layout.c_str(), o.src_block_size,
               o.dst_layout.c_str(), o.dst_block_size);
   std::printf("  tiers      fp16 %u  int8 %u  int4 %u  drop %u%s\n", r.counts[Tier::kFp16],
@@ -348,6 +352,8 @@ absl::StatusOr<CodecReport> RunCodecRoundTrip(const CodecCommandOptions& o) {
 
   report.counts = plan.layout.total_counts;
   report.num_maps = plan.desc.num_maps();
+  report.payload_quantizer =
+      o.quantizer == "progressive" && !plan.desc.progressive() ? "absmax" : o.quantizer;
   report.element_budget = plan.ElementBudget();
   report.wire_budget = plan.WireBudget();
   report.fp16_bytes = uint64_t{n} * report.shape.Fp16BytesPerToken();

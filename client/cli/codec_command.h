@@ -62,6 +62,9 @@ struct CodecReport {
   uint32_t tokens = 0;
   TierCounts counts;  // summed over tier maps
   uint32_t num_maps = 1;
+  // The payload's encoding: the quantizer's name, or "absmax" where the progressive quantizer
+  // made an absmax payload (a plan with FP16 or dropped tokens, or one tier).
+  std::string payload_quantizer;
   double element_budget = 0.0;
   double wire_budget = 0.0;
   uint64_t fp16_bytes = 0;
