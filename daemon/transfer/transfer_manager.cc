@@ -663,9 +663,11 @@ struct TransferManager::ProgressiveJob {
   }
 };
 
-bool TransferManager::StartSending(SendTransfer& t, const TierPlan& plan, const Codec& codec) {
+bool TransferManager::StartSending(SendTransfer& t, const TierPlan& plan, const Codec& codec,
+                                   double score_s) {
   absl::MutexLock lock(&mu_);
   if (t.terminal()) return false;
+  t.stats.times.score_s = score_s;
   t.state = SendTransfer::State::kSending;
   t.stats.policy = std::string(PolicyName(plan.desc.policy));
   t.stats.backend = std::string(codec.name());
@@ -754,8 +756,8 @@ absl::Status TransferManager::SendProgressive(const std::shared_ptr<SendTransfer
   if (!SameSections(wl, plan.layout)) {
     return absl::InternalError("the scored plan's layout differs from the one offered");
   }
-  t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
-  if (!StartSending(t, plan, *codec)) return absl::OkStatus();
+  const double score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
+  if (!StartSending(t, plan, *codec, score_s)) return absl::OkStatus();
   WritePrelude(plan.layout, plan.tiers, job->payload);
   job->plan = std::move(plan);
   job->ranked_ready.store(true, std::memory_order_release);
@@ -1026,7 +1028,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
   if (need_scores) {
     SPECTRUMKV_ASSIGN_OR_RETURN(plan, codec->ScoreAndPlan(src, ScoreOptionsFor(a), po));
   }
-  t.stats.times.score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
+  const double score_s = need_scores ? Since(s0, SteadyClock::now()) : 0.0;
   if (need_scores) spdlog::debug("send {}: scored", t.id_str);
   if (terminal()) return absl::OkStatus();
   if (!offered) {
@@ -1036,7 +1038,7 @@ absl::Status TransferManager::PrepareSend(const std::shared_ptr<SendTransfer>& s
     return absl::InternalError("the scored plan's layout differs from the one offered");
   }
   const uint64_t total = plan.layout.total_bytes;
-  if (!StartSending(t, plan, *codec)) return absl::OkStatus();
+  if (!StartSending(t, plan, *codec, score_s)) return absl::OkStatus();
   SPECTRUMKV_ASSIGN_OR_RETURN(const std::span<uint8_t> payload, AllocateSendBuffer(t, total));
   WritePrelude(plan.layout, plan.tiers, payload);
   // A GPU pool is packed into device memory; the prelude, written on the host, goes up too so

@@ -257,9 +257,9 @@ class TransferManager final : public TransportHandler {
   absl::Status SendProgressive(const std::shared_ptr<SendTransfer>& self, Codec* codec,
                                const KvBuffer& src, PlanSkeleton skeleton, const PlanOptions& po,
                                bool need_scores);
-  // A Send's plan is known: the stats it reports, and the state kSending. False if the Send
-  // has ended meanwhile.
-  bool StartSending(SendTransfer& t, const TierPlan& plan, const Codec& codec);
+  // A Send's plan is known: the stats it reports (with its scoring pass's seconds), and the
+  // state kSending. False if the Send has ended meanwhile.
+  bool StartSending(SendTransfer& t, const TierPlan& plan, const Codec& codec, double score_s);
   // The Send's host staging buffer (RESOURCE_EXHAUSTED, counted, if the arena is full).
   absl::StatusOr<std::span<uint8_t>> AllocateSendBuffer(SendTransfer& t, uint64_t bytes);
   absl::Status ProgressiveLoop(const std::shared_ptr<ProgressiveJob>& job);
