@@ -100,6 +100,16 @@ TierPlan PlanWithoutScores(PlanSkeleton skeleton, uint32_t num_tokens) {
   return std::move(skeleton.plan);
 }
 
+// Sets `stopped` when a packing worker leaves with a task it took and did not finish (an error,
+// an ended transfer), unless it cleared the guard.
+struct StopUnlessDone {
+  std::atomic<bool>& stopped;
+  bool done = false;
+  ~StopUnlessDone() {
+    if (!done) stopped.store(true);
+  }
+};
+
 // A spin-wait's pause.
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -519,13 +529,7 @@ absl::Status TransferManager::PackLoop(PackJob& job) {
   SendTransfer& t = *job.t;
   // Leaving with a task taken and not done (an error, an ended transfer) stops the workers
   // that wait for this chunk's slices.
-  struct StopUnlessDone {
-    std::atomic<bool>& stopped;
-    bool done = false;
-    ~StopUnlessDone() {
-      if (!done) stopped.store(true);
-    }
-  } guard{job.stopped};
+  StopUnlessDone guard{job.stopped};
   for (;;) {
     const size_t k = job.next.fetch_add(1);
     if (k >= job.tasks.size()) {
@@ -772,13 +776,7 @@ absl::Status TransferManager::ProgressiveLoop(const std::shared_ptr<ProgressiveJ
   ProgressiveJob& job = *self;
   SendTransfer& t = *job.t;
   // Leaving with a task taken and not done: nobody finishes that part, so nobody else goes on.
-  struct StopUnlessDone {
-    std::atomic<bool>& stopped;
-    bool done = false;
-    ~StopUnlessDone() {
-      if (!done) stopped.store(true);
-    }
-  } guard{job.stopped};
+  StopUnlessDone guard{job.stopped};
   const uint32_t tasks = job.layers * job.slices;
   const WireLayout& wl = job.base_plan.layout;
   for (;;) {

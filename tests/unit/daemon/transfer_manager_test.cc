@@ -834,6 +834,36 @@ TEST(ChunkingTest, ChunksPackedInSlicesDeliverWhatWholeChunksDeliver) {
   }
 }
 
+// The rows `got` holds equal what the codec alone delivers for the tiers `r` reports: the same
+// source packed with the progressive quantizer and unpacked into a fresh `layout` pool of `on`.
+void ExpectCodecDelivery(const KvBuffer& src, const KvBuffer& got, const ReceiveResult& r, Node& on,
+                         PoolLayoutKind layout, uint32_t block_size, ModelShape shape) {
+  ASSERT_EQ(r.tier_maps.size(), 1u);
+  std::vector<uint8_t> tiers(kTokens);
+  for (uint32_t t = 0; t < kTokens; ++t) {
+    tiers[t] = (static_cast<uint8_t>(r.tier_maps[0][t / 4]) >> (2 * (t % 4))) & 3;
+  }
+  const TierPlan plan = *PlanFromTiers(shape, DType::kFloat16, kTokens, tiers, Policy::k3Tier,
+                                       Quantizer::kProgressive);
+  auto codec = CpuCodec::CreateBest();
+  const std::vector<uint8_t> payload = *PackPayload(*codec, src, plan);
+  const std::string ref = on.AddPool(layout, block_size, shape);
+  const KvBuffer want = on.View(ref);
+  ASSERT_TRUE(UnpackPayload(*codec, payload, want, payload.size()).ok());
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    for (bool value : {false, true}) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        for (uint32_t h = 0; h < shape.num_kv_heads; ++h) {
+          ASSERT_EQ(std::memcmp(HostRowPtr(got, l, value, t, h), HostRowPtr(want, l, value, t, h),
+                                shape.head_dim * 2),
+                    0)
+              << "layer " << l << (value ? " V" : " K") << " token " << t << " head " << h;
+        }
+      }
+    }
+  }
+}
+
 // A progressive payload (bases packed and sent while the sender scores, refinements after,
 // handed to the transport a few chunks at a time) delivers exactly what the codec's own pack and
 // unpack of the same plan deliver, whole or in slices, with one or several chunks in flight;
@@ -853,7 +883,6 @@ TEST(ProgressiveTest, DeliversWhatTheCodecDelivers) {
         Node a(o), b(o);
         const std::string src = a.AddPool(PoolLayoutKind::kVllmNhd, 16, kWide);
         const std::string dst = b.AddPool(PoolLayoutKind::kVllmHnd, 8, kWide);
-        const std::string ref = b.AddPool(PoolLayoutKind::kVllmHnd, 8, kWide);
         kvgen::SyntheticOptions syn;
         syn.seed = seed;
         kvgen::FillSynthetic(a.View(src), syn);
@@ -871,28 +900,7 @@ TEST(ProgressiveTest, DeliversWhatTheCodecDelivers) {
         EXPECT_GT(s->stats.tiers[Tier::kInt8], 0u);
         EXPECT_EQ(s->stats.tiers[Tier::kInt4] > 0, budget < 0.5);
         // The reference: the tiers that arrived, packed and unpacked by the codec alone.
-        ASSERT_EQ(r->tier_maps.size(), 1u);
-        std::vector<uint8_t> tiers(kTokens);
-        for (uint32_t t = 0; t < kTokens; ++t) {
-          tiers[t] = (static_cast<uint8_t>(r->tier_maps[0][t / 4]) >> (2 * (t % 4))) & 3;
-        }
-        const TierPlan plan = *PlanFromTiers(kWide, DType::kFloat16, kTokens, tiers, Policy::k3Tier,
-                                             Quantizer::kProgressive);
-        const std::vector<uint8_t> payload = *PackPayload(*codec, a.View(src), plan);
-        ASSERT_TRUE(UnpackPayload(*codec, payload, b.View(ref), payload.size()).ok());
-        const KvBuffer got = b.View(dst), want = b.View(ref);
-        for (uint32_t l = 0; l < kWide.num_layers; ++l) {
-          for (bool value : {false, true}) {
-            for (uint32_t t = 0; t < kTokens; ++t) {
-              for (uint32_t h = 0; h < kWide.num_kv_heads; ++h) {
-                ASSERT_EQ(std::memcmp(HostRowPtr(got, l, value, t, h),
-                                      HostRowPtr(want, l, value, t, h), kWide.head_dim * 2),
-                          0)
-                    << "layer " << l << (value ? " V" : " K") << " token " << t << " head " << h;
-              }
-            }
-          }
-        }
+        ExpectCodecDelivery(a.View(src), b.View(dst), *r, b, PoolLayoutKind::kVllmHnd, 8, kWide);
         ExpectIdle(a);
         ExpectIdle(b);
       }
@@ -1157,30 +1165,8 @@ TEST_F(DevicePathTest, ProgressiveIsForHostPools) {
   auto s2 = send2.Get();
   ASSERT_TRUE(r2.ok()) << r2.status();
   ASSERT_TRUE(s2.ok()) << s2.status();
-  std::vector<uint8_t> tiers(kTokens);
-  for (uint32_t t = 0; t < kTokens; ++t) {
-    tiers[t] = (static_cast<uint8_t>(r2->tier_maps[0][t / 4]) >> (2 * (t % 4))) & 3;
-  }
-  const TierPlan plan = *PlanFromTiers(kShape, DType::kFloat16, kTokens, tiers, Policy::k3Tier,
-                                       Quantizer::kProgressive);
-  ASSERT_TRUE(plan.desc.progressive());
-  auto codec = CpuCodec::CreateBest();
-  const std::vector<uint8_t> payload = *PackPayload(*codec, host.View(src), plan);
-  const std::string ref = host.AddPool(PoolLayoutKind::kVllmHnd, 8);
-  ASSERT_TRUE(UnpackPayload(*codec, payload, host.View(ref), payload.size()).ok());
-  const KvBuffer got = d_.View(gpu_dst_), want = host.View(ref);
-  for (uint32_t l = 0; l < kShape.num_layers; ++l) {
-    for (bool value : {false, true}) {
-      for (uint32_t t = 0; t < kTokens; ++t) {
-        for (uint32_t h = 0; h < kShape.num_kv_heads; ++h) {
-          ASSERT_EQ(std::memcmp(HostRowPtr(got, l, value, t, h), HostRowPtr(want, l, value, t, h),
-                                kShape.head_dim * 2),
-                    0)
-              << "layer " << l << (value ? " V" : " K") << " token " << t << " head " << h;
-        }
-      }
-    }
-  }
+  ExpectCodecDelivery(host.View(src), d_.View(gpu_dst_), *r2, host, PoolLayoutKind::kVllmHnd, 8,
+                      kShape);
   ExpectIdle(host);
   ExpectIdle(c_);
   ExpectIdle(d_);
