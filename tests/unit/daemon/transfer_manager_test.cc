@@ -1115,11 +1115,13 @@ class DevicePathTest : public ::testing::Test {
   // Receive on `on`, then Send from `from`; both results.
   std::pair<absl::StatusOr<SendResult>, absl::StatusOr<ReceiveResult>> Transfer(
       const std::string& id, Node& from, const std::string& src, Node& on, const std::string& dst,
-      double budget = 0.3) {
+      double budget = 0.3, Quantizer quantizer = Quantizer::kAbsmax) {
     Pending<ReceiveResult> recv;
     Pending<SendResult> send;
     on.manager().Receive(MakeReceive(id, on, dst), In(10), recv.cb());
-    from.manager().Send(MakeSend(id, from, src, on, budget), In(10), send.cb());
+    SendArgs args = MakeSend(id, from, src, on, budget);
+    args.plan.quantizer = quantizer;
+    from.manager().Send(args, In(10), send.cb());
     auto s = send.Get();
     return {std::move(s), recv.Get()};
   }
@@ -1139,14 +1141,7 @@ class DevicePathTest : public ::testing::Test {
 // a GPU pool takes a progressive one through the host codec (each layer decoded to FP16 rows on
 // the host, then unpacked on the device), bit for bit what the codec alone delivers.
 TEST_F(DevicePathTest, ProgressiveIsForHostPools) {
-  Pending<ReceiveResult> recv;
-  Pending<SendResult> send;
-  d_.manager().Receive(MakeReceive("gp", d_, gpu_dst_), In(10), recv.cb());
-  SendArgs args = MakeSend("gp", c_, gpu_src_, d_);
-  args.plan.quantizer = Quantizer::kProgressive;
-  c_.manager().Send(args, In(10), send.cb());
-  auto s = send.Get();
-  auto r = recv.Get();
+  auto [s, r] = Transfer("gp", c_, gpu_src_, d_, gpu_dst_, 0.3, Quantizer::kProgressive);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE(r.ok()) << r.status();
   ExpectArrived(c_.View(gpu_src_), d_.View(gpu_dst_), *r);
@@ -1155,14 +1150,7 @@ TEST_F(DevicePathTest, ProgressiveIsForHostPools) {
   const std::string src = host.AddPool(PoolLayoutKind::kVllmNhd, 16);
   kvgen::SyntheticOptions syn;
   kvgen::FillSynthetic(host.View(src), syn);
-  Pending<ReceiveResult> recv2;
-  Pending<SendResult> send2;
-  d_.manager().Receive(MakeReceive("hp", d_, gpu_dst_), In(10), recv2.cb());
-  SendArgs args2 = MakeSend("hp", host, src, d_);
-  args2.plan.quantizer = Quantizer::kProgressive;
-  host.manager().Send(args2, In(10), send2.cb());
-  auto r2 = recv2.Get();
-  auto s2 = send2.Get();
+  auto [s2, r2] = Transfer("hp", host, src, d_, gpu_dst_, 0.3, Quantizer::kProgressive);
   ASSERT_TRUE(r2.ok()) << r2.status();
   ASSERT_TRUE(s2.ok()) << s2.status();
   ExpectCodecDelivery(host.View(src), d_.View(gpu_dst_), *r2, host, PoolLayoutKind::kVllmHnd, 8,
