@@ -76,8 +76,9 @@ class Codec {
   // One chunk packed or unpacked by several threads. A backend that can cut a chunk's work into
   // parts returns how many from max_slices() (1, the default: it cannot). Slice s of `slices`
   // (slices <= max_slices()) covers the s-th of `slices` near-equal runs of every tier's tokens
-  // in each layer of [first_layer, last_layer); slices touch disjoint bytes and may run on any
-  // threads in any order.
+  // in each layer of [first_layer, last_layer) (of a progressive payload: of every token for the
+  // bases, of the INT8 tokens for the refinements); slices touch disjoint bytes and may run on
+  // any threads in any order.
   // - PackLayerSlice writes its rows; once every slice has returned, SealLayers writes each
   //   layer's CRC32C, and the payload equals what PackLayers writes. (The trailers are the wire
   //   format's: a caller may instead checksum the sections itself, in parts, and write them with
