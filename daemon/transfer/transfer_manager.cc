@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cstring>
 #include <thread>
 
 #include "absl/strings/str_format.h"
@@ -1581,11 +1582,15 @@ absl::Status TransferManager::UnpackProgressiveToDevice(RecvTransfer& t, uint32_
   all_fp16[Tier::kFp16] = desc.num_tokens;
   SPECTRUMKV_ASSIGN_OR_RETURN(WireLayout one_layout,
                               ComputeWireLayout(one, std::vector<TierCounts>{all_fp16}));
-  std::vector<uint8_t> host(one_layout.total_bytes);
   ParsedPrelude one_prelude{std::move(one_layout), std::vector<uint8_t>(desc.num_tokens, 0)};
   const WireLayout& ol = one_prelude.layout;
+  // Not zeroed: the rows are written for every layer; the prelude and trailer once here.
+  const std::unique_ptr<uint8_t[]> host_bytes =
+      std::make_unique_for_overwrite<uint8_t[]>(ol.total_bytes);
+  const std::span<uint8_t> host(host_bytes.get(), ol.total_bytes);
   WritePrelude(ol, one_prelude.tiers, host);
   const LayerSection& sec = ol.layers[0];
+  std::memset(host.data() + sec.crc_offset, 0, ol.total_bytes - sec.crc_offset);
   // Its rows, [n][H][D] for K then for V, as a host pool of one block whose every layer is
   // there: the host codec decodes layer l into it.
   const uint64_t kv_bytes = sec.value.fp16_rows - sec.key.fp16_rows;

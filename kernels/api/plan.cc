@@ -13,6 +13,9 @@ namespace {
 // Whether a plan is sent progressively under the progressive quantizer: a ranked plan (the
 // bases then leave while the tokens are scored) of INT8 and INT4 tokens only, with both tiers
 // used (one tier needs no ranking). Other plans are absmax payloads.
+// Whether a policy's tiers follow a ranking of the tokens (pdtrim's and random_tier's do not).
+bool RankedPolicy(Policy p) { return p != Policy::kPdTrim && p != Policy::kRandomTier; }
+
 bool ProgressiveFits(bool ranked, std::span<const TierCounts> counts) {
   TierCounts total;
   for (const TierCounts& c : counts) {
@@ -319,7 +322,7 @@ absl::StatusOr<PlanSkeleton> PlanSkeletonFor(const ModelShape& shape, DType dtyp
 
   PlanSkeleton skeleton;
   skeleton.sinks = std::min(options.sink_tokens, num_tokens);
-  skeleton.ranked = options.policy != Policy::kPdTrim && options.policy != Policy::kRandomTier;
+  skeleton.ranked = RankedPolicy(options.policy);
   std::vector<uint8_t> tiers;
   std::vector<TierCounts> counts(maps);
   if (skeleton.ranked) skeleton.segments.resize(maps);
@@ -412,8 +415,7 @@ absl::StatusOr<TierPlan> PlanFromTiers(const ModelShape& shape, DType dtype, uin
   if (desc.progressive()) {
     std::vector<TierCounts> counts(1);
     for (uint8_t t : tiers) ++counts[0].n[t & 3u];
-    const bool ranked = policy != Policy::kPdTrim && policy != Policy::kRandomTier;
-    if (!ProgressiveFits(ranked, counts)) desc.flags &= ~kFlagProgressive;
+    if (!ProgressiveFits(RankedPolicy(policy), counts)) desc.flags &= ~kFlagProgressive;
   }
   if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
   if (tiers.size() == uint64_t{shape.num_layers} * num_tokens && shape.num_layers > 1) {

@@ -57,25 +57,16 @@ TEST(PlanTest, ProgressivePlansInt8AndInt4Only) {
   std::mt19937_64 rng(testing::FreshSeed());
   const uint32_t n = 1000;
   const std::vector<float> scores = Scores(n, rng);
-  for (double b : {0.3, 0.42, 0.48}) {
+  const std::pair<double, bool> cases[] = {{0.3, true},   {0.42, true}, {0.48, true}, {0.2, false},
+                                           {0.25, false}, {0.5, false}, {0.6, false}};
+  for (const auto& [b, progressive] : cases) {
     PlanOptions o;
     o.budget = b;
     const TierPlan absmax = *PlanTiers(kLlama, DType::kFloat16, n, scores, o);
     o.quantizer = Quantizer::kProgressive;
     auto plan = PlanTiers(kLlama, DType::kFloat16, n, scores, o);
     ASSERT_TRUE(plan.ok()) << plan.status();
-    EXPECT_TRUE(plan->desc.progressive());
-    EXPECT_EQ(plan->tiers, absmax.tiers) << "b=" << b;
-    EXPECT_EQ(plan->layout.total_bytes, absmax.layout.total_bytes) << "b=" << b;
-  }
-  for (double b : {0.2, 0.25, 0.5, 0.6}) {
-    PlanOptions o;
-    o.budget = b;
-    const TierPlan absmax = *PlanTiers(kLlama, DType::kFloat16, n, scores, o);
-    o.quantizer = Quantizer::kProgressive;
-    auto plan = PlanTiers(kLlama, DType::kFloat16, n, scores, o);
-    ASSERT_TRUE(plan.ok()) << plan.status();
-    EXPECT_FALSE(plan->desc.progressive()) << "b=" << b;
+    EXPECT_EQ(plan->desc.progressive(), progressive) << "b=" << b;
     EXPECT_EQ(plan->tiers, absmax.tiers) << "b=" << b;
     EXPECT_EQ(plan->layout.total_bytes, absmax.layout.total_bytes) << "b=" << b;
   }
