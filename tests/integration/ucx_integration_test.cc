@@ -66,7 +66,16 @@ class UcxDaemonsTest : public ::testing::Test {
         SPECTRUMKV_CLI_BIN, "fake-frontend",           "--sender",       "unix:" + prefill_->socket,
         "--receiver",       "unix:" + decode_->socket, "--check-metrics"};
     argv.insert(argv.end(), extra.begin(), extra.end());
-    return RunCommand(argv, timeout, out);
+    const int code = RunCommand(argv, timeout, out);
+    // A failed run carries the ends of both daemons' logs (the suite's folder goes at its end).
+    if (code != 0) {
+      for (const DaemonProcess* d : {prefill_, decode_}) {
+        const std::string log = d->Log();
+        *out += "\n--- " + d->name + " log (end) ---\n" +
+                log.substr(log.size() > 6000 ? log.size() - 6000 : 0);
+      }
+    }
+    return code;
   }
 
   static std::string* dir_;
